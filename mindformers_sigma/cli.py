@@ -1,0 +1,78 @@
+"""The `pangu-sigma` command (also `python -m mindformers_sigma`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from mindformers_sigma.config import ConfigError, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from mindformers_sigma.params import count_parameters, format_count
+
+    count = count_parameters(load_config(args.config))
+    if args.json:
+        print(json.dumps(count.as_dict(), indent=2))
+        return 0
+    print(f"total parameters       {count.total:>20,}  ({format_count(count.total)})")
+    print(f"activated per token    {count.activated_per_token:>20,}  ({format_count(count.activated_per_token)})")
+    submodel = f"{count.domain_submodel:>20,}" if count.domain_submodel is not None else f"{'n/a (learned router)':>20}"
+    print(f"one domain's sub-model {submodel}  ({format_count(count.domain_submodel)})")
+    print(f"routing table entries  {count.routing_table_entries:>20,}  (int32, not trainable)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from mindformers_sigma.training.trainer import train
+
+    summary = train(config, steps=args.steps)
+    print(f"done: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
+          f"{summary.tokens_per_second:,.0f} tokens/s after {summary.compile_seconds:.1f}s first step "
+          f"(compile), {summary.dropped_assignments} dropped expert assignments")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pangu-sigma", description="PanGu-Σ in MindSpore: train, inspect and plan.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    params = commands.add_parser("params", help="count parameters from a config without building the model")
+    params.add_argument("--config", required=True, help="YAML config file")
+    params.add_argument("--json", action="store_true", help="print JSON with total, activated_per_token, domain_submodel")
+    params.set_defaults(handler=_cmd_params)
+
+    train = commands.add_parser("train", help="train a model described by a config")
+    train.add_argument("--config", required=True, help="YAML config file")
+    train.add_argument("--steps", type=_positive_int, help="number of steps (default: train.steps)")
+    train.set_defaults(handler=_cmd_train)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"pangu-sigma {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,324 @@
+"""Typed, validated configuration: the YAML file is the single source of truth.
+
+Every rule is checked when the file is loaded, so a bad value is reported as
+``FILE: section.field = value: rule`` instead of failing deep inside graph
+compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message is one line that names file, field and fix."""
+
+    def __init__(self, field_path: str, value: Any, rule: str, source: str = "<config>"):
+        self.field_path = field_path
+        self.value = value
+        self.rule = rule
+        self.source = source
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"{self.source}: {self.field_path} = {self.value!r}: {self.rule}"
+
+    def with_source(self, source: str) -> "ConfigError":
+        return ConfigError(self.field_path, self.value, self.rule, source)
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of the PanGu-α-style decoder."""
+
+    vocab_size: int = 40000
+    hidden_size: int = 5120
+    num_heads: int = 40
+    ffn_hidden_size: int = 20480
+    num_layers: int = 40
+    dense_layers: int = 32
+    sparse_layers: int = 8
+    seq_length: int = 1024
+    eod_token_id: int = 6
+    layernorm_epsilon: float = 1e-5
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    compute_dtype: Literal["float32", "float16"] = "float32"
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_heads", "ffn_hidden_size", "num_layers", "seq_length"):
+            _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        _require(self.dense_layers >= 0, "model.dense_layers", self.dense_layers, "must be >= 0")
+        _require(self.sparse_layers >= 0, "model.sparse_layers", self.sparse_layers, "must be >= 0")
+        _require(
+            self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+            f"must be divisible by model.num_heads ({self.num_heads}); change hidden_size or num_heads",
+        )
+        _require(
+            self.dense_layers + self.sparse_layers == self.num_layers, "model.num_layers", self.num_layers,
+            f"must equal dense_layers + sparse_layers ({self.dense_layers} + {self.sparse_layers}"
+            f" = {self.dense_layers + self.sparse_layers})",
+        )
+        _require(
+            0 <= self.eod_token_id < self.vocab_size, "model.eod_token_id", self.eod_token_id,
+            f"must be a token id in [0, vocab_size={self.vocab_size})",
+        )
+        _require(0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", self.dropout_rate, "must be in [0, 1)")
+        _require(self.layernorm_epsilon > 0, "model.layernorm_epsilon", self.layernorm_epsilon, "must be > 0")
+        _require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+
+
+@dataclass
+class MoEConfig:
+    """Sparse-layer routing: Random Routed Experts, or a learned-gate baseline with the same experts."""
+
+    router: Literal["rre", "switch", "gshard"] = "rre"
+    num_experts: int = 640
+    num_domains: int = 40
+    experts_per_domain: int = 16
+    # Expert buffer size per step = ceil(capacity_factor * routed tokens / num_experts);
+    # null means every expert can take every token, so nothing is ever dropped.
+    capacity_factor: Optional[float] = None
+    routing_seed: int = 1234
+    table_balance: Literal["frequency", "uniform"] = "frequency"
+    aux_loss_coef: float = 0.01
+
+    @property
+    def top_k(self) -> int:
+        return 2 if self.router == "gshard" else 1
+
+    def validate(self) -> None:
+        for name in ("num_experts", "num_domains", "experts_per_domain"):
+            _require(getattr(self, name) >= 1, f"moe.{name}", getattr(self, name), "must be >= 1")
+        _require(
+            self.num_domains * self.experts_per_domain == self.num_experts, "moe.num_experts", self.num_experts,
+            f"must equal num_domains * experts_per_domain ({self.num_domains} * {self.experts_per_domain}"
+            f" = {self.num_domains * self.experts_per_domain})",
+        )
+        if self.capacity_factor is not None:
+            _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
+                     "must be > 0, or null for no token dropping")
+        _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        if self.router == "gshard":
+            _require(self.num_experts >= 2, "moe.num_experts", self.num_experts, "gshard (top-2) needs >= 2 experts")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is laid out over devices; CPU runs use stand-alone or data parallel only."""
+
+    device_num: int = 1
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    expert_parallel: int = 1
+    micro_batch_num: int = 1
+    optimizer_shard: bool = False
+    recompute: bool = False
+
+    def validate(self) -> None:
+        for name in ("device_num", "data_parallel", "model_parallel", "pipeline_stage",
+                     "expert_parallel", "micro_batch_num"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "must be >= 1")
+        product = self.data_parallel * self.model_parallel * self.pipeline_stage
+        _require(
+            product == self.device_num, "parallel.device_num", self.device_num,
+            f"must equal data_parallel * model_parallel * pipeline_stage "
+            f"({self.data_parallel} * {self.model_parallel} * {self.pipeline_stage} = {product})",
+        )
+        _require(
+            self.micro_batch_num >= self.pipeline_stage, "parallel.micro_batch_num", self.micro_batch_num,
+            f"must be >= pipeline_stage ({self.pipeline_stage}) so every stage has work",
+        )
+
+
+@dataclass
+class ContextConfig:
+    """Where and how MindSpore runs."""
+
+    device_target: Literal["CPU", "Ascend", "GPU"] = "CPU"
+    mode: Literal["graph", "pynative"] = "graph"
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer and loop settings (PanGu-α defaults)."""
+
+    batch_size: int = 8
+    steps: int = 100
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    expert_eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        _require(0 <= self.min_learning_rate <= self.learning_rate, "train.min_learning_rate",
+                 self.min_learning_rate, f"must be in [0, learning_rate={self.learning_rate}]")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"train.{name}", getattr(self, name), "must be in [0, 1)")
+        for name in ("eps", "expert_eps"):
+            _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.grad_clip_norm >= 0, "train.grad_clip_norm", self.grad_clip_norm, "must be >= 0 (0 disables)")
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from."""
+
+    # "synthetic": per-domain Markov token streams with EODs, generated in memory.
+    source: Literal["synthetic"] = "synthetic"
+    seed: int = 0
+
+
+@dataclass
+class SigmaConfig:
+    """The whole run: one object per YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    source: str = "<config>"
+
+    def validate(self) -> None:
+        """Run every section's rules, then the rules that span sections."""
+        for section in _SECTIONS:
+            check = getattr(getattr(self, section), "validate", None)
+            if check is not None:
+                check()
+        num_experts = self.moe.num_experts
+        _require(
+            num_experts % self.parallel.expert_parallel == 0, "parallel.expert_parallel",
+            self.parallel.expert_parallel, f"must divide moe.num_experts ({num_experts})",
+        )
+        _require(
+            self.parallel.expert_parallel <= self.parallel.device_num, "parallel.expert_parallel",
+            self.parallel.expert_parallel, f"must be <= parallel.device_num ({self.parallel.device_num})",
+        )
+
+
+_SECTIONS = ("model", "moe", "parallel", "context", "train", "data")
+
+
+def _require(ok: bool, field_path: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(field_path, value, rule)
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(field_path: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML value against a dataclass annotation (ints are accepted where floats are)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(field_path, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(field_path, value, f"must be one of {', '.join(repr(a) for a in args)}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(field_path, value, "must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(field_path, value, "must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(field_path, value, "must be a number (write 1.0e-5, not 1e-5, for YAML floats)")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(field_path, value, "must be a string")
+        return value
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(field_path, value, "must be a mapping")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {field_path}")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(name, raw, "must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", value, f"unknown key; {_suggest(str(key), fields)}")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def config_from_dict(raw: Any, source: str = "<config>") -> SigmaConfig:
+    """Build and validate a SigmaConfig from a parsed YAML mapping."""
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError("<top level>", type(raw).__name__, f"must be a mapping with sections {', '.join(_SECTIONS)}")
+        for key in raw:
+            if key not in _SECTIONS:
+                raise ConfigError(str(key), "...", f"unknown section; {_suggest(str(key), _SECTIONS)}")
+        hints = typing.get_type_hints(SigmaConfig)
+        sections = {name: _build_section(name, hints[name], raw.get(name)) for name in _SECTIONS}
+        config = SigmaConfig(**sections, source=source)
+        config.validate()
+    except ConfigError as err:
+        raise err.with_source(source) from None
+    return config
+
+
+def load_config(path: str | os.PathLike) -> SigmaConfig:
+    """Read, parse and validate a YAML config; every failure is a one-line ConfigError."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("<file>", path, "file not found; pass an existing YAML config", path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("<file>", path, "is not UTF-8 text; pass a YAML config", path) from None
+    except OSError as err:
+        raise ConfigError("<file>", path, f"cannot be read ({err.strerror})", path) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
+        raise ConfigError(where, "...", f"invalid YAML ({getattr(err, 'problem', err)})", path) from None
+    return config_from_dict(raw, source=path)
+
+
+def config_to_dict(config: SigmaConfig) -> dict:
+    """The config as plain YAML-ready data (for saving next to checkpoints)."""
+    return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}

@@ -1,0 +1,1 @@
+"""Training data: sources, batches with domain ids."""

@@ -1,0 +1,1 @@
+"""The PanGu-Σ decoder: embeddings, attention, FFN, blocks, and the full causal LM."""

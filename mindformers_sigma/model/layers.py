@@ -1,0 +1,44 @@
+"""Small building blocks shared by the model: a linear layer and the compute-dtype lookup."""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16}
+
+
+def dtype_of(name: str):
+    """MindSpore dtype for a config's ``compute_dtype`` string."""
+    return _DTYPES[name]
+
+
+class Linear(nn.Cell):
+    """``x @ weight + bias`` with weight stored ``[in, out]`` (PanGu-α layout), computed in ``compute_dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float, compute_dtype=ms.float32):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (in_features, out_features), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias")
+
+    def construct(self, x):
+        shape = x.shape
+        flat = x.reshape((-1, shape[-1])).astype(self.compute_dtype)
+        out = ops.matmul(flat, self.weight.astype(self.compute_dtype)) + self.bias.astype(self.compute_dtype)
+        return out.reshape(shape[:-1] + (out.shape[-1],))
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm computed in float32 whatever the compute dtype (fp16 statistics are unstable)."""
+
+    def __init__(self, hidden_size: int, epsilon: float):
+        super().__init__()
+        self.gamma = Parameter(initializer("ones", (hidden_size,), ms.float32), name="gamma")
+        self.beta = Parameter(initializer("zeros", (hidden_size,), ms.float32), name="beta")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=epsilon)
+
+    def construct(self, x):
+        out, _, _ = self.norm(x.astype(ms.float32), self.gamma, self.beta)
+        return out

@@ -1,0 +1,108 @@
+"""PanGu-Σ: a PanGu-α decoder whose top layers are Random Routed Expert layers.
+
+Layout (``num_layers`` in all): ``dense_layers`` shared dense layers at the bottom, then
+``sparse_layers`` MoE layers; the very last layer is PanGu-α's top query layer.  A final
+LayerNorm sits before the query layer, and the output head is the transposed word
+embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.model.block import DecoderLayer
+from mindformers_sigma.model.embedding import Embedding, LookupTable
+from mindformers_sigma.model.eod_reset import EodResetMask
+from mindformers_sigma.model.layers import LayerNorm
+from mindformers_sigma.moe.routing_table import build_routing_table
+
+
+def build_routing_tables(config: SigmaConfig, token_frequency: Optional[np.ndarray] = None) -> list:
+    """One RRE table per sparse layer, drawn from ``moe.routing_seed`` (empty for learned routers)."""
+    if config.moe.router != "rre":
+        return []
+    moe = config.moe
+    return [
+        build_routing_table(config.model.vocab_size, moe.num_domains, moe.experts_per_domain,
+                            moe.routing_seed, layer, token_frequency)
+        for layer in range(config.model.sparse_layers)
+    ]
+
+
+class PanGuSigmaModel(nn.Cell):
+    """input_ids [B, S], domain_ids [B] -> (hidden [B, S, H], aux_loss, dropped assignments)."""
+
+    def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None):
+        super().__init__()
+        model = config.model
+        if routing_tables is None:
+            routing_tables = build_routing_tables(config)
+        layers = []
+        for index in range(model.num_layers):
+            sparse_index = index - model.dense_layers
+            sparse = sparse_index >= 0
+            table = routing_tables[sparse_index] if sparse and config.moe.router == "rre" else None
+            layers.append(DecoderLayer(config, sparse, table))
+        self.embedding = Embedding(model.vocab_size, model.seq_length, model.hidden_size, model.init_std,
+                                   model.dropout_rate)
+        self.eod_reset = EodResetMask(model.seq_length, model.eod_token_id)
+        self.layers = nn.CellList(layers[:-1])
+        self.final_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
+        self.top_query_embedding = LookupTable(model.seq_length, model.hidden_size, model.init_std)
+        self.top_query_layer = layers[-1]
+
+    def construct(self, input_ids, domain_ids):
+        position_ids, attention_bias = self.eod_reset(input_ids)
+        hidden = self.embedding(input_ids, position_ids)
+        aux_loss = ops.zeros((), ms.float32)
+        dropped = ops.zeros((), ms.int32)
+        for layer in self.layers:
+            hidden, layer_aux, layer_dropped = layer(hidden, attention_bias, input_ids, domain_ids)
+            aux_loss += layer_aux
+            dropped += layer_dropped
+        hidden = self.final_norm(hidden)
+        query_hidden = self.top_query_embedding(position_ids)
+        hidden, layer_aux, layer_dropped = self.top_query_layer(
+            hidden, attention_bias, input_ids, domain_ids, query_hidden
+        )
+        return hidden, aux_loss + layer_aux, dropped + layer_dropped
+
+
+class PanGuSigmaForCausalLM(nn.Cell):
+    """Next-token loss over packed samples ``tokens [B, S+1]``.
+
+    Returns ``(loss, lm_loss, aux_loss, dropped)`` where ``loss = lm_loss + aux_loss_coef *
+    aux_loss``.  As in PanGu-α, positions whose *input* is EOD carry no loss: the first token
+    of the next document has no context to be predicted from.
+    """
+
+    def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None):
+        super().__init__()
+        self.backbone = PanGuSigmaModel(config, routing_tables)
+        self.eod_token_id = config.model.eod_token_id
+        self.aux_loss_coef = config.moe.aux_loss_coef if config.moe.router != "rre" else 0.0
+
+    def logits(self, input_ids, domain_ids):
+        """input_ids [B, S], domain_ids [B] -> float32 logits [B, S, V] (and aux, dropped)."""
+        hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids)
+        batch, seq, width = hidden.shape
+        word_table = self.backbone.embedding.word.embedding_table
+        logits = ops.matmul(hidden.reshape((batch * seq, width)).astype(ms.float32),
+                            word_table.transpose(1, 0))
+        return logits.reshape((batch, seq, -1)), aux_loss, dropped
+
+    def construct(self, tokens, domain_ids):
+        input_ids = tokens[:, :-1]
+        labels = tokens[:, 1:]
+        logits, aux_loss, dropped = self.logits(input_ids, domain_ids)
+        vocab = logits.shape[-1]
+        log_probs = ops.log_softmax(logits.reshape((-1, vocab)), -1)
+        token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((-1,))
+        loss_mask = (input_ids != self.eod_token_id).astype(ms.float32).reshape((-1,))
+        lm_loss = (token_nll * loss_mask).sum() / ops.maximum(loss_mask.sum(), 1.0)
+        return lm_loss + self.aux_loss_coef * aux_loss, lm_loss, aux_loss, dropped

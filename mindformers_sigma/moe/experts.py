@@ -1,0 +1,32 @@
+"""A bank of fast-GeLU FFN experts computed together with BatchMatMul over the expert axis."""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+
+class BatchedExperts(nn.Cell):
+    """``num_experts`` FFNs (H -> F -> H) stored as ``[E, H, F]`` / ``[E, F, H]`` tensors.
+
+    Each expert has the same shapes and names as the dense FFN, so a dense checkpoint can be
+    copied into every expert ("expert inheriting").
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
+                 compute_dtype=ms.float32):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.w1 = Parameter(initializer(Normal(init_std), (num_experts, hidden_size, ffn_hidden_size), ms.float32), name="w1")
+        self.b1 = Parameter(initializer("zeros", (num_experts, 1, ffn_hidden_size), ms.float32), name="b1")
+        self.w2 = Parameter(initializer(Normal(init_std), (num_experts, ffn_hidden_size, hidden_size), ms.float32), name="w2")
+        self.b2 = Parameter(initializer("zeros", (num_experts, 1, hidden_size), ms.float32), name="b2")
+        self.batch_matmul = ops.BatchMatMul()
+
+    def construct(self, buffers):
+        """buffers [E, C, H] -> [E, C, H]."""
+        dtype = self.compute_dtype
+        hidden = self.batch_matmul(buffers.astype(dtype), self.w1.astype(dtype)) + self.b1.astype(dtype)
+        hidden = ops.fast_gelu(hidden)
+        return self.batch_matmul(hidden, self.w2.astype(dtype)) + self.b2.astype(dtype)

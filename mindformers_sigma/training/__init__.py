@@ -1,0 +1,1 @@
+"""Optimizer set-up, the compiled train step, and the training loop."""

@@ -1,0 +1,19 @@
+"""pip-installable package: `pip install -e .` gives the `pangu-sigma` command."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mindformers_sigma",
+    version="0.1.0",
+    description="PanGu-Σ (Random Routed Experts, ECSS) reproduced in MindSpore",
+    packages=find_packages(include=["mindformers_sigma", "mindformers_sigma.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy<2",
+        "pyyaml",
+        "sentencepiece",
+    ],
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["pangu-sigma=mindformers_sigma.cli:main"]},
+)

@@ -1,0 +1,104 @@
+"""Config validation: every rule, triggered by a bad YAML file, gives a clear one-line error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mindformers_sigma.config import ConfigError, load_config
+
+from conftest import CONFIGS, REPO, tiny_raw
+
+
+def _write(tmp_path, raw, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(config_file):
+    config = load_config(CONFIGS / config_file)
+    assert config.model.dense_layers + config.model.sparse_layers == config.model.num_layers
+
+
+RULES = [
+    # (section, changes, field named in the error, words of the rule)
+    ("model", {"hidden_size": 130}, "model.hidden_size", "divisible by model.num_heads"),
+    ("moe", {"num_experts": 9}, "moe.num_experts", "num_domains * experts_per_domain"),
+    ("model", {"dense_layers": 3}, "model.num_layers", "dense_layers + sparse_layers"),
+    ("parallel", {"device_num": 4, "data_parallel": 2}, "parallel.device_num",
+     "data_parallel * model_parallel * pipeline_stage"),
+    ("parallel", {"expert_parallel": 3, "device_num": 3, "data_parallel": 3}, "parallel.expert_parallel",
+     "must divide moe.num_experts"),
+    ("parallel", {"pipeline_stage": 2, "device_num": 2, "micro_batch_num": 1}, "parallel.micro_batch_num",
+     ">= pipeline_stage"),
+    ("model", {"eod_token_id": 99999}, "model.eod_token_id", "token id"),
+    ("moe", {"router": "hash"}, "moe.router", "must be one of"),
+    ("model", {"hidden_size": "big"}, "model.hidden_size", "must be an integer"),
+    ("model", {"hidden_size": True}, "model.hidden_size", "must be an integer"),
+    ("train", {"learning_rate": -1.0}, "train.learning_rate", "must be > 0"),
+    ("moe", {"capacity_factor": 0}, "moe.capacity_factor", "must be > 0"),
+]
+
+
+@pytest.mark.parametrize("section,changes,field,rule", RULES)
+def test_rule_violation_names_file_field_value_and_rule(tmp_path, section, changes, field, rule):
+    raw = tiny_raw()
+    raw[section].update(changes)
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field} = ")
+    assert rule in message
+    assert "\n" not in message
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    raw = tiny_raw()
+    raw["model"]["hiden_size"] = raw["model"].pop("hidden_size")
+    with pytest.raises(ConfigError, match=r"model\.hiden_size .*unknown key; did you mean 'hidden_size'\?"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_unknown_section_suggests_the_closest(tmp_path):
+    raw = tiny_raw()
+    raw["paralel"] = raw.pop("parallel")
+    with pytest.raises(ConfigError, match=r"unknown section; did you mean 'parallel'\?"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_missing_file_and_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(broken)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+
+
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
+    raw = tiny_raw()
+    raw["model"]["hidden_size"] = 130
+    path = _write(tmp_path, raw)
+    result = subprocess.run([sys.executable, "-m", "mindformers_sigma", "params", "--config", str(path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.hidden_size = 130" in lines[0] and str(path) in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_bad_argument_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "mindformers_sigma", "train", "--config", "x.yaml",
+                             "--steps", "-3"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--steps" in result.stderr
