@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv in the checkout and install the package with its pinned dependencies.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${PANGU_SIGMA_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet -e "$repo[test]"
+echo "environment ready: $venv"
