@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Optional, Sequence
 
 from mindformers_sigma.config import ConfigError, load_config
+from mindformers_sigma.data.prepare import DataError
+from mindformers_sigma.data.tokenizer import TokenizerError
+
+# Errors that mean "bad input": reported in one line, exit code 2, never a traceback.
+_INPUT_ERRORS = (ConfigError, DataError, TokenizerError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,12 +50,38 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.data is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="mindrecord", path=args.data))
     from mindformers_sigma.training.trainer import train
 
     summary = train(config, steps=args.steps)
     print(f"done: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
           f"{summary.tokens_per_second:,.0f} tokens/s after {summary.compile_seconds:.1f}s first step "
           f"(compile), {summary.dropped_assignments} dropped expert assignments")
+    return 0
+
+
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    from mindformers_sigma.data.prepare import parse_domain_args, prepare_data
+
+    manifest = prepare_data(parse_domain_args(args.domain), args.out, args.seq_length,
+                            vocab_size=args.vocab_size, tokenizer_path=args.tokenizer)
+    for domain in manifest["domains"]:
+        skipped = ", ".join(f"{k} {v}" for k, v in domain["skipped"].items() if v) or "none"
+        print(f"{domain['name']:>12}: id {domain['id']}, {domain['documents']} documents, {domain['tokens']:,} tokens, "
+              f"{domain['samples']} samples (skipped: {skipped})")
+    print(f"wrote {args.out}/manifest.json (tokenizer vocabulary {manifest['tokenizer']['vocab_size']})")
+    return 0
+
+
+def _cmd_demo_corpus(args: argparse.Namespace) -> int:
+    from mindformers_sigma.data.demo_corpus import build_demo_corpus
+
+    try:
+        build_demo_corpus(args.out, args.cache)
+    except OSError as err:
+        print(f"pangu-sigma demo-corpus: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -65,7 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model described by a config")
     train.add_argument("--config", required=True, help="YAML config file")
     train.add_argument("--steps", type=_positive_int, help="number of steps (default: train.steps)")
+    train.add_argument("--data", help="prepare-data folder (overrides the config's data section)")
     train.set_defaults(handler=_cmd_train)
+
+    prepare = commands.add_parser("prepare-data", help="tokenize per-domain text into packed MindRecord shards")
+    prepare.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
+                         help="a domain and its .txt/.jsonl file, folder or glob (repeatable; order gives the ids)")
+    prepare.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    prepare.add_argument("--seq-length", type=int, required=True, help="model sequence length L (samples hold L+1)")
+    source = prepare.add_mutually_exclusive_group(required=True)
+    source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
+    source.add_argument("--tokenizer", help="use this SentencePiece model instead")
+    prepare.set_defaults(handler=_cmd_prepare_data)
+
+    demo = commands.add_parser("demo-corpus", help="build the real multi-domain demo corpus (.jsonl per domain)")
+    demo.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    demo.add_argument("--cache", help="download cache (default: $PANGU_SIGMA_CACHE or ~/.cache/mindformers_sigma)")
+    demo.set_defaults(handler=_cmd_demo_corpus)
     return parser
 
 
@@ -73,6 +121,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as err:
+    except _INPUT_ERRORS as err:
         print(f"pangu-sigma {args.command}: error: {err}", file=sys.stderr)
         return 2

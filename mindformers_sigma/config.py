@@ -183,9 +183,21 @@ class TrainConfig:
 class DataConfig:
     """Where training samples come from."""
 
-    # "synthetic": per-domain Markov token streams with EODs, generated in memory.
-    source: Literal["synthetic"] = "synthetic"
+    # "synthetic": per-domain Markov token streams generated in memory (no files);
+    # "mindrecord": a folder written by `pangu-sigma prepare-data`.
+    source: Literal["synthetic", "mindrecord"] = "synthetic"
+    path: Optional[str] = None
+    # Mixing ratio per domain name; null mixes in proportion to each domain's samples.
+    domain_weights: Optional[dict] = None
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.source == "mindrecord":
+            _require(self.path is not None, "data.path", self.path,
+                     "must name a prepare-data folder when data.source is mindrecord")
+        for name, weight in (self.domain_weights or {}).items():
+            _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                     f"data.domain_weights.{name}", weight, "must be a number >= 0")
 
 
 @dataclass

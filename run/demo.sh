@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# Fresh-machine demo: set up .venv, then train the tiny PanGu-Σ config on CPU end to end.
+# Fresh-machine demo: set up .venv, build the real multi-domain demo corpus, tokenize and pack
+# it, then train the tiny PanGu-Σ config on CPU end to end. Extra arguments go to the trainer.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/run/setup_env.sh"
 cd "$repo"
-exec "$repo/.venv/bin/pangu-sigma" train --config "$repo/ascend_configs/pangu_sigma_tiny_cpu.yaml" "$@"
+cli="$repo/.venv/bin/pangu-sigma"
+config="$repo/ascend_configs/pangu_sigma_tiny_cpu.yaml"
+raw="$repo/data/demo/raw"
+prepared="$repo/data/demo/prepared"
+
+"$cli" demo-corpus --out "$raw"
+domains=()
+for file in "$raw"/*.jsonl; do
+  domains+=(--domain "$(basename "$file" .jsonl)=$file")
+done
+"$cli" prepare-data "${domains[@]}" --out "$prepared" --seq-length 128 --vocab-size 4096
+exec "$cli" train --config "$config" --data "$prepared" "$@"
