@@ -17,6 +17,7 @@ import time
 from mindformers_sigma.config import load_config
 from mindformers_sigma.data.demo_corpus import build_demo_corpus
 from mindformers_sigma.data.prepare import prepare_data
+from mindformers_sigma.data.dataset import batches
 from mindformers_sigma.training.trainer import open_training_data, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,8 @@ def main() -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, source="mindrecord", path=os.path.join(work, "prepared")))
         start = time.perf_counter()
-        stream, _ = open_training_data(config)
+        source, _, _ = open_training_data(config)
+        stream = batches(source, config.train.batch_size)
         open_seconds = time.perf_counter() - start
         fetches = 500
         start = time.perf_counter()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
-from mindformers_sigma.config import ConfigError, load_config
-from mindformers_sigma.data.prepare import DataError
-from mindformers_sigma.data.tokenizer import TokenizerError
+# MindSpore's C++ warnings (graph-compiler notes) drown the progress lines; GLOG_v=2 shows them.
+os.environ.setdefault("GLOG_v", "3")
+
+from mindformers_sigma.config import ConfigError, apply_override, load_config  # noqa: E402
+from mindformers_sigma.data.prepare import DataError  # noqa: E402
+from mindformers_sigma.data.tokenizer import TokenizerError  # noqa: E402
 
 # Errors that mean "bad input": reported in one line, exit code 2, never a traceback.
 _INPUT_ERRORS = (ConfigError, DataError, TokenizerError)
@@ -52,12 +56,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.data is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="mindrecord", path=args.data))
+    if args.resume == "auto" and args.out is None:
+        raise DataError("--resume auto: needs --out DIR (the run folder whose checkpoints/ to resume from)")
+    for override in args.set:
+        config = apply_override(config, override)
     from mindformers_sigma.training.trainer import train
 
-    summary = train(config, steps=args.steps)
-    print(f"done: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
-          f"{summary.tokens_per_second:,.0f} tokens/s after {summary.compile_seconds:.1f}s first step "
-          f"(compile), {summary.dropped_assignments} dropped expert assignments")
+    summary = train(config, steps=args.steps, out_dir=args.out, resume=args.resume)
+    print(f"done: steps {summary.resumed_from or 0} -> {summary.steps}, loss {summary.first_loss:.4f} -> "
+          f"{summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, MFU {summary.mfu:.3f} "
+          f"(peak {summary.peak_flops / 1e9:.1f} GFLOP/s), first step {summary.compile_seconds:.1f}s (compile), "
+          f"{summary.skipped_steps} overflow-skipped steps, {summary.dropped_assignments} dropped expert assignments"
+          + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
     return 0
 
 
@@ -98,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config file")
     train.add_argument("--steps", type=_positive_int, help="number of steps (default: train.steps)")
     train.add_argument("--data", help="prepare-data folder (overrides the config's data section)")
+    train.add_argument("--out", help="run folder: metrics.jsonl, loss.png, checkpoints/")
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="auto: newest valid checkpoint in OUT/checkpoints; or a checkpoint file")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (YAML syntax), validated like the file; repeatable")
     train.set_defaults(handler=_cmd_train)
 
     prepare = commands.add_parser("prepare-data", help="tokenize per-domain text into packed MindRecord shards")

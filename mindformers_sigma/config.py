@@ -114,6 +114,9 @@ class MoEConfig:
 class ParallelConfig:
     """How the model is laid out over devices; CPU runs use stand-alone or data parallel only."""
 
+    # stand_alone: one process; data_parallel: msrun/rank-table workers, each a full replica;
+    # semi_auto_parallel: MindSpore shards ops by the strategies (Ascend/GPU only).
+    mode: Literal["stand_alone", "data_parallel", "semi_auto_parallel"] = "stand_alone"
     device_num: int = 1
     data_parallel: int = 1
     model_parallel: int = 1
@@ -137,6 +140,12 @@ class ParallelConfig:
             self.micro_batch_num >= self.pipeline_stage, "parallel.micro_batch_num", self.micro_batch_num,
             f"must be >= pipeline_stage ({self.pipeline_stage}) so every stage has work",
         )
+        if self.mode == "stand_alone":
+            _require(self.device_num == 1, "parallel.device_num", self.device_num,
+                     "must be 1 for parallel.mode stand_alone; use data_parallel or semi_auto_parallel")
+        if self.mode == "data_parallel":
+            _require(self.model_parallel == 1 and self.pipeline_stage == 1, "parallel.mode", self.mode,
+                     "needs model_parallel 1 and pipeline_stage 1; use semi_auto_parallel for sharding")
 
 
 @dataclass
@@ -163,6 +172,18 @@ class TrainConfig:
     eps: float = 1e-8
     expert_eps: float = 1e-8
     grad_clip_norm: float = 1.0
+    grad_accumulation_steps: int = 1
+    # Dynamic loss scaling (for fp16): start, factor, and clean steps before growing.
+    loss_scale: Literal["none", "dynamic"] = "none"
+    initial_loss_scale: float = 4294967296.0
+    loss_scale_factor: float = 2.0
+    loss_scale_window: int = 1000
+    # Peak FLOP/s of one device for model-FLOPs utilisation; null measures a matmul for ~1 s.
+    peak_flops: Optional[float] = None
+    log_interval: int = 10
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 3
+    checkpoint_format: Literal["ckpt", "safetensors"] = "ckpt"
 
     def validate(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
@@ -177,6 +198,13 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.grad_clip_norm >= 0, "train.grad_clip_norm", self.grad_clip_norm, "must be >= 0 (0 disables)")
+        for name in ("grad_accumulation_steps", "loss_scale_window", "log_interval", "checkpoint_interval",
+                     "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
+        _require(self.initial_loss_scale >= 1, "train.initial_loss_scale", self.initial_loss_scale, "must be >= 1")
+        _require(self.loss_scale_factor > 1, "train.loss_scale_factor", self.loss_scale_factor, "must be > 1")
+        if self.peak_flops is not None:
+            _require(self.peak_flops > 0, "train.peak_flops", self.peak_flops, "must be > 0, or null to measure")
 
 
 @dataclass
@@ -226,6 +254,16 @@ class SigmaConfig:
         _require(
             self.parallel.expert_parallel <= self.parallel.device_num, "parallel.expert_parallel",
             self.parallel.expert_parallel, f"must be <= parallel.device_num ({self.parallel.device_num})",
+        )
+        per_step = self.parallel.data_parallel * self.train.grad_accumulation_steps
+        _require(
+            self.train.batch_size % per_step == 0, "train.batch_size", self.train.batch_size,
+            f"(the global batch) must be divisible by data_parallel * grad_accumulation_steps ({per_step})",
+        )
+        _require(
+            not (self.parallel.mode == "semi_auto_parallel" and self.context.device_target == "CPU"),
+            "parallel.mode", self.parallel.mode,
+            "MindSpore refuses semi_auto_parallel on CPU; use stand_alone or data_parallel there",
         )
 
 
@@ -334,3 +372,19 @@ def load_config(path: str | os.PathLike) -> SigmaConfig:
 def config_to_dict(config: SigmaConfig) -> dict:
     """The config as plain YAML-ready data (for saving next to checkpoints)."""
     return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
+
+
+def apply_override(config: SigmaConfig, override: str) -> SigmaConfig:
+    """``section.key=value`` (value in YAML syntax) applied and re-validated like the file."""
+    path, sep, text = override.partition("=")
+    section, dot, key = path.partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError("--set", override, "expected SECTION.KEY=VALUE, e.g. parallel.device_num=2", config.source)
+    raw = config_to_dict(config)
+    if section not in raw:
+        raise ConfigError(f"--set {section}", override, f"unknown section; {_suggest(section, _SECTIONS)}", config.source)
+    try:
+        raw[section][key] = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {path}", text, "is not a YAML value", config.source) from None
+    return config_from_dict(raw, source=f"{config.source} (with --set {override})")

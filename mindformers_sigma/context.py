@@ -1,10 +1,13 @@
 """The one place that talks to MindSpore's global context: device, mode, seed, parallel mode.
 
-Model code never asks which device it runs on; everything device- or parallel-specific is
-decided here from the config.
+Model code never asks which device it runs on or how many there are; everything device- or
+parallel-specific is decided here from the config.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import mindspore as ms
 
@@ -13,14 +16,44 @@ from mindformers_sigma.config import ConfigError, SigmaConfig
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 
 
-def configure_context(config: SigmaConfig) -> None:
-    """Set device target, execution mode and seeds; refuse layouts the device cannot run."""
+@dataclass(frozen=True)
+class ParallelInfo:
+    """This process's place among the workers."""
+
+    rank: int = 0
+    group_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def configure_context(config: SigmaConfig) -> ParallelInfo:
+    """Set device target, execution mode, parallel mode and seeds; returns this worker's rank."""
     ctx, parallel = config.context, config.parallel
-    if parallel.device_num > 1:
-        raise ConfigError(
-            "parallel.device_num", parallel.device_num,
-            "multi-device training needs a launcher (not available yet); use device_num: 1", config.source,
-        )
     ms.set_context(mode=_MODES[ctx.mode])
     ms.set_device(ctx.device_target)
-    ms.set_seed(ctx.seed)
+    ms.set_seed(ctx.seed)  # the same on every rank: replicas start from identical weights
+    if parallel.mode == "stand_alone":
+        return ParallelInfo()
+    if "MS_WORKER_NUM" not in os.environ and "RANK_TABLE_FILE" not in os.environ:
+        raise ConfigError("parallel.mode", parallel.mode,
+                          "needs workers started by a launcher; run `bash run/distributed_train.sh` "
+                          "(or set parallel.mode: stand_alone)", config.source)
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    group_size = get_group_size()
+    if group_size != parallel.device_num:
+        raise ConfigError("parallel.device_num", parallel.device_num,
+                          f"but the launcher started {group_size} workers; make them agree", config.source)
+    if parallel.mode == "data_parallel":
+        # Gradients are summed, not averaged: the loss is already normalised by the global
+        # token count (training/loss.py), which makes data parallel match one process exactly.
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
+                                     device_num=group_size)
+    else:
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.SEMI_AUTO_PARALLEL, device_num=group_size,
+                                     pipeline_stages=parallel.pipeline_stage,
+                                     enable_parallel_optimizer=parallel.optimizer_shard)
+    return ParallelInfo(get_rank(), group_size)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mindformers_sigma.data.dataset import BLOCK, PreparedCorpus, SampleSchedule, batches
+from mindformers_sigma.data.dataset import BLOCK, MixedCorpusSource, PreparedCorpus, SampleSchedule, batches
 from mindformers_sigma.data.demo_corpus import strip_pos_tags
 from mindformers_sigma.data.prepare import DataError, prepare_data, unpack_documents
 from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, TokenizerError
@@ -113,10 +113,6 @@ def test_rerun_gives_identical_bytes_and_given_tokenizer_gives_same_ids(prepared
         np.testing.assert_array_equal(x, y)
 
 
-def _schedule(sizes=(50, 30, 20), weights=(0.5, 0.3, 0.2), seed=5):
-    return SampleSchedule(list(sizes), np.asarray(weights), seed)
-
-
 class _FakeCorpus:
     """Sample i of domain d is the row [d, i], so batches show exactly what was read."""
 
@@ -124,15 +120,19 @@ class _FakeCorpus:
         self.samples = [np.stack([np.array([d, i], np.int32) for i in range(n)]) for d, n in enumerate(sizes)]
 
 
+def _source(sizes, weights=None, seed=5):
+    weights = np.asarray(sizes, np.float64) / sum(sizes) if weights is None else np.asarray(weights)
+    return MixedCorpusSource(_FakeCorpus(sizes), SampleSchedule(list(sizes), weights, seed))
+
+
 def test_resume_from_position_equals_uninterrupted_read():
     sizes = (50, 30, 20)
-    corpus = _FakeCorpus(sizes)
-    straight = batches(corpus, _schedule(), batch_size=7)
+    straight = batches(_source(sizes), batch_size=7)
     reference = [next(straight) for _ in range(1300)]  # crosses several BLOCK boundaries
     assert reference[-1][2] > 2 * BLOCK
     for resume_at in (1, 585, 1000):
         position = reference[resume_at - 1][2]
-        resumed = batches(corpus, _schedule(), batch_size=7, start_position=position)
+        resumed = batches(_source(sizes), batch_size=7, start_position=position)
         for expected in reference[resume_at:resume_at + 20]:
             got = next(resumed)
             np.testing.assert_array_equal(got[0], expected[0])
@@ -142,9 +142,8 @@ def test_resume_from_position_equals_uninterrupted_read():
 
 def test_rank_slices_are_disjoint_and_together_are_the_single_process_batches():
     sizes = (500, 300, 200)
-    corpus = _FakeCorpus(sizes)
-    single = batches(corpus, _schedule(sizes), batch_size=8)
-    ranks = [batches(corpus, _schedule(sizes), batch_size=4, num_shards=2, shard_id=r) for r in range(2)]
+    single = batches(_source(sizes), batch_size=8)
+    ranks = [batches(_source(sizes), batch_size=4, num_shards=2, shard_id=r) for r in range(2)]
     seen = []
     for _ in range(12):  # 96 draws: no domain finishes an epoch, so a repeat would be a bug
         whole = next(single)[0]
@@ -153,16 +152,14 @@ def test_rank_slices_are_disjoint_and_together_are_the_single_process_batches():
         seen += [tuple(row) for part in parts for row in part]
     assert len(seen) == len(set(seen))  # disjoint: no sample read twice, by one rank or two
     # Over one equal-weight epoch the ranks together read every sample of every domain.
-    corpus = _FakeCorpus((16, 16))
-    schedule = lambda: SampleSchedule([16, 16], np.array([0.5, 0.5]), 3)  # noqa: E731
-    ranks = [batches(corpus, schedule(), batch_size=2, num_shards=2, shard_id=r) for r in range(2)]
+    ranks = [batches(_source((16, 16), seed=3), batch_size=2, num_shards=2, shard_id=r) for r in range(2)]
     covered = {tuple(row) for _ in range(40) for r in ranks for row in next(r)[0]}
     assert covered == {(d, i) for d in range(2) for i in range(16)}
 
 
 def test_mixing_ratios_are_honoured():
     weights = np.array([0.6, 0.3, 0.1])
-    domains, _ = _schedule(weights=weights).draws(0, 20_000)
+    domains, _ = SampleSchedule([50, 30, 20], weights, 5).draws(0, 20_000)
     share = np.bincount(domains, minlength=3) / domains.shape[0]
     sigma = np.sqrt(weights * (1 - weights) / domains.shape[0])
     assert np.all(np.abs(share - weights) < 4 * sigma)

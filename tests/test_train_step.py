@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 from mindformers_sigma.training.lr_schedule import learning_rate_at
-from mindformers_sigma.training.optimizer import build_optimizer, takes_weight_decay
-from mindformers_sigma.training.train_step import TrainOneStepCell
+from mindformers_sigma.training.optimizer import takes_weight_decay
+from mindformers_sigma.training.trainer import build_train_step
 
 from conftest import micro_config
 
@@ -20,8 +19,7 @@ def _two_steps(mode, router):
     ms.set_device("CPU")
     ms.set_seed(0)
     config = micro_config(moe={"router": router}, train={"learning_rate": 1.0e-2, "warmup_steps": 0, "steps": 2})
-    net = PanGuSigmaForCausalLM(config)
-    step = TrainOneStepCell(net, build_optimizer(net, config.train), config.train.grad_clip_norm)
+    step = build_train_step(config, None, data_parallel=1)
     rng = np.random.default_rng(0)
     tokens = Tensor(rng.integers(0, config.model.vocab_size, (4, config.model.seq_length + 1)).astype(np.int32))
     domains = Tensor(np.array([0, 1, 2, 3], np.int32))

@@ -149,18 +149,30 @@ class SampleSchedule:
         return domains.astype(np.int32), indices
 
 
-def batches(corpus: PreparedCorpus, schedule: SampleSchedule, batch_size: int, start_position: int = 0,
-            num_shards: int = 1, shard_id: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+class MixedCorpusSource:
+    """Prepared samples read in the order of a :class:`SampleSchedule`."""
+
+    def __init__(self, corpus: PreparedCorpus, schedule: SampleSchedule):
+        self.corpus = corpus
+        self.schedule = schedule
+
+    def read(self, start: int, count: int) -> Tuple[np.ndarray, np.ndarray]:
+        domains, indices = self.schedule.draws(start, count)
+        return np.stack([self.corpus.samples[d][i] for d, i in zip(domains, indices)]), domains
+
+
+def batches(source, batch_size: int, start_position: int = 0, num_shards: int = 1,
+            shard_id: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
     """Endless ``(tokens [B, L+1], domain_ids [B], next_position)`` for one data-parallel rank.
 
+    ``source.read(start, count)`` gives the samples at global positions ``start..``; a global
+    batch is ``batch_size * num_shards`` positions and this rank takes its own contiguous part.
     ``next_position`` is the global position to resume from after this batch.
     """
     if not 0 <= shard_id < num_shards:
         raise DataError(f"shard_id {shard_id}: must be in [0, num_shards={num_shards})")
     position = start_position
-    global_batch = batch_size * num_shards
     while True:
-        domains, indices = schedule.draws(position + shard_id * batch_size, batch_size)
-        tokens = np.stack([corpus.samples[d][i] for d, i in zip(domains, indices)])
-        position += global_batch
+        tokens, domains = source.read(position + shard_id * batch_size, batch_size)
+        position += batch_size * num_shards
         yield tokens, domains, position

@@ -74,21 +74,23 @@ class PanGuSigmaModel(nn.Cell):
 
 
 class PanGuSigmaForCausalLM(nn.Cell):
-    """Next-token loss over packed samples ``tokens [B, S+1]``.
+    """Next-token statistics over packed samples ``tokens [B, S+1]`` with ``domain_ids [B]``.
 
-    Returns ``(loss, lm_loss, aux_loss, dropped)`` where ``loss = lm_loss + aux_loss_coef *
-    aux_loss``.  As in PanGu-α, positions whose *input* is EOD carry no loss: the first token
-    of the next document has no context to be predicted from.
+    Returns ``(nll_per_domain [D], tokens_per_domain [D], aux_loss, dropped)``: summed
+    negative log-likelihood and the number of predicted tokens per domain, so that the
+    training layer can normalise over a whole (data-parallel) batch and log per-domain loss.
+    As in PanGu-α, positions whose *input* is EOD are not predicted: the first token of the
+    next document has no context.
     """
 
     def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None):
         super().__init__()
         self.backbone = PanGuSigmaModel(config, routing_tables)
         self.eod_token_id = config.model.eod_token_id
-        self.aux_loss_coef = config.moe.aux_loss_coef if config.moe.router != "rre" else 0.0
+        self.num_domains = config.moe.num_domains
 
     def logits(self, input_ids, domain_ids):
-        """input_ids [B, S], domain_ids [B] -> float32 logits [B, S, V] (and aux, dropped)."""
+        """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
         hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids)
         batch, seq, width = hidden.shape
         word_table = self.backbone.embedding.word.embedding_table
@@ -100,9 +102,10 @@ class PanGuSigmaForCausalLM(nn.Cell):
         input_ids = tokens[:, :-1]
         labels = tokens[:, 1:]
         logits, aux_loss, dropped = self.logits(input_ids, domain_ids)
-        vocab = logits.shape[-1]
+        batch, seq, vocab = logits.shape
         log_probs = ops.log_softmax(logits.reshape((-1, vocab)), -1)
-        token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((-1,))
-        loss_mask = (input_ids != self.eod_token_id).astype(ms.float32).reshape((-1,))
-        lm_loss = (token_nll * loss_mask).sum() / ops.maximum(loss_mask.sum(), 1.0)
-        return lm_loss + self.aux_loss_coef * aux_loss, lm_loss, aux_loss, dropped
+        token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((batch, seq))
+        loss_mask = (input_ids != self.eod_token_id).astype(ms.float32)
+        nll_per_domain = ops.unsorted_segment_sum((token_nll * loss_mask).sum(1), domain_ids, self.num_domains)
+        tokens_per_domain = ops.unsorted_segment_sum(loss_mask.sum(1), domain_ids, self.num_domains)
+        return nll_per_domain, tokens_per_domain, aux_loss, dropped

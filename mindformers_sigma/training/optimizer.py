@@ -1,11 +1,35 @@
-"""AdamWeightDecay with PanGu-α's parameter groups: no decay on LayerNorm, biases or the routing table."""
+"""Hybrid AdamWeightDecay: PanGu-α's AdamW with a separate epsilon for the RRE expert weights.
+
+PanGu-Σ reports a much smaller epsilon for the sparse layers (their gradients are small and
+sparse); MindSpore's AdamWeightDecay has one epsilon for all groups, so this optimizer keeps
+one per parameter.  Update rule (as MindSpore's AdamWeightDecay, no bias correction):
+``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2``; ``p -= lr (m / (sqrt(v) + eps) + wd p)``.
+No weight decay on LayerNorm, biases or the (non-trainable) routing table.
+"""
 
 from __future__ import annotations
 
-from mindspore import nn
+from typing import Sequence
+
+import mindspore as ms
+from mindspore import nn, ops
 
 from mindformers_sigma.config import TrainConfig
 from mindformers_sigma.training.lr_schedule import learning_rates
+
+_adam_update = ops.MultitypeFuncGraph("adam_update")
+
+
+@_adam_update.register("Number", "Number", "Tensor", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
+def _update(beta1, beta2, lr, eps, weight_decay, param, moment1, moment2, grad):
+    grad = grad.astype(ms.float32)
+    next_m = beta1 * moment1 + (1.0 - beta1) * grad
+    next_v = beta2 * moment2 + (1.0 - beta2) * ops.square(grad)
+    update = next_m / (ops.sqrt(next_v) + eps) + weight_decay * param
+    ops.assign(moment1, next_m)
+    ops.assign(moment2, next_v)
+    ops.assign(param, param - lr * update)
+    return True
 
 
 def takes_weight_decay(parameter_name: str) -> bool:
@@ -14,15 +38,33 @@ def takes_weight_decay(parameter_name: str) -> bool:
     return leaf not in ("gamma", "beta", "bias", "b1", "b2")
 
 
-def build_optimizer(network: nn.Cell, train: TrainConfig) -> nn.Optimizer:
-    """Optimizer over the network's trainable parameters (the routing table is not trainable)."""
-    params = network.trainable_params()
-    decay = [p for p in params if takes_weight_decay(p.name)]
-    no_decay = [p for p in params if not takes_weight_decay(p.name)]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-        {"order_params": params},
-    ]
-    return nn.AdamWeightDecay(groups, learning_rate=learning_rates(train), beta1=train.beta1,
-                              beta2=train.beta2, eps=train.eps)
+def is_expert_parameter(parameter_name: str) -> bool:
+    return ".experts." in parameter_name
+
+
+class HybridAdamWeightDecay(nn.Optimizer):
+    """AdamW whose epsilon and weight decay are chosen per parameter."""
+
+    def __init__(self, params: Sequence[ms.Parameter], learning_rate, beta1: float, beta2: float,
+                 eps: float, expert_eps: float, weight_decay: float):
+        super().__init__(learning_rate, list(params))
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.moments1 = self._parameters.clone(prefix="adam_m", init="zeros")
+        self.moments2 = self._parameters.clone(prefix="adam_v", init="zeros")
+        self.param_eps = tuple(expert_eps if is_expert_parameter(p.name) else eps for p in self._parameters)
+        self.param_decay = tuple(weight_decay if takes_weight_decay(p.name) else 0.0 for p in self._parameters)
+        self.hyper_map = ops.HyperMap()
+        self.assignadd = ops.AssignAdd()
+
+    def construct(self, grads):
+        lr = self.get_lr()
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        return self.hyper_map(ops.partial(_adam_update, self.beta1, self.beta2, lr), self.param_eps,
+                              self.param_decay, self._parameters, self.moments1, self.moments2, grads)
+
+
+def build_optimizer(network: nn.Cell, train: TrainConfig) -> HybridAdamWeightDecay:
+    """Optimizer over the network's trainable parameters with the warmup+cosine schedule."""
+    return HybridAdamWeightDecay(network.trainable_params(), learning_rates(train), train.beta1, train.beta2,
+                                 train.eps, train.expert_eps, train.weight_decay)

@@ -1,0 +1,121 @@
+"""Crash-safe checkpoints: weights file + JSON sidecar, each written atomically, last K kept.
+
+A checkpoint ``step_NNNNNNNN`` is two files in ``OUT/checkpoints``:
+
+* ``step_NNNNNNNN.ckpt`` or ``.safetensors``: every parameter of the train step: model weights
+  (routing tables included), Adam moments (``adam_m.*``, ``adam_v.*``), the optimizer's
+  ``global_step``, the loss scale and its clean-step counter;
+* ``step_NNNNNNNN.json``: step, data position, RNG state, format and the weights' sha256.
+
+The weights are written to a temporary file, fsynced and renamed; the sidecar is written the
+same way *after* them, so it is the commit mark: a checkpoint without a sidecar, or whose
+weights do not match the recorded sha256 (truncated, corrupt), is skipped on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import mindspore as ms
+
+from mindformers_sigma.data.atomic import write_bytes_atomic
+
+_NAME = re.compile(r"^step_(\d{8})\.json$")
+SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    data_position: int
+    weights_path: str
+    meta: dict
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: str, step: int, parameters: Dict[str, ms.Parameter], meta: dict,
+                    fmt: str, keep: int) -> str:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+    os.makedirs(directory, exist_ok=True)
+    stem = f"step_{step:08d}"
+    weights = os.path.join(directory, stem + SUFFIX[fmt])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.tmp-", suffix=SUFFIX[fmt])
+    os.close(fd)
+    try:
+        ms.save_checkpoint([{"name": name, "data": param} for name, param in parameters.items()], tmp, format=fmt)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, weights)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=_sha256(weights))
+    write_bytes_atomic(os.path.join(directory, stem + ".json"), json.dumps(record, indent=1).encode() + b"\n")
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        os.unlink(os.path.join(directory, f"step_{old:08d}.json"))
+        for path in glob.glob(os.path.join(directory, f"step_{old:08d}.*")):
+            os.unlink(path)
+    return weights
+
+
+def list_checkpoints(directory: str) -> List[int]:
+    """Steps that have a sidecar, oldest first (validity is checked by :func:`read_checkpoint`)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
+
+
+def read_checkpoint(meta_path: str) -> CheckpointInfo:
+    """Parse and verify one checkpoint; raises ValueError with a one-line reason when unusable."""
+    try:
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        weights = os.path.join(os.path.dirname(meta_path), meta["weights"])
+        expected = meta["sha256"]
+        step, position = int(meta["step"]), int(meta["data_position"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{meta_path}: unreadable sidecar ({type(err).__name__}: {err})") from None
+    if not os.path.isfile(weights):
+        raise ValueError(f"{weights}: weights file missing")
+    if _sha256(weights) != expected:
+        raise ValueError(f"{weights}: sha256 does not match its sidecar (truncated or corrupt)")
+    return CheckpointInfo(step, position, weights, meta)
+
+
+def find_resume_checkpoint(directory: str, log: Callable[[str], None]) -> Optional[CheckpointInfo]:
+    """The newest valid checkpoint; each unusable newer one is reported in one line and skipped."""
+    for step in reversed(list_checkpoints(directory)):
+        try:
+            return read_checkpoint(os.path.join(directory, f"step_{step:08d}.json"))
+        except ValueError as err:
+            log(f"resume: skipping checkpoint step {step}: {err}")
+    return None
+
+
+def load_parameters(info: CheckpointInfo) -> Dict[str, ms.Parameter]:
+    return ms.load_checkpoint(info.weights_path, format=info.meta["format"])

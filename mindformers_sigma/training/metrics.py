@@ -1,0 +1,108 @@
+"""What a user sees while training: FLOPs accounting, peak probe, progress line, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.params import count_parameters
+
+
+def flops_per_token(config: SigmaConfig) -> float:
+    """Training FLOPs per token: 6 x activated non-embedding parameters + 6 V H (the tied head)
+    + 12 L H S (attention scores and mixing)."""
+    m = config.model
+    count = count_parameters(config)
+    non_embedding = count.activated_per_token - count.embeddings
+    return 6.0 * non_embedding + 6.0 * m.vocab_size * m.hidden_size + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+
+
+def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
+    """Sustained fp32 matmul FLOP/s of this machine: ~``seconds`` of back-to-back products, half
+    with MindSpore and half with numpy; the faster library's average rate wins.  (A single
+    short product can beat the sustained rate where the CPU quota is enforced over time.)"""
+    import mindspore as ms
+    from mindspore import ops
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    ta, tb = ms.Tensor(a), ms.Tensor(b)
+    flop = 2.0 * size ** 3
+    rates = []
+    for run in (lambda: ops.matmul(ta, tb).asnumpy(), lambda: np.matmul(a, b)):
+        run()  # warm-up
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            run()
+            count += 1
+        rates.append(flop * count / (time.perf_counter() - start))
+    return max(rates)
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``metrics.jsonl`` (truncated to a resume step first)."""
+
+    def __init__(self, path: Optional[str], resume_step: int = 0):
+        self.path = path
+        if path is None:
+            return
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(record: dict, total_steps: int, domain_names: List[str]) -> str:
+    per_domain = " ".join(f"{name}={record['domain_loss'][name]:.3f}" for name in domain_names
+                          if record["domain_loss"].get(name) is not None)
+    skipped = "  SKIPPED (overflow)" if not record["finite"] else ""
+    return (f"step {record['step']:>6}/{total_steps}  loss {record['loss']:.4f}  [{per_domain}]  "
+            f"lr {record['lr']:.2e}  scale {record['loss_scale']:g}  tok/s {record['tokens_per_second']:,.0f}  "
+            f"mfu {record['mfu']:.3f}  eta {format_eta(record['eta_seconds'])}{skipped}")
+
+
+def domain_losses(nll: np.ndarray, tokens: np.ndarray, names: List[str]) -> Dict[str, Optional[float]]:
+    return {name: (float(nll[i] / tokens[i]) if tokens[i] > 0 else None) for i, name in enumerate(names)}
+
+
+def plot_losses(metrics_path: str, out_png: str) -> bool:
+    """Loss curve picture if matplotlib is importable (an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(metrics_path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png + ".tmp.png")
+    plt.close(fig)
+    os.replace(out_png + ".tmp.png", out_png)
+    return True
