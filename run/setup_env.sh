@@ -8,5 +8,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e "$repo[test]"
+"$venv/bin/python" -m pip install --quiet -e "${repo}[test]"
 echo "environment ready: $venv"
