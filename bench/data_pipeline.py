@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import sys
 import tempfile
 import time
+
+from record import write_record
 
 from mindformers_sigma.config import load_config
 from mindformers_sigma.data.demo_corpus import build_demo_corpus
@@ -65,11 +66,7 @@ def main() -> int:
         "train_step_seconds": step_seconds,
         "input_share_of_step": batch_seconds / (batch_seconds + step_seconds),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.out)), delete=False) as tmp:
-        json.dump(record, tmp, indent=2)
-    os.replace(tmp.name, args.out)
-    print(json.dumps(record, indent=2))
+    write_record(args.out, record)
     return 0
 
 

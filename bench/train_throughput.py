@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import sys
-import tempfile
 
-from mindformers_sigma.config import load_config
+from record import write_record
+
+from mindformers_sigma.config import apply_overrides, load_config
 from mindformers_sigma.training.trainer import train
 
 
@@ -22,25 +20,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--set", action="append", default=[], help="config override SECTION.KEY=VALUE")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = apply_overrides(load_config(args.config), args.set)
     summary = train(config, steps=args.steps, log=lambda line: print(line, file=sys.stderr))
     record = {
         "benchmark": "train_throughput",
         "config": args.config,
+        "overrides": args.set,
         "mode": config.context.mode,
         "router": config.moe.router,
         "batch_size": config.train.batch_size,
         "seq_length": config.model.seq_length,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         **dataclasses.asdict(summary),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.out)), delete=False) as tmp:
-        json.dump(record, tmp, indent=2)
-    os.replace(tmp.name, args.out)
-    print(json.dumps(record, indent=2))
+    write_record(args.out, record)
     return 0
 
 

@@ -302,8 +302,13 @@ def _coerce(field_path: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(field_path, value, "must be an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 and 1.0e11 (no sign) as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(field_path, value, "must be a number (write 1.0e-5, not 1e-5, for YAML floats)")
+            raise ConfigError(field_path, value, "must be a number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

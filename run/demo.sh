@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fresh-machine demo: set up .venv, build the real multi-domain demo corpus, tokenize and pack
-# it, then train the tiny PanGu-Σ config on CPU end to end. Extra arguments go to the trainer.
+# it, then train the tiny PanGu-Σ config on CPU end to end, with metrics and checkpoints in
+# output/demo. Extra arguments go to the trainer (e.g. --steps 300, --resume auto).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/run/setup_env.sh"
@@ -16,4 +17,4 @@ for file in "$raw"/*.jsonl; do
   domains+=(--domain "$(basename "$file" .jsonl)=$file")
 done
 "$cli" prepare-data "${domains[@]}" --out "$prepared" --seq-length 128 --vocab-size 4096
-exec "$cli" train --config "$config" --data "$prepared" "$@"
+exec "$cli" train --config "$config" --data "$prepared" --out "$repo/output/demo" "$@"

@@ -15,7 +15,6 @@ import pytest
 import yaml
 from mindspore import Parameter, Tensor, nn
 
-from mindformers_sigma.config import TrainConfig
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
 from mindformers_sigma.training.trainer import build_train_step
