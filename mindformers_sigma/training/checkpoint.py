@@ -14,19 +14,17 @@ weights do not match the recorded sha256 (truncated, corrupt), is skipped on res
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import mindspore as ms
 
-from mindformers_sigma.data.atomic import write_bytes_atomic
+from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
@@ -62,17 +60,8 @@ def save_checkpoint(directory: str, step: int, parameters: Dict[str, ms.Paramete
     os.makedirs(directory, exist_ok=True)
     stem = f"step_{step:08d}"
     weights = os.path.join(directory, stem + SUFFIX[fmt])
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.tmp-", suffix=SUFFIX[fmt])
-    os.close(fd)
-    try:
+    with atomic_file(weights) as tmp:
         ms.save_checkpoint([{"name": name, "data": param} for name, param in parameters.items()], tmp, format=fmt)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, weights)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=_sha256(weights))
     write_bytes_atomic(os.path.join(directory, stem + ".json"), json.dumps(record, indent=1).encode() + b"\n")
     _fsync_dir(directory)

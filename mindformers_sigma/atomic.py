@@ -9,20 +9,30 @@ import tempfile
 from typing import Iterator
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old file or the new one, never half."""
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` (same suffix) for a writer to fill; on success it
+    is fsynced and renamed over ``path``, on any error it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+    name = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old file or the new one, never half."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""HCCL rank tables: generate (per server), merge, validate, and plan whole clusters."""

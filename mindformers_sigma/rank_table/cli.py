@@ -1,0 +1,120 @@
+"""Command lines of the rank-table tools, shared by `hccl_tools/*.py` and `pangu-sigma rank-table`.
+
+Bad input gets one line on stderr and exit code 2; validate exits 1 when it finds problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, Optional, Sequence
+
+from mindformers_sigma.rank_table.generate import merge_tables, plan_table, single_server_table
+from mindformers_sigma.rank_table.schema import VERSIONS, RankTableError, read_table_file, write_table
+from mindformers_sigma.rank_table.validate import validate_table
+
+DEFAULT_HCCN_CONF = "/etc/hccn.conf"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device_num", default="[0,8)", help='half-open range of device ids, e.g. "[0,8)"')
+    parser.add_argument("--visible_devices", default="0,1,2,3,4,5,6,7", help='e.g. "0,1,2,3,4,5,6,7"')
+    parser.add_argument("--server_ip", help="this server's cluster IP (guessed with a warning if omitted)")
+    parser.add_argument("--hccn_conf", help=f"device IPs as address_N=IP lines (default {DEFAULT_HCCN_CONF}; "
+                                             f"hccn_tool is asked when that file is absent)")
+    parser.add_argument("--output", default=".", help="folder for hccl_{n}p_{ids}_{ip}.json (default: here)")
+    parser.add_argument("--version", choices=VERSIONS, default="1.0", help="1.2 for Atlas A3 SuperPoD")
+    parser.add_argument("--super_device_ids", help="version 1.2: one super_device_id per device, comma-separated")
+    parser.add_argument("--super_pod_id", default="0", help="version 1.2: this server's super pod")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    table, name = single_server_table(args.device_num, args.visible_devices, args.server_ip,
+                                      args.hccn_conf or DEFAULT_HCCN_CONF, args.hccn_conf is not None,
+                                      args.version, args.super_device_ids, args.super_pod_id)
+    print(f"wrote {write_table(table, args.output, name)}")
+    return 0
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", help="per-server rank tables")
+    parser.add_argument("--keep-order", action="store_true",
+                        help="number ranks in the order the files are given (default: by server IP)")
+    parser.add_argument("--output", default=".", help="folder for hccl_{servers}s_{ranks}p.json (default: here)")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    table, name = merge_tables(args.files, args.keep_order)
+    print(f"wrote {write_table(table, args.output, name)}")
+    return 0
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rank_table", help="rank table JSON file")
+    parser.add_argument("--expect-devices", type=int, help="the number of devices the table must list")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    problems = validate_table(read_table_file(args.rank_table), args.expect_devices)
+    for problem in problems:
+        print(f"{args.rank_table}: {problem}")
+    if problems:
+        return 1
+    print(f"{args.rank_table}: valid")
+    return 0
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--server-ips", help="comma-separated server IPs, in rank order")
+    source.add_argument("--server-ips-file", help="file with one server IP per line")
+    parser.add_argument("--devices-per-server", type=int, default=8)
+    parser.add_argument("--device-ip-scheme", default="192.168.{device}.{server1}",
+                        help="device IP template with {server} (0-based), {server1} (1-based), {device}")
+    parser.add_argument("--version", choices=VERSIONS, default="1.0")
+    parser.add_argument("--output", default=".", help="folder for hccl_{servers}s_{ranks}p.json (default: here)")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    if args.server_ips_file:
+        try:
+            with open(args.server_ips_file, encoding="utf-8") as handle:
+                ips = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+        except (OSError, UnicodeDecodeError) as err:
+            raise RankTableError(f"{args.server_ips_file}: cannot read server IPs ({err})") from None
+    else:
+        ips = [ip.strip() for ip in args.server_ips.split(",") if ip.strip()]
+    table, name = plan_table(ips, args.devices_per_server, args.device_ip_scheme, args.version)
+    print(f"wrote {write_table(table, args.output, name)}")
+    return 0
+
+
+TOOLS: Dict[str, tuple] = {
+    "generate": (add_generate_arguments, run_generate, "one server's rank table (hccl_tools.py)"),
+    "merge": (add_merge_arguments, run_merge, "merge per-server tables (merge_hccl.py)"),
+    "validate": (add_validate_arguments, run_validate, "check a rank table, one line per problem"),
+    "plan": (add_plan_arguments, run_plan, "a whole-cluster table for planning, e.g. 64 x 8 = 512 ranks"),
+}
+
+
+def run_tool(args: argparse.Namespace, handler: Callable[[argparse.Namespace], int], prog: str) -> int:
+    try:
+        return handler(args)
+    except RankTableError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def main_for(tool: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Entry point of one tool as a stand-alone script (hccl_tools/*.py)."""
+    add_arguments, handler, description = TOOLS[tool]
+    prog = prog or os.path.basename(sys.argv[0])
+    parser = _Parser(prog=prog, description=description)
+    add_arguments(parser)
+    return run_tool(parser.parse_args(argv), handler, prog)
