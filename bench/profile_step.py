@@ -21,7 +21,7 @@ from mindformers_sigma.config import apply_overrides, load_config
 from mindformers_sigma.context import configure_context
 from mindformers_sigma.data.synthetic import SyntheticSource
 from mindformers_sigma.training.metrics import flops_per_token, measure_matmul_peak
-from mindformers_sigma.training.trainer import build_train_step
+from mindformers_sigma.training.trainer import build_train_step, capacity_planner
 
 
 class _GradOf(nn.Cell):
@@ -70,6 +70,9 @@ def main() -> int:
     tokens, domains = SyntheticSource(m.vocab_size, m.seq_length, config.moe.num_domains, m.eod_token_id, 0).read(
         0, config.train.batch_size)
     tokens_t, domains_t = Tensor(tokens), Tensor(domains)
+    planner = capacity_planner(config, step)
+    hint = Tensor(planner.capacity_hint(tokens[:, :-1], domains)) if planner else None
+    step_inputs = (tokens_t, domains_t) + ((hint,) if planner else ())
     input_ids = Tensor(tokens[:, :-1])
     position_ids, bias = backbone.eod_reset(input_ids)
     hidden = backbone.embedding(input_ids, position_ids)
@@ -83,9 +86,9 @@ def main() -> int:
 
         def construct(self, x):
             if self.query:
-                out = self.layer(x, bias, input_ids, domains_t, query_hidden)
+                out = self.layer(x, bias, input_ids, domains_t, query_hidden, hint)
             else:
-                out = self.layer(x, bias, input_ids, domains_t)
+                out = self.layer(x, bias, input_ids, domains_t, None, hint)
             return out[0].sum()
 
     class Head(nn.Cell):
@@ -118,13 +121,14 @@ def main() -> int:
     grads = tuple(Tensor(np.zeros(p.shape, np.float32)) for p in step.apply_gradients.optimizer.parameters)
     parts["optimizer_update"] = (step.apply_gradients, (grads, Tensor(1.0, ms.float32)), 1)
 
-    record = {"benchmark": "profile_step", "config": args.config, "overrides": args.set, "parts": {}}
+    record = {"benchmark": "profile_step", "config": args.config, "overrides": args.set, "parts": {},
+              "expert_capacity": int(hint.shape[0]) if planner else None}
     total_parts = 0.0
     for name, (cell, inputs, count) in parts.items():
         seconds = _time(cell, inputs, args.repeats)
         record["parts"][name] = {"seconds_each": seconds, "count": count, "seconds_total": seconds * count}
         total_parts += seconds * count
-    whole = _time(step, (tokens_t, domains_t), args.repeats)
+    whole = _time(step, step_inputs, args.repeats)
     peak = measure_matmul_peak()
     tokens_per_second = config.train.batch_size * m.seq_length / whole
     record.update(step_seconds=whole, sum_of_parts_seconds=total_parts, tokens_per_second=tokens_per_second,

@@ -156,3 +156,32 @@ def test_auxiliary_loss_is_higher_for_skewed_routing():
     assert math.isclose(low, 1.0, rel_tol=1e-6)  # E * sum(1/E * 1/E) for perfect balance
     assert math.isclose(high, num_experts * skewed[0, 0], rel_tol=1e-5)
     assert high > 5 * low
+
+
+def test_host_planned_capacity_is_exact_and_smaller(pynative):
+    from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner, routing_tables_of
+
+    config, layer, tables = _layer(pynative)
+    hidden, tokens, domains = _inputs(config, seed=3)
+    planner = ExpertCapacityPlanner(routing_tables_of(layer), config.moe.num_experts)
+    assert [t.tolist() for t in planner.tables] == [tables[0].tolist()]
+    loads = np.bincount(tables[0][np.repeat(domains, SEQ), tokens.reshape(-1)], minlength=config.moe.num_experts)
+    assert planner.busiest_expert_load(tokens, domains) == loads.max()
+    hint = planner.capacity_hint(tokens, domains)
+    assert loads.max() <= hint.shape[0] < BATCH * SEQ  # enough for the busiest expert, smaller than "every token"
+    exact, _, dropped_none = layer(Tensor(hidden), Tensor(tokens), Tensor(domains))
+    planned, _, dropped = layer(Tensor(hidden), Tensor(tokens), Tensor(domains), Tensor(hint))
+    np.testing.assert_allclose(planned.asnumpy(), exact.asnumpy(), atol=1e-6)
+    assert int(dropped.asnumpy()) == int(dropped_none.asnumpy()) == 0
+    short = np.zeros(int(loads.max()) - 1, np.int32)
+    _, _, dropped_short = layer(Tensor(hidden), Tensor(tokens), Tensor(domains), Tensor(short))
+    assert int(dropped_short.asnumpy()) == int((loads == loads.max()).sum())  # one token lost per busiest expert
+
+
+def test_capacity_ladder():
+    from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner
+
+    planner = ExpertCapacityPlanner([], 16)
+    assert [planner.ladder_size(load, 2048) for load in (1, 128, 129, 256, 300, 1500, 2048)] == \
+        [128, 128, 256, 256, 512, 2048, 2048]
+    assert planner.capacity_hint(np.zeros((2, 4), np.int32), np.zeros(2, np.int32)) is None

@@ -42,7 +42,7 @@ class DecoderLayer(nn.Cell):
             update = self.dropout(update)
         return hidden + update.astype(hidden.dtype)
 
-    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None):
+    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, capacity_hint=None):
         normed = self.attention_norm(hidden)
         if query_hidden is None:
             attended = self.attention(normed, attention_bias)
@@ -51,7 +51,7 @@ class DecoderLayer(nn.Cell):
         hidden = self._residual(hidden, attended)
         normed = self.ffn_norm(hidden)
         if self.sparse:
-            update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids)
+            update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids, capacity_hint)
         else:
             update = self.ffn(normed)
             aux_loss = ops.zeros((), ms.float32)

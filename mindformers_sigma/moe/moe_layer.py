@@ -28,12 +28,15 @@ class MoELayer(nn.Cell):
             moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std, dtype_of(model.compute_dtype)
         )
 
-    def construct(self, hidden, token_ids, domain_ids):
-        """hidden [B, S, H], token_ids [B, S], domain_ids [B] -> ([B, S, H], aux_loss, dropped)."""
+    def construct(self, hidden, token_ids, domain_ids, capacity_hint=None):
+        """hidden [B, S, H], token_ids [B, S], domain_ids [B] -> ([B, S, H], aux_loss, dropped).
+
+        ``capacity_hint``: optional tensor whose length is the expert buffer size (see the dispatcher).
+        """
         batch, seq, width = hidden.shape
         flat = hidden.reshape((batch * seq, width))
         token_domains = ops.broadcast_to(domain_ids.reshape((batch, 1)), (batch, seq)).reshape((-1,))
         expert_index, gates, aux_loss = self.router(flat, token_ids.reshape((-1,)), token_domains)
-        buffers, slots, dropped = self.dispatcher.dispatch(flat, expert_index)
+        buffers, slots, dropped = self.dispatcher.dispatch(flat, expert_index, capacity_hint)
         output = self.dispatcher.combine(self.experts(buffers), slots, gates)
         return output.reshape((batch, seq, width)), aux_loss, dropped

@@ -9,7 +9,11 @@ come back with ``gather``.  Shapes are static, so every expert has a buffer of
   token can ever be dropped (exact, at the price of memory and padded compute);
 * otherwise ``capacity = ceil(capacity_factor * assignments / num_experts)``; assignments
   past an expert's capacity are dropped (their output is zero, so the residual carries the
-  token), and the number dropped is returned so that training reports it.
+  token), and the number dropped is returned so that training reports it;
+* or the caller passes ``capacity_hint``, a tensor whose *length* is the capacity: for RRE the
+  trainer knows every expert's load before the step (``moe/capacity_planner.py``), so the
+  buffers can be just big enough and nothing is dropped.  Each distinct length compiles
+  its own graph, which is why the planner rounds lengths up to a few sizes.
 
 Priority is first choices before second choices, then token order, as in GShard.
 """
@@ -39,11 +43,14 @@ class TokenDispatcher(nn.Cell):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
 
-    def dispatch(self, hidden, expert_index):
+    def dispatch(self, hidden, expert_index, capacity_hint=None):
         """hidden [N, H], expert_index [N, k] -> (buffers [E, C, H], slots [N, k], dropped count)."""
         num_tokens, hidden_size = hidden.shape
         num_assignments = num_tokens * self.top_k
-        capacity = expert_capacity(num_assignments, self.num_experts, self.capacity_factor)
+        if capacity_hint is None:
+            capacity = expert_capacity(num_assignments, self.num_experts, self.capacity_factor)
+        else:
+            capacity = capacity_hint.shape[0]
         trash_slot = self.num_experts * capacity
         # Choice-major order: all first choices, then all second choices (GShard priority).
         experts = expert_index.transpose(1, 0).reshape((-1,)).astype(ms.int32)

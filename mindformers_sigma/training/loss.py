@@ -24,8 +24,8 @@ class TrainingLoss(nn.Cell):
         self.data_parallel = data_parallel
         self.all_reduce = ops.AllReduce() if data_parallel > 1 else None
 
-    def construct(self, tokens, domain_ids, loss_scale):
-        nll, counted, aux_loss, dropped = self.network(tokens, domain_ids)
+    def construct(self, tokens, domain_ids, loss_scale, capacity_hint=None):
+        nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, capacity_hint)
         aux_share = aux_loss / self.data_parallel
         if self.all_reduce is not None:
             nll_all = self.all_reduce(nll)

@@ -56,8 +56,8 @@ class ForwardBackward(nn.Cell):
         self.value_and_grad = ops.value_and_grad(loss_cell, None, weights, has_aux=True)
         self.grad_reducer = nn.DistributedGradReducer(weights, mean=False) if data_parallel > 1 else None
 
-    def construct(self, tokens, domain_ids, loss_scale):
-        outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale)
+    def construct(self, tokens, domain_ids, loss_scale, capacity_hint=None):
+        outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale, capacity_hint)
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
         return outputs[1:], grads
@@ -92,8 +92,8 @@ class TrainOneStepCell(nn.Cell):
         self.apply_gradients = apply_gradients
         self.one = Tensor(1.0, ms.float32)
 
-    def construct(self, tokens, domain_ids):
+    def construct(self, tokens, domain_ids, capacity_hint=None):
         scale = self.apply_gradients.loss_scale.scale * 1.0
-        stats, grads = self.forward_backward(tokens, domain_ids, scale)
+        stats, grads = self.forward_backward(tokens, domain_ids, scale, capacity_hint)
         finite = self.apply_gradients(grads, self.one)
         return stats + (finite, scale)

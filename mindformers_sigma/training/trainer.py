@@ -22,6 +22,7 @@ from mindformers_sigma.data.dataset import MixedCorpusSource, PreparedCorpus, Sa
 from mindformers_sigma.data.prepare import DataError
 from mindformers_sigma.data.synthetic import SyntheticSource
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
+from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner, routing_tables_of
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.loss import TrainingLoss
 from mindformers_sigma.training.lr_schedule import learning_rate_at
@@ -95,12 +96,28 @@ def checkpointed_parameters(step_cell: TrainOneStepCell) -> dict:
     return {name: param for name, param in step_cell.parameters_dict().items() if name not in NOT_CHECKPOINTED}
 
 
-def _accumulated_step(step_cell: TrainOneStepCell, micro_batches: List[Tuple[np.ndarray, np.ndarray]]):
+def capacity_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Optional[ExpertCapacityPlanner]:
+    """Exact, host-sized expert buffers for RRE unless the config caps capacity itself."""
+    if config.moe.router != "rre" or config.moe.capacity_factor is not None or config.model.sparse_layers == 0:
+        return None
+    return ExpertCapacityPlanner(routing_tables_of(step_cell), config.moe.num_experts)
+
+
+def _step_inputs(planner: Optional[ExpertCapacityPlanner], tokens: np.ndarray, domain_ids: np.ndarray) -> tuple:
+    inputs = (Tensor(tokens), Tensor(domain_ids))
+    if planner is None:
+        return inputs
+    return inputs + (Tensor(planner.capacity_hint(tokens[:, :-1], domain_ids)),)
+
+
+def _accumulated_step(step_cell: TrainOneStepCell, micro_batches: List[Tuple[np.ndarray, np.ndarray]],
+                      planner: Optional[ExpertCapacityPlanner] = None):
     """Several forward/backward passes, gradients summed, then one update of their mean."""
     scale = step_cell.apply_gradients.loss_scale.scale * 1.0
     total_grads, totals = None, None
     for tokens, domain_ids in micro_batches:
-        stats, grads = step_cell.forward_backward(Tensor(tokens), Tensor(domain_ids), scale)
+        inputs = _step_inputs(planner, tokens, domain_ids)
+        stats, grads = step_cell.forward_backward(*inputs[:2], scale, *inputs[2:])
         total_grads = grads if total_grads is None else tuple(a + b for a, b in zip(total_grads, grads))
         totals = stats if totals is None else tuple(a + b for a, b in zip(totals, stats))
     finite = step_cell.apply_gradients(total_grads, Tensor(float(len(micro_batches)), ms.float32))
@@ -134,6 +151,7 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     say = log if parallel.is_main else (lambda line: None)
     source, domain_names, frequency = open_training_data(config)
     step_cell = build_train_step(config, frequency, parallel.group_size)
+    planner = capacity_planner(config, step_cell)
 
     checkpoint_dir = os.path.join(out_dir, "checkpoints") if out_dir else ""
     info = _resolve_resume(resume, checkpoint_dir, say)
@@ -170,9 +188,9 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
             micro_batches.append((tokens, domain_ids))
         started = time.perf_counter()
         if train_cfg.grad_accumulation_steps == 1:
-            outputs = step_cell(Tensor(micro_batches[0][0]), Tensor(micro_batches[0][1]))
+            outputs = step_cell(*_step_inputs(planner, *micro_batches[0]))
         else:
-            outputs = _accumulated_step(step_cell, micro_batches)
+            outputs = _accumulated_step(step_cell, micro_batches, planner)
         loss, nll, counted, _, dropped, finite, scale = (o.asnumpy() for o in outputs)
         step_seconds.append(time.perf_counter() - started)
         losses.append(float(loss))

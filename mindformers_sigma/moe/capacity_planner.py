@@ -1,0 +1,56 @@
+"""Exact expert buffers for RRE: every expert's load is known on the host before the step.
+
+RRE routing is a pure function of (domain id, token id), so from a batch's tokens and the
+routing tables the busiest expert of every sparse layer can be counted before the forward
+pass.  Buffers of exactly that size drop nothing and waste little, unlike
+``capacity_factor: null`` buffers that hold every token for every expert.  Sizes are rounded
+up on a doubling ladder, a pure function of the batch (so resumed runs pick the same sizes),
+so that only two or three graph shapes (compilations) ever occur.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import numpy as np
+from mindspore import nn
+
+from mindformers_sigma.moe.router import RandomRoutedRouter
+
+GROWTH = 2.0
+ALIGN = 8
+
+
+def routing_tables_of(network: nn.Cell) -> List[np.ndarray]:
+    """The RRE tables of a built model, in layer order (empty for learned routers)."""
+    return [cell.routing_table.asnumpy() for _, cell in network.cells_and_names()
+            if isinstance(cell, RandomRoutedRouter)]
+
+
+class ExpertCapacityPlanner:
+    """Smallest ladder size that holds the busiest expert of every sparse layer for a batch."""
+
+    def __init__(self, routing_tables: List[np.ndarray], num_experts: int):
+        self.tables = routing_tables
+        self.num_experts = num_experts
+
+    def busiest_expert_load(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> int:
+        token_domains = np.repeat(domain_ids, input_ids.shape[1])
+        flat = input_ids.reshape(-1)
+        return max(int(np.bincount(table[token_domains, flat], minlength=self.num_experts).max())
+                   for table in self.tables)
+
+    def ladder_size(self, load: int, num_tokens: int) -> int:
+        """First size >= load on ceil(N/E) * 2^k (multiples of 8), never above N."""
+        size = math.ceil(num_tokens / self.num_experts)
+        while size < load:
+            size = math.ceil(size * GROWTH / ALIGN) * ALIGN
+        return min(size, num_tokens)
+
+    def capacity_hint(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> Optional[np.ndarray]:
+        """A zero vector whose length is the capacity for this batch (None without RRE layers)."""
+        if not self.tables:
+            return None
+        size = self.ladder_size(self.busiest_expert_load(input_ids, domain_ids), input_ids.size)
+        return np.zeros(size, dtype=np.int32)
