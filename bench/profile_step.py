@@ -38,19 +38,22 @@ class _GradOf(nn.Cell):
         return self.grad(self.forward, self.weights)(*inputs)
 
 
+def _wait(out) -> None:
+    """Block until every tensor in a (nested) output is computed."""
+    for leaf in out if isinstance(out, tuple) else (out,):
+        if isinstance(leaf, tuple):
+            _wait(leaf)
+        elif hasattr(leaf, "asnumpy"):
+            leaf.asnumpy()
+
+
 def _time(cell, inputs, repeats):
-    out = cell(*inputs)
-    ms.Tensor(0).asnumpy()
-    _ = [o.asnumpy() for o in (out if isinstance(out, tuple) else (out,)) if hasattr(o, "asnumpy")]
+    """Seconds per call after one warm-up (compiling) call."""
+    _wait(cell(*inputs))
     start = time.perf_counter()
     for _ in range(repeats):
         out = cell(*inputs)
-    leaves = out if isinstance(out, tuple) else (out,)
-    for leaf in leaves:
-        if isinstance(leaf, tuple):
-            leaf[0].asnumpy()
-        elif hasattr(leaf, "asnumpy"):
-            leaf.asnumpy()
+    _wait(out)
     return (time.perf_counter() - start) / repeats
 
 

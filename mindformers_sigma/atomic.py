@@ -9,6 +9,13 @@ import tempfile
 from typing import Iterator
 
 
+def _permissions(base: int) -> int:
+    """``base`` filtered by the process umask, as open()/mkdir() would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same suffix) for a writer to fill; on success it
@@ -17,6 +24,7 @@ def atomic_file(path: str) -> Iterator[str]:
     name = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1])
     os.close(fd)
+    os.chmod(tmp, _permissions(0o666))  # mkstemp makes 0600; the result should look like any new file
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -41,9 +49,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any new folder
+    os.chmod(tmp, _permissions(0o777))  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
         old = None

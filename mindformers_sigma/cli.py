@@ -64,7 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, steps=args.steps, out_dir=args.out, resume=args.resume)
     print(f"done: steps {summary.resumed_from or 0} -> {summary.steps}, loss {summary.first_loss:.4f} -> "
           f"{summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, MFU {summary.mfu:.3f} "
-          f"(peak {summary.peak_flops / 1e9:.1f} GFLOP/s), first step {summary.compile_seconds:.1f}s (compile), "
+          f"(peak {summary.peak_flops / 1e9:.1f} GFLOP/s), {summary.compiled_graphs} graph(s) compiled in "
+          f"{summary.compile_seconds:.1f}s (excluded from tokens/s), "
           f"{summary.skipped_steps} overflow-skipped steps, {summary.dropped_assignments} dropped expert assignments"
           + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
     return 0

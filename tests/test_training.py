@@ -102,7 +102,8 @@ def test_gradient_accumulation_equals_one_big_batch(pynative):
     ms.set_seed(0)
     split = build_train_step(config, None, 1)
     whole_loss = float(whole(Tensor(tokens), Tensor(domains))[0].asnumpy())
-    split_loss = float(_accumulated_step(split, [(tokens[:2], domains[:2]), (tokens[2:], domains[2:])])[0].asnumpy())
+    micro = [(Tensor(tokens[:2]), Tensor(domains[:2])), (Tensor(tokens[2:]), Tensor(domains[2:]))]
+    split_loss = float(_accumulated_step(split, micro)[0].asnumpy())
     assert split_loss == pytest.approx(whole_loss, abs=1e-6)
     for a, b in zip(whole.apply_gradients.optimizer.parameters, split.apply_gradients.optimizer.parameters):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-6)

@@ -41,6 +41,7 @@ class TrainSummary:
     mfu: float
     peak_flops: float
     compile_seconds: float
+    compiled_graphs: int
     dropped_assignments: int
     skipped_steps: int
     resumed_from: Optional[int]
@@ -110,18 +111,16 @@ def _step_inputs(planner: Optional[ExpertCapacityPlanner], tokens: np.ndarray, d
     return inputs + (Tensor(planner.capacity_hint(tokens[:, :-1], domain_ids)),)
 
 
-def _accumulated_step(step_cell: TrainOneStepCell, micro_batches: List[Tuple[np.ndarray, np.ndarray]],
-                      planner: Optional[ExpertCapacityPlanner] = None):
+def _accumulated_step(step_cell: TrainOneStepCell, micro_inputs: List[tuple]):
     """Several forward/backward passes, gradients summed, then one update of their mean."""
     scale = step_cell.apply_gradients.loss_scale.scale * 1.0
     total_grads, totals = None, None
-    for tokens, domain_ids in micro_batches:
-        inputs = _step_inputs(planner, tokens, domain_ids)
+    for inputs in micro_inputs:
         stats, grads = step_cell.forward_backward(*inputs[:2], scale, *inputs[2:])
         total_grads = grads if total_grads is None else tuple(a + b for a, b in zip(total_grads, grads))
         totals = stats if totals is None else tuple(a + b for a, b in zip(totals, stats))
-    finite = step_cell.apply_gradients(total_grads, Tensor(float(len(micro_batches)), ms.float32))
-    count = len(micro_batches)
+    count = len(micro_inputs)
+    finite = step_cell.apply_gradients(total_grads, Tensor(float(count), ms.float32))
     loss, nll, tokens, aux, dropped = totals
     return (loss / count, nll, tokens, aux / count, dropped, finite, scale)
 
@@ -158,7 +157,11 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     start_step, position = 0, 0
     if info is not None:
         stored = {name: p for name, p in ckpt.load_parameters(info).items() if name not in NOT_CHECKPOINTED}
-        missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)
+        try:
+            missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise DataError(f"--resume {info.weights_path}: does not fit this model "
+                            f"({str(err).splitlines()[0][:200]}); was it written with another config?") from None
         missing = [name for name in missing if name in checkpointed_parameters(step_cell)]
         if missing:
             raise DataError(f"--resume {info.weights_path}: lacks {len(missing)} parameters of this model "
@@ -179,24 +182,29 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
         f"{model.seq_length} tokens on {parallel.group_size} worker(s); {flops_token / 1e6:.1f} MFLOP/token, "
         f"peak {peak / 1e9:.1f} GFLOP/s per worker")
 
-    losses, step_seconds = [], []
+    # Steps that meet a new input shape (the first, or a new expert capacity) compile a graph;
+    # their time is reported as compile time, not as throughput.
+    losses, run_seconds, compile_seconds, compiled_shapes = [], [], [], set()
     dropped_total, skipped, saved = 0, 0, None
     for step in range(start_step, train_cfg.steps):
-        micro_batches = []
+        micro_inputs = []
         for _ in range(train_cfg.grad_accumulation_steps):
             tokens, domain_ids, position = next(stream)
-            micro_batches.append((tokens, domain_ids))
+            micro_inputs.append(_step_inputs(planner, tokens, domain_ids))
+        shapes = tuple(tuple(t.shape) for inputs in micro_inputs for t in inputs)
+        compiling = shapes not in compiled_shapes
+        compiled_shapes.add(shapes)
         started = time.perf_counter()
         if train_cfg.grad_accumulation_steps == 1:
-            outputs = step_cell(*_step_inputs(planner, *micro_batches[0]))
+            outputs = step_cell(*micro_inputs[0])
         else:
-            outputs = _accumulated_step(step_cell, micro_batches, planner)
+            outputs = _accumulated_step(step_cell, micro_inputs)
         loss, nll, counted, _, dropped, finite, scale = (o.asnumpy() for o in outputs)
-        step_seconds.append(time.perf_counter() - started)
+        (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
         losses.append(float(loss))
         dropped_total += int(dropped)
         skipped += int(not finite)
-        timed = step_seconds[1:][-train_cfg.log_interval:] or step_seconds
+        timed = run_seconds[-train_cfg.log_interval:] or compile_seconds[-1:]
         tokens_per_second = tokens_per_step / float(np.mean(timed))
         record = {
             "step": step + 1, "loss": float(loss), "domain_loss": domain_losses(nll, counted, domain_names),
@@ -219,13 +227,14 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     if not losses:
         raise DataError(f"nothing to train: the checkpoint is already at step {start_step} of {train_cfg.steps}; "
                         f"raise --steps")
-    timed = step_seconds[1:] or step_seconds
+    timed = run_seconds or compile_seconds
     tail = max(1, min(10, len(losses) // 5))
     tokens_per_second = tokens_per_step * len(timed) / float(np.sum(timed))
     summary = TrainSummary(
         steps=train_cfg.steps, first_loss=losses[0], final_loss=float(np.mean(losses[-tail:])),
         tokens_per_second=tokens_per_second, mfu=tokens_per_second * flops_token / (peak * parallel.group_size),
-        peak_flops=peak, compile_seconds=step_seconds[0], dropped_assignments=dropped_total,
+        peak_flops=peak, compile_seconds=float(np.sum(compile_seconds)), compiled_graphs=len(compiled_shapes),
+        dropped_assignments=dropped_total,
         skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved)
     if out_dir and parallel.is_main and plot_losses(os.path.join(out_dir, "metrics.jsonl"),
                                                     os.path.join(out_dir, "loss.png")):
