@@ -67,7 +67,10 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
-def format_eta(seconds: float) -> str:
+def format_eta(seconds: Optional[float]) -> str:
+    """h:mm:ss, or '?' before any step has run on an already compiled graph."""
+    if seconds is None:
+        return "?"
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

@@ -211,7 +211,9 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
             "lr": learning_rate_at(step, train_cfg), "loss_scale": float(scale), "finite": bool(finite),
             "dropped": int(dropped), "tokens_per_second": tokens_per_second,
             "mfu": tokens_per_second * flops_token / (peak * parallel.group_size),
-            "eta_seconds": float(np.mean(timed)) * (train_cfg.steps - step - 1), "data_position": position,
+            "eta_seconds": (float(np.mean(run_seconds[-train_cfg.log_interval:])) * (train_cfg.steps - step - 1)
+                            if run_seconds else None),
+            "data_position": position,
         }
         metrics.write(record)
         if step == start_step or (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.steps:
