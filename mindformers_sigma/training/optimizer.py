@@ -20,16 +20,11 @@ from mindformers_sigma.training.lr_schedule import learning_rates
 _adam_update = ops.MultitypeFuncGraph("adam_update")
 
 
-@_adam_update.register("Number", "Number", "Tensor", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
-def _update(beta1, beta2, lr, eps, weight_decay, param, moment1, moment2, grad):
-    grad = grad.astype(ms.float32)
-    next_m = beta1 * moment1 + (1.0 - beta1) * grad
-    next_v = beta2 * moment2 + (1.0 - beta2) * ops.square(grad)
-    update = next_m / (ops.sqrt(next_v) + eps) + weight_decay * param
-    ops.assign(moment1, next_m)
-    ops.assign(moment2, next_v)
-    ops.assign(param, param - lr * update)
-    return True
+@_adam_update.register("Function", "Number", "Number", "Tensor", "Number", "Number", "Tensor", "Tensor", "Tensor",
+                       "Tensor")
+def _update(fused_adam, beta1, beta2, lr, eps, weight_decay, param, moment1, moment2, grad):
+    """One fused kernel per parameter (MindSpore's AdamWeightDecay primitive): moments and weight in place."""
+    return fused_adam(param, moment1, moment2, lr, beta1, beta2, eps, weight_decay, grad.astype(param.dtype))
 
 
 def takes_weight_decay(parameter_name: str) -> bool:
@@ -55,12 +50,13 @@ class HybridAdamWeightDecay(nn.Optimizer):
         self.param_eps = tuple(expert_eps if is_expert_parameter(p.name) else eps for p in self._parameters)
         self.param_decay = tuple(weight_decay if takes_weight_decay(p.name) else 0.0 for p in self._parameters)
         self.hyper_map = ops.HyperMap()
+        self.fused_adam = ops.AdamWeightDecay()
         self.assignadd = ops.AssignAdd()
 
     def construct(self, grads):
         lr = self.get_lr()
         self.assignadd(self.global_step, self.global_step_increase_tensor)
-        return self.hyper_map(ops.partial(_adam_update, self.beta1, self.beta2, lr), self.param_eps,
+        return self.hyper_map(ops.partial(_adam_update, self.fused_adam, self.beta1, self.beta2, lr), self.param_eps,
                               self.param_decay, self._parameters, self.moments1, self.moments2, grads)
 
 
