@@ -14,11 +14,12 @@ from mindformers_sigma.training.trainer import build_train_step
 from conftest import micro_config
 
 
-def _two_steps(mode, router):
+def _two_steps(mode, router, recompute=False):
     ms.set_context(mode=mode)
     ms.set_device("CPU")
     ms.set_seed(0)
-    config = micro_config(moe={"router": router}, train={"learning_rate": 1.0e-2, "warmup_steps": 0, "steps": 2})
+    config = micro_config(moe={"router": router}, train={"learning_rate": 1.0e-2, "warmup_steps": 0, "steps": 2},
+                          parallel={"recompute": recompute})
     step = build_train_step(config, None, data_parallel=1)
     rng = np.random.default_rng(0)
     tokens = Tensor(rng.integers(0, config.model.vocab_size, (4, config.model.seq_length + 1)).astype(np.int32))
@@ -35,6 +36,11 @@ def test_step_lowers_loss_and_modes_agree(router):
     assert graph[1] < graph[0]
     assert pynative[1] < pynative[0]
     np.testing.assert_allclose(graph, pynative, atol=1e-5)
+
+
+def test_recompute_changes_memory_not_numbers():
+    np.testing.assert_allclose(_two_steps(ms.GRAPH_MODE, "rre", recompute=True), _two_steps(ms.GRAPH_MODE, "rre"),
+                               atol=1e-6)
 
 
 def test_no_weight_decay_on_layernorm_bias_or_table():

@@ -81,6 +81,9 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_
     if config.moe.table_balance == "uniform":
         frequency = None
     network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency))
+    if config.parallel.recompute:  # keep only layer inputs; recompute activations in the backward pass
+        for layer in (*network.backbone.layers, network.backbone.top_query_layer):
+            layer.recompute()
     aux_coef = config.moe.aux_loss_coef if config.moe.router != "rre" else 0.0
     loss_cell = TrainingLoss(network, aux_coef, data_parallel)
     optimizer = build_optimizer(network, config.train)
