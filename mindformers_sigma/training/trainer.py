@@ -154,6 +154,7 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     source, domain_names, frequency = open_training_data(config)
     step_cell = build_train_step(config, frequency, parallel.group_size)
     planner = capacity_planner(config, step_cell)
+    optimizer_step = step_cell.apply_gradients.optimizer.global_step  # skipped (overflow) steps do not advance it
 
     checkpoint_dir = os.path.join(out_dir, "checkpoints") if out_dir else ""
     info = _resolve_resume(resume, checkpoint_dir, say)
@@ -211,7 +212,8 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
         tokens_per_second = tokens_per_step / float(np.mean(timed))
         record = {
             "step": step + 1, "loss": float(loss), "domain_loss": domain_losses(nll, counted, domain_names),
-            "lr": learning_rate_at(step, train_cfg), "loss_scale": float(scale), "finite": bool(finite),
+            "lr": learning_rate_at(max(0, int(optimizer_step.asnumpy()) - 1), train_cfg),  # the rate last applied
+            "loss_scale": float(scale), "finite": bool(finite),
             "dropped": int(dropped), "tokens_per_second": tokens_per_second,
             "mfu": tokens_per_second * flops_token / (peak * parallel.group_size),
             "eta_seconds": (float(np.mean(run_seconds[-train_cfg.log_interval:])) * (train_cfg.steps - step - 1)
