@@ -185,3 +185,16 @@ def test_capacity_ladder():
     assert [planner.ladder_size(load, 2048) for load in (1, 128, 129, 256, 300, 1500, 2048)] == \
         [128, 128, 256, 256, 512, 2048, 2048]
     assert planner.capacity_hint(np.zeros((2, 4), np.int32), np.zeros(2, np.int32)) is None
+
+
+def test_data_parallel_ranks_agree_on_capacity(pynative):
+    from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner
+
+    config, _, tables = _layer(pynative)
+    planner = ExpertCapacityPlanner(tables, config.moe.num_experts)
+    _, tokens, _ = _inputs(config, seed=4)
+    tokens = np.concatenate([tokens[:2], np.full((2, SEQ), 7, np.int32)])  # rank 1: one token, one expert
+    domains = np.array([0, 1, 2, 2], np.int32)
+    shared = planner.capacity_hint(tokens, domains, shards=2).shape[0]
+    per_rank = [planner.capacity_hint(tokens[r * 2:(r + 1) * 2], domains[r * 2:(r + 1) * 2]).shape[0] for r in range(2)]
+    assert shared == max(per_rank) and per_rank[0] != per_rank[1]

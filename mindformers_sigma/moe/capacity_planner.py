@@ -48,9 +48,16 @@ class ExpertCapacityPlanner:
             size = math.ceil(size * GROWTH / ALIGN) * ALIGN
         return min(size, num_tokens)
 
-    def capacity_hint(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> Optional[np.ndarray]:
-        """A zero vector whose length is the capacity for this batch (None without RRE layers)."""
+    def capacity_hint(self, input_ids: np.ndarray, domain_ids: np.ndarray, shards: int = 1) -> Optional[np.ndarray]:
+        """A zero vector whose length is the capacity for this batch (None without RRE layers).
+
+        With ``shards > 1`` the arrays hold the global batch of all data-parallel ranks, rank
+        ``r`` owning the ``r``-th contiguous slice: the size fits the busiest expert of any
+        rank, so every rank compiles the same graphs at the same steps instead of waiting for
+        each other's compilations.
+        """
         if not self.tables:
             return None
-        size = self.ladder_size(self.busiest_expert_load(input_ids, domain_ids), input_ids.size)
-        return np.zeros(size, dtype=np.int32)
+        slices = zip(np.split(input_ids, shards), np.split(domain_ids, shards))
+        load = max(self.busiest_expert_load(ids, domains) for ids, domains in slices)
+        return np.zeros(self.ladder_size(load, input_ids.size // shards), dtype=np.int32)

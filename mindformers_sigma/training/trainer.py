@@ -107,11 +107,16 @@ def capacity_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Option
     return ExpertCapacityPlanner(routing_tables_of(step_cell), config.moe.num_experts)
 
 
-def _step_inputs(planner: Optional[ExpertCapacityPlanner], tokens: np.ndarray, domain_ids: np.ndarray) -> tuple:
+def _step_inputs(planner: Optional[ExpertCapacityPlanner], tokens: np.ndarray, domain_ids: np.ndarray,
+                 source, next_position: int, parallel: ParallelInfo) -> tuple:
+    """This rank's tensors, plus the expert-capacity hint agreed by all ranks (read from the global batch)."""
     inputs = (Tensor(tokens), Tensor(domain_ids))
     if planner is None:
         return inputs
-    return inputs + (Tensor(planner.capacity_hint(tokens[:, :-1], domain_ids)),)
+    if parallel.group_size > 1:
+        global_batch = tokens.shape[0] * parallel.group_size
+        tokens, domain_ids = source.read(next_position - global_batch, global_batch)
+    return inputs + (Tensor(planner.capacity_hint(tokens[:, :-1], domain_ids, parallel.group_size)),)
 
 
 def _accumulated_step(step_cell: TrainOneStepCell, micro_inputs: List[tuple]):
@@ -194,7 +199,7 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
         micro_inputs = []
         for _ in range(train_cfg.grad_accumulation_steps):
             tokens, domain_ids, position = next(stream)
-            micro_inputs.append(_step_inputs(planner, tokens, domain_ids))
+            micro_inputs.append(_step_inputs(planner, tokens, domain_ids, source, position, parallel))
         shapes = tuple(tuple(t.shape) for inputs in micro_inputs for t in inputs)
         compiling = shapes not in compiled_shapes
         compiled_shapes.add(shapes)
