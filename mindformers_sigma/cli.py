@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True)
     check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     check.add_argument("--workers", type=_positive_int, help="total workers msrun would start")
-    check.add_argument("--rank-table", help="HCCL rank table; prints 'RANK_ID DEVICE_ID' per local device")
+    check.add_argument("--rank-table", help="HCCL rank table; prints 'RANK_ID DEVICE_ID RANK_SIZE' per local device")
     check.add_argument("--server-id", help="this server's IP in the rank table (needed with several servers)")
     check.set_defaults(handler=_cmd_check_launch)
 

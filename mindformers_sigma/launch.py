@@ -35,7 +35,7 @@ def _rank_table_devices(path: str, expect_devices: int, config_path: str) -> Lis
 
 def check_launch(config_path: str, overrides: Sequence[str] = (), workers: Optional[int] = None,
                  rank_table: Optional[str] = None, server_id: Optional[str] = None) -> List[str]:
-    """Validate a planned launch; returns ``"RANK_ID DEVICE_ID"`` lines for a rank-table launch."""
+    """Validate a planned launch; returns ``"RANK_ID DEVICE_ID RANK_SIZE"`` lines for a rank-table launch."""
     config: SigmaConfig = load_config(config_path)
     config = apply_overrides(config, overrides)
     expected = config.parallel.device_num
@@ -54,4 +54,4 @@ def check_launch(config_path: str, overrides: Sequence[str] = (), workers: Optio
     local = sorted((int(d["rank_id"]), int(d["device_id"])) for d in devices if d["server_id"] == server_id)
     if not local:
         raise DataError(f"{rank_table}: no server {server_id}; servers are {', '.join(servers)}")
-    return [f"{rank} {device}" for rank, device in local]
+    return [f"{rank} {device} {len(devices)}" for rank, device in local]

@@ -113,10 +113,9 @@ case "$mode" in
     local_ranks="$("${check[@]}")"
     count="$(printf '%s\n' "$local_ranks" | grep -c .)"
     [ "$count" -eq "$devices" ] || die "rank table $rank_table lists $count devices for this server, --devices is $devices"
-    rank_size="$("$python" -c 'import json,sys; print(sum(len(s["device"]) for s in json.load(open(sys.argv[1]))["server_list"]))' "$rank_table")"
     [ "$dry_run" -eq 1 ] || mkdir -p "$log_dir"
     pids=()
-    while read -r rank_id device_id; do
+    while read -r rank_id device_id rank_size; do
       cmd=(env RANK_TABLE_FILE="$rank_table" RANK_ID="$rank_id" DEVICE_ID="$device_id" RANK_SIZE="$rank_size"
            HCCL_CONNECT_TIMEOUT="${HCCL_CONNECT_TIMEOUT:-1200}" HCCL_EXEC_TIMEOUT="${HCCL_EXEC_TIMEOUT:-1200}"
            "$python" "$repo/run/train.py" --config "$config" "${train_args[@]}")
