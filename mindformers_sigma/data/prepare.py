@@ -37,7 +37,6 @@ class DomainDocuments:
     """The documents read for one domain, with what was skipped and where they came from."""
 
     name: str
-    spec: str
     documents: List[str] = dataclasses.field(default_factory=list)
     files: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     skipped: Dict[str, int] = dataclasses.field(
@@ -113,7 +112,7 @@ def _add_text(domain: DomainDocuments, text: str, source: str, license_: str) ->
 
 def read_domain(name: str, spec: str) -> DomainDocuments:
     """Read every document of a domain: a .txt file is one document, a .jsonl line's ``text`` is one."""
-    domain = DomainDocuments(name, spec)
+    domain = DomainDocuments(name)
     for path in resolve_files(name, spec):
         with open(path, "rb") as handle:
             raw = handle.read()
