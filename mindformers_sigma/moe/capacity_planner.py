@@ -17,6 +17,7 @@ import numpy as np
 from mindspore import nn
 
 from mindformers_sigma.moe.router import RandomRoutedRouter
+from mindformers_sigma.moe.routing_table import expert_loads
 
 GROWTH = 2.0
 ALIGN = 8
@@ -38,8 +39,7 @@ class ExpertCapacityPlanner:
     def busiest_expert_load(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> int:
         token_domains = np.repeat(domain_ids, input_ids.shape[1])
         flat = input_ids.reshape(-1)
-        return max(int(np.bincount(table[token_domains, flat], minlength=self.num_experts).max())
-                   for table in self.tables)
+        return max(int(expert_loads(table, token_domains, flat, self.num_experts).max()) for table in self.tables)
 
     def ladder_size(self, load: int, num_tokens: int) -> int:
         """First size >= load on ceil(N/E) * 2^k (multiples of 8), never above N."""

@@ -165,13 +165,14 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     info = _resolve_resume(resume, checkpoint_dir, say)
     start_step, position = 0, 0
     if info is not None:
+        wanted = checkpointed_parameters(step_cell)
         stored = {name: p for name, p in ckpt.load_parameters(info).items() if name not in NOT_CHECKPOINTED}
         try:
             missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)
         except (RuntimeError, ValueError, TypeError) as err:
             raise DataError(f"--resume {info.weights_path}: does not fit this model "
                             f"({str(err).splitlines()[0][:200]}); was it written with another config?") from None
-        missing = [name for name in missing if name in checkpointed_parameters(step_cell)]
+        missing = [name for name in missing if name in wanted]
         if missing:
             raise DataError(f"--resume {info.weights_path}: lacks {len(missing)} parameters of this model "
                             f"(first: {missing[0]}); was it written with another config?")
