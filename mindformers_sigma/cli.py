@@ -15,16 +15,10 @@ os.environ.setdefault("GLOG_v", "3")
 from mindformers_sigma.config import ConfigError, apply_overrides, load_config  # noqa: E402
 from mindformers_sigma.data.prepare import DataError  # noqa: E402
 from mindformers_sigma.data.tokenizer import TokenizerError  # noqa: E402
+from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
 
 # Errors that mean "bad input": reported in one line, exit code 2, never a traceback.
 _INPUT_ERRORS = (ConfigError, DataError, TokenizerError)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line, without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -110,8 +104,8 @@ def _cmd_rank_table(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pangu-sigma", description="PanGu-Σ in MindSpore: train, inspect and plan.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="pangu-sigma", description="PanGu-Σ in MindSpore: train, inspect and plan.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     params = commands.add_parser("params", help="count parameters from a config without building the model")
     params.add_argument("--config", required=True, help="YAML config file")
@@ -148,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check_launch)
 
     rank_table = commands.add_parser("rank-table", help="HCCL rank tables: generate, merge, validate, plan")
-    tools = rank_table.add_subparsers(dest="tool", required=True, parser_class=_Parser)
+    tools = rank_table.add_subparsers(dest="tool", required=True, parser_class=OneLineParser)
     from mindformers_sigma.rank_table.cli import TOOLS
 
     for name, (add_arguments, _, description) in TOOLS.items():

@@ -10,16 +10,12 @@ import os
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
+from mindformers_sigma.one_line_parser import OneLineParser
 from mindformers_sigma.rank_table.generate import merge_tables, plan_table, single_server_table
 from mindformers_sigma.rank_table.schema import VERSIONS, RankTableError, read_table_file, write_table
 from mindformers_sigma.rank_table.validate import validate_table
 
 DEFAULT_HCCN_CONF = "/etc/hccn.conf"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +111,6 @@ def main_for(tool: str, argv: Optional[Sequence[str]] = None, prog: Optional[str
     """Entry point of one tool as a stand-alone script (hccl_tools/*.py)."""
     add_arguments, handler, description = TOOLS[tool]
     prog = prog or os.path.basename(sys.argv[0])
-    parser = _Parser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     add_arguments(parser)
     return run_tool(parser.parse_args(argv), handler, prog)
