@@ -12,13 +12,9 @@ from typing import Optional, Sequence
 # MindSpore's C++ warnings (graph-compiler notes) drown the progress lines; GLOG_v=2 shows them.
 os.environ.setdefault("GLOG_v", "3")
 
-from mindformers_sigma.config import ConfigError, apply_overrides, load_config  # noqa: E402
-from mindformers_sigma.data.prepare import DataError  # noqa: E402
-from mindformers_sigma.data.tokenizer import TokenizerError  # noqa: E402
+from mindformers_sigma.config import apply_overrides, load_config  # noqa: E402
+from mindformers_sigma.errors import DataError, UserError  # noqa: E402
 from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
-
-# Errors that mean "bad input": reported in one line, exit code 2, never a traceback.
-_INPUT_ERRORS = (ConfigError, DataError, TokenizerError)
 
 
 def _positive_int(text: str) -> int:
@@ -160,6 +156,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except _INPUT_ERRORS as err:
+    except UserError as err:
         print(f"pangu-sigma {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -16,8 +16,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mindformers_sigma.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config value breaks a rule; the message is one line that names file, field and fix."""
 
     def __init__(self, field_path: str, value: Any, rule: str, source: str = "<config>"):

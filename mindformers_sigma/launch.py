@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 from mindformers_sigma.config import SigmaConfig, apply_overrides, load_config
-from mindformers_sigma.data.prepare import DataError
+from mindformers_sigma.errors import DataError
 from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
 from mindformers_sigma.rank_table.validate import validate_table
 

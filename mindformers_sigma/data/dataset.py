@@ -21,7 +21,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mindformers_sigma.data.prepare import MANIFEST, MANIFEST_FORMAT, DataError
+from mindformers_sigma.data.prepare import MANIFEST, MANIFEST_FORMAT
+from mindformers_sigma.errors import DataError
 
 BLOCK = 4096
 

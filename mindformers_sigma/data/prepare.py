@@ -19,6 +19,7 @@ import numpy as np
 
 from mindformers_sigma.atomic import atomic_directory
 from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, train_tokenizer
+from mindformers_sigma.errors import DataError
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -26,10 +27,6 @@ MANIFEST_FORMAT = "mindformers_sigma.prepared/1"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 PAGE_SIZE = 1 << 16
 SAMPLES_PER_SHARD = 4096
-
-
-class DataError(ValueError):
-    """Bad data input; the message is one line naming the input, what is wrong and the fix."""
 
 
 @dataclasses.dataclass

@@ -12,13 +12,15 @@ from typing import Iterable, List
 
 import sentencepiece as spm
 
+from mindformers_sigma.errors import UserError
+
 EOD_PIECE = "<eod>"
 EOD_ID = 6
 # ids 0-3 are SentencePiece's own; 4-5 are reserved so that <eod> lands on PanGu-α's id 6.
 _USER_SYMBOLS = ["<mask>", "<sep>", EOD_PIECE]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file is missing, unreadable or not a usable SentencePiece model."""
 
 

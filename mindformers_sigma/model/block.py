@@ -9,9 +9,10 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.dtypes import dtype_of
 from mindformers_sigma.model.attention import SelfAttention
 from mindformers_sigma.model.feed_forward import FeedForward
-from mindformers_sigma.model.layers import LayerNorm, dtype_of
+from mindformers_sigma.model.layers import LayerNorm
 from mindformers_sigma.moe.moe_layer import MoELayer
 
 

@@ -1,18 +1,10 @@
-"""Small building blocks shared by the model: a linear layer and the compute-dtype lookup."""
+"""Small building blocks shared by the model: a linear layer and a float32 LayerNorm."""
 
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
-
-_DTYPES = {"float32": ms.float32, "float16": ms.float16}
-
-
-def dtype_of(name: str):
-    """MindSpore dtype for a config's ``compute_dtype`` string."""
-    return _DTYPES[name]
-
 
 class Linear(nn.Cell):
     """``x @ weight + bias`` with weight stored ``[in, out]`` (PanGu-α layout), computed in ``compute_dtype``."""

@@ -6,7 +6,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from mindformers_sigma.config import MoEConfig, ModelConfig
-from mindformers_sigma.model.layers import dtype_of
+from mindformers_sigma.dtypes import dtype_of
 from mindformers_sigma.moe.experts import BatchedExperts
 from mindformers_sigma.moe.router import LearnedTopKRouter, RandomRoutedRouter
 from mindformers_sigma.moe.token_dispatcher import TokenDispatcher

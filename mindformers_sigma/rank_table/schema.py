@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from mindformers_sigma.atomic import write_bytes_atomic
+from mindformers_sigma.errors import UserError
 
 VERSIONS = ("1.0", "1.2")
 MAX_DEVICE_ID = {"1.0": 7, "1.2": 15}
 
 
-class RankTableError(ValueError):
+class RankTableError(UserError):
     """Bad rank-table input; the message is one line naming the input, the problem and the fix."""
 
 

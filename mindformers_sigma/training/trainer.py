@@ -19,7 +19,7 @@ from mindspore import Tensor
 from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.data.dataset import MixedCorpusSource, PreparedCorpus, SampleSchedule, batches
-from mindformers_sigma.data.prepare import DataError
+from mindformers_sigma.errors import DataError
 from mindformers_sigma.data.synthetic import SyntheticSource
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
 from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner, routing_tables_of
