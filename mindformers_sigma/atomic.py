@@ -1,12 +1,22 @@
-"""Atomic outputs: write to a temporary file or folder beside the target, fsync, then rename."""
+"""Atomic outputs: write to a temporary file or folder beside the target, fsync, then rename.
+
+Temporaries are named ``.<target>.tmp-<host>-<pid>-<random>`` (``.old-`` for a folder being
+replaced), so a later run can tell the leftovers of a killed writer (same host, process gone)
+from those of a writer that is still running, and remove only the former
+(:func:`remove_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
-from typing import Iterator
+from typing import Iterator, List
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-")
 
 
 def _permissions(base: int) -> int:
@@ -16,13 +26,60 @@ def _permissions(base: int) -> int:
     return base & ~umask
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _prefix(target: str, kind: str) -> str:
+    return f".{os.path.basename(target)}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str, target_pattern: str = r".+") -> List[str]:
+    """Remove the temporaries in ``directory`` whose target matches ``target_pattern`` and whose
+    writer (on this host) no longer runs; returns the removed paths.
+
+    A writer killed between the two renames of :func:`atomic_directory` leaves the previous
+    folder inside an ``.old-`` temporary and no target: that folder is put back, not removed.
+    """
+    removed: List[str] = []
+    if not os.path.isdir(directory):
+        return removed
+    host = _host()
+    for entry in sorted(os.listdir(directory)):
+        match = _TEMPORARY.match(entry)
+        if (not match or match.group("host") != host or not re.fullmatch(target_pattern, match.group("target"))
+                or _process_alive(int(match.group("pid")))):
+            continue
+        path = os.path.join(directory, entry)
+        target = os.path.join(directory, match.group("target"))
+        previous = os.path.join(path, "previous")
+        if match.group("kind") == "old" and os.path.isdir(previous) and not os.path.lexists(target):
+            os.rename(previous, target)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same suffix) for a writer to fill; on success it
     is fsynced and renamed over ``path``, on any error it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_prefix(path, "tmp"), suffix=os.path.splitext(path)[1])
     os.close(fd)
     os.chmod(tmp, _permissions(0o666))  # mkstemp makes 0600; the result should look like any new file
     try:
@@ -48,13 +105,13 @@ def atomic_directory(path: str) -> Iterator[str]:
     """Yield a temporary folder; on success it replaces ``path``, on any error it is removed."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_prefix(path, "tmp"))
     os.chmod(tmp, _permissions(0o777))  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
         old = None
         if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
+            old = tempfile.mkdtemp(dir=parent, prefix=_prefix(path, "old"))
             os.rename(path, os.path.join(old, "previous"))
         os.rename(tmp, path)
         if old is not None:
