@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from mindformers_sigma.rank_table import generate
-from mindformers_sigma.rank_table.generate import merge_tables, parse_device_range, plan_table, single_server_table
+from mindformers_sigma.rank_table.cli import main_for
+from mindformers_sigma.rank_table.generate import (merge_tables, parse_device_range, plan_table, read_hccn_conf,
+                                                   single_server_table)
 from mindformers_sigma.rank_table.schema import RankTableError, read_table_file, write_table
 from mindformers_sigma.rank_table.validate import validate_table
 
@@ -164,6 +167,7 @@ BAD_INPUTS = [
     ("address_0=192.168.0.1\naddress_1=192.168.0.2\n", {"server_ip": "10.0.0"}, "not an IPv4 address"),
     ("address_0=192.168.0.1\naddress_1=192.168.0.2\n", {"device_num": "[0,17)"}, "range outside 0-7"),
     ("address_0=192.168.0.1\naddress_1=192.168.0.2\n", {"visible_devices": "0"}, "device 1 is not in --visible_devices"),
+    ("address_0=192.168.0.1\naddress1=192.168.0.2\n", {}, "hccn.conf:2: 'address1=192.168.0.2' is not a setting"),
 ]
 
 
@@ -231,3 +235,211 @@ def test_launcher_refuses_an_invalid_rank_table(tmp_path):
                             env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable})
     assert result.returncode == 2 and result.stdout == ""
     assert "device_ip: 192.168.100.101 already used" in result.stderr
+
+
+def _in_process(tool, *args, capsys):
+    """Exit code, stdout and stderr of one tool run in this process (no interpreter start-up to wait for)."""
+    try:
+        code = main_for(tool, [str(arg) for arg in args], prog=tool)
+    except SystemExit as stop:  # argparse refusing an argument
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# The lines of a real hccn.conf (Atlas A3, 16 devices), CRLF line ends and a byte-order mark as a Windows editor leaves.
+REALISTIC_HCCN_CONF = ("\ufeff# written by hccn_tool\r\n" + "".join(
+    f"address_{d}=192.168.{100 + d}.9\r\nnetmask_{d}=255.255.255.0\r\nnetdetect_{d}=192.168.{100 + d}.1\r\n"
+    f"gateway_{d}=192.168.{100 + d}.1\r\nsend_arp_status_{d}=1\r\ntls_enable_{d}=0\r\n"
+    f"ip_rule_{d}=add from 192.168.{100 + d}.9 table {100 + d}\r\n\r\n" for d in range(16)))
+
+
+def test_realistic_hccn_conf_gives_every_device_ip(tmp_path):
+    path = tmp_path / "hccn.conf"
+    path.write_text(REALISTIC_HCCN_CONF, encoding="utf-8", newline="")
+    assert read_hccn_conf(str(path), "1.2") == {d: f"192.168.{100 + d}.9" for d in range(16)}
+    with pytest.raises(RankTableError, match=r"hccn.conf:66: address_8: device 8 outside 0-7 for version 1.0; "
+                                             r".*--version 1.2"):
+        read_hccn_conf(str(path), "1.0")  # an A3 server's file used for an 8-device table
+
+
+@pytest.mark.parametrize("lines,version,message", [
+    ("address_0 192.168.0.3", "1.0", "3: 'address_0 192.168.0.3' is not a setting; expected KEY_N=VALUE like "
+                                     "address_0=192.168.100.101"),
+    ("address=192.168.0.3", "1.0", "3: 'address=192.168.0.3' is not a setting"),
+    ("=192.168.0.3", "1.0", "3: '=192.168.0.3' is not a setting"),
+    ("netmask_1=", "1.0", "3: 'netmask_1=' is not a setting"),
+    ("tls_enable_9=0", "1.0", "3: tls_enable_9: device 9 outside 0-7 for version 1.0"),
+    ("gateway_16=192.168.0.1", "1.2", "3: gateway_16: device 16 outside 0-15 for version 1.2; remove the line"),
+    ("netmask_0=255.255.255.999", "1.0", "3: netmask_0=255.255.255.999 is not a valid IPv4 address"),
+    ("netdetect_1=192.168.1.1\nnetdetect_1=192.168.1.2", "1.0", "4: netdetect_1 given twice (also line 3)"),
+    ("address_01=192.168.0.9", "1.0", "3: address_01 given twice (also line 2)"),
+])
+def test_hccn_conf_lines_are_checked_one_by_one(tmp_path, capsys, lines, version, message):
+    path = tmp_path / "hccn.conf"
+    path.write_text(f"address_0=192.168.0.1\naddress_1=192.168.0.2\n{lines}\n")
+    a3 = ["--super_device_ids", "1,2"] if version == "1.2" else []
+    code, out, err = _in_process("generate", "--device_num", "[0,2)", "--server_ip", "10.0.0.1", "--hccn_conf", path,
+                                 "--version", version, *a3, "--output", tmp_path / "out", capsys=capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"generate: error: {path}:{message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def _files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("variant", ["regular_file", "under_regular_file", "table_name_is_a_folder", "read_only"])
+def test_unusable_output_folder_is_one_clear_error_and_leaves_nothing(tmp_path, variant):
+    table = json.loads((GOLDEN / "hccl_2p_01_10.0.0.1.json").read_text())
+    name = "hccl_2p_01_10.0.0.1.json"
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    output, reason = blocker, f"{blocker} is a file, not a folder"
+    if variant == "under_regular_file":
+        output = blocker / "tables"
+    elif variant == "table_name_is_a_folder":
+        output = tmp_path / "out"
+        (output / name).mkdir(parents=True)
+        reason = f"{output / name} is a folder"
+    elif variant == "read_only":
+        output = tmp_path / "read_only"
+        output.mkdir(mode=0o555)
+        if os.access(output, os.W_OK):
+            pytest.skip("running as root: a read-only folder still takes writes")
+        reason = "Permission denied"
+    before = _files_under(tmp_path)
+    with pytest.raises(RankTableError) as caught:
+        write_table(table, str(output), name)
+    assert str(caught.value) == f"--output {output}: cannot write there ({reason}); pass a writable folder"
+    assert _files_under(tmp_path) == before  # no temporary file, no half-written table
+
+
+@pytest.mark.parametrize("command,under_file", [
+    (["hccl_tools/hccl_tools.py"], False), (["hccl_tools/hccl_tools.py"], True),
+    (["-m", "mindformers_sigma", "rank-table", "generate"], False),
+    (["-m", "mindformers_sigma", "rank-table", "generate"], True),
+    (["hccl_tools/merge_hccl.py"], False), (["hccl_tools/plan_cluster.py"], False),
+])
+def test_every_tool_reports_an_unusable_output_folder_in_one_line(tmp_path, command, under_file):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    output = blocker / "tables" if under_file else blocker
+    tool_args = {
+        "generate": ["--device_num", "[0,2)", "--server_ip", "10.0.0.1", "--hccn_conf", GOLDEN / "hccn_a.conf"],
+        "merge_hccl.py": [GOLDEN / "hccl_2p_01_10.0.0.1.json"],
+        "plan_cluster.py": ["--server-ips", "10.0.0.1,10.0.0.2"],
+    }
+    key = "generate" if command[-1] in ("generate", "hccl_tools/hccl_tools.py") else Path(command[-1]).name
+    result = subprocess.run([sys.executable, *command, *map(str, tool_args[key]), "--output", str(output)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"--output {output}: cannot write there ({blocker} is a file, not a folder); pass a writable folder" \
+        in result.stderr
+    assert _files_under(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("count", ["-1", "0"])
+def test_expected_device_count_must_be_positive(capsys, count):
+    code, out, err = _in_process("validate", GOLDEN / "hccl_2p_01_10.0.0.1.json", "--expect-devices", count,
+                                 capsys=capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"validate: error: argument --expect-devices: expected a positive integer, "
+                                f"got {count!r} (see --help)"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("10.0.0.1\n10.0.0.2 10.0.0.3\n", "ips.txt:2: '10.0.0.2 10.0.0.3': not an IPv4 address"),
+    ("10.0.0.1\n\n10.0.0.1\n", "ips.txt:3: 10.0.0.1 already listed on line 1; list each server once"),
+    ("10.0.0.1\n127.0.0.1\n", "ips.txt:2: 127.0.0.1: a loopback/unspecified/multicast address"),
+    ("# no servers yet\n", "ips.txt: no server IPs; write one IP per line"),
+    (b"10.0.0.1\n\xff\n", "ips.txt: not UTF-8 (byte 9)"),
+    (None, "ips.txt: cannot read server IP list (Is a directory); check the path"),
+])
+def test_server_ips_file_problems_name_the_line(tmp_path, capsys, content, message):
+    path = tmp_path / "ips.txt"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, out, err = _in_process("plan", "--server-ips-file", path, "--output", tmp_path / "out", capsys=capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"plan: error: {tmp_path}/{message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_server_ips_file_takes_indented_comments_and_blank_lines(tmp_path, capsys):
+    path = tmp_path / "ips.txt"
+    path.write_text("# rack 1\n10.0.0.1\n\n    # rack 2\n  10.0.0.2  \n")
+    code, out, err = _in_process("plan", "--server-ips-file", path, "--output", tmp_path, capsys=capsys)
+    assert (code, err) == (0, "")
+    table = json.loads((tmp_path / "hccl_2s_16p.json").read_text())
+    assert [s["server_id"] for s in table["server_list"]] == ["10.0.0.1", "10.0.0.2"]
+
+
+@pytest.mark.parametrize("server_ips,message", [
+    ("10.0.0.1 10.0.0.2", "--server-ips '10.0.0.1 10.0.0.2': not an IPv4 address"),
+    ("10.0.0.1,10.0.0.2,10.0.0.1", "--server-ips: 10.0.0.1 is listed twice; list each server once"),
+])
+def test_server_ips_problems_name_the_flag(tmp_path, capsys, server_ips, message):
+    code, out, err = _in_process("plan", "--server-ips", server_ips, "--output", tmp_path, capsys=capsys)
+    assert code == 2 and err.splitlines() == [f"plan: error: {message}"]
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--super_device_ids", "1,2"], "--super_device_ids: only for --version 1.2 (Atlas A3); drop it or add --version "
+                                    "1.2"),
+    (["--super_pod_id", "3"], "--super_pod_id: only for --version 1.2 (Atlas A3); drop it or add --version 1.2"),
+    (["--version", "1.2", "--super_device_ids", "1,2", "--super_pod_id", "x"],
+     "--super_pod_id 'x': expected a non-negative integer like 0"),
+    (["--version", "1.2", "--super_device_ids", "2,-1"],
+     "--super_device_ids '2,-1': expected comma-separated non-negative integers like \"0,1,2,3\""),
+    (["--visible_devices", "0,1,1_0"],
+     "--visible_devices '0,1,1_0': expected comma-separated non-negative integers like \"0,1,2,3\""),
+    (["--visible_devices", "0,1,8"], "--visible_devices '0,1,8': device 8 outside 0-7 for version 1.0"),
+])
+def test_generate_refuses_arguments_it_would_ignore_or_misread(tmp_path, capsys, arguments, message):
+    code, out, err = _in_process("generate", "--device_num", "[0,2)", "--server_ip", "10.0.0.1", "--hccn_conf",
+                                 GOLDEN / "hccn_a.conf", *arguments, "--output", tmp_path / "out", capsys=capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"generate: error: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
+def _a3_table():
+    return json.loads((GOLDEN / "hccl_2p_1415_10.0.0.9.json").read_text())
+
+
+@pytest.mark.parametrize("super_pod_list,problem", [
+    ("x", "super_pod_list: must be a non-empty list of super pods"),
+    ([{"super_pod_id": "0", "server_list": 5}], "super_pod_list[0].server_list: must be a non-empty list of servers"),
+    ([{"super_pod_id": "0", "server_list": [{"server_id": []}]}],
+     "super_pod_list[0].server_list[0].server_id: [] is not in server_list"),
+    ([{"super_pod_id": "0", "server_list": [{"server_id": "10.0.0.9", "rack": "1"}]}],
+     "super_pod_list[0].server_list[0].rack: unknown key"),
+    ([{"super_pod_id": "0", "server_list": [{"server_id": "10.0.0.9"}], "size": "1"}],
+     "super_pod_list[0].size: unknown key"),
+    ([{"super_pod_id": "0", "server_list": [{"server_id": "10.0.0.9"}]}, {"super_pod_id": "0", "server_list": []}],
+     "super_pod_list[1].super_pod_id: 0 already used at super_pod_list[0]"),
+])
+def test_malformed_super_pod_list_is_a_problem_not_a_crash(tmp_path, super_pod_list, problem):
+    table = _a3_table()
+    table["super_pod_list"] = super_pod_list
+    assert problem in validate_table(table)
+    path = tmp_path / "a3.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(RankTableError, match=re.escape(f"{path}: ")):
+        merge_tables([str(path)])
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"version": "1.0", "version": "1.2"}', "key 'version' appears twice in one object; keep one"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_rank_table_json_that_would_be_misread_or_crash(tmp_path, text, message):
+    path = tmp_path / "table.json"
+    path.write_text(text)
+    with pytest.raises(RankTableError, match=re.escape(f"{path}: {message}")):
+        read_table_file(str(path))

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
 from mindformers_sigma.one_line_parser import OneLineParser
-from mindformers_sigma.rank_table.generate import merge_tables, plan_table, single_server_table
+from mindformers_sigma.rank_table.generate import merge_tables, plan_table, read_server_ips, single_server_table
 from mindformers_sigma.rank_table.schema import VERSIONS, RankTableError, read_table_file, write_table
 from mindformers_sigma.rank_table.validate import validate_table
 
 DEFAULT_HCCN_CONF = "/etc/hccn.conf"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts, where 0 or a negative number can only be a slip."""
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +35,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=".", help="folder for hccl_{n}p_{ids}_{ip}.json (default: here)")
     parser.add_argument("--version", choices=VERSIONS, default="1.0", help="1.2 for Atlas A3 SuperPoD")
     parser.add_argument("--super_device_ids", help="version 1.2: one super_device_id per device, comma-separated")
-    parser.add_argument("--super_pod_id", default="0", help="version 1.2: this server's super pod")
+    parser.add_argument("--super_pod_id", help="version 1.2: this server's super pod (default 0)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -53,7 +61,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rank_table", help="rank table JSON file")
-    parser.add_argument("--expect-devices", type=int, help="the number of devices the table must list")
+    parser.add_argument("--expect-devices", type=positive_int, help="the number of devices the table must list")
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -79,11 +87,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     if args.server_ips_file:
-        try:
-            with open(args.server_ips_file, encoding="utf-8") as handle:
-                ips = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
-        except (OSError, UnicodeDecodeError) as err:
-            raise RankTableError(f"{args.server_ips_file}: cannot read server IPs ({err})") from None
+        ips = read_server_ips(args.server_ips_file)
     else:
         ips = [ip.strip() for ip in args.server_ips.split(",") if ip.strip()]
     table, name = plan_table(ips, args.devices_per_server, args.device_ip_scheme, args.version)

@@ -19,7 +19,7 @@ import ipaddress
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from mindformers_sigma.atomic import write_bytes_atomic
 from mindformers_sigma.errors import UserError
@@ -87,28 +87,64 @@ def servers_of(table: dict) -> List[Server]:
             for entry in table["server_list"]]
 
 
-def read_table_file(path: str) -> object:
-    """Parsed JSON of a rank-table file; unreadable, empty, non-UTF-8 or non-JSON input is an error."""
+def read_text_file(path: str, what: str, fix: str = "check the path") -> str:
+    """The UTF-8 text of an input file (a byte-order mark dropped); unreadable or binary input is one line."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
     except OSError as err:
-        raise RankTableError(f"{path}: cannot read ({err.strerror})") from None
-    if not raw.strip():
-        raise RankTableError(f"{path}: file is empty; generate it with hccl_tools.py")
+        raise RankTableError(f"{path}: cannot read {what} ({err.strerror}); {fix}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
-        raise RankTableError(f"{path}: not UTF-8 (byte {err.start}); a rank table is JSON text") from None
+        raise RankTableError(f"{path}: not UTF-8 (byte {err.start}); {what} is a text file") from None
+
+
+def read_table_file(path: str) -> object:
+    """Parsed JSON of a rank-table file; unreadable, empty, non-UTF-8 or non-JSON input is an error, and so
+    is a key given twice in one object, which JSON readers would otherwise settle silently by the last one."""
+    text = read_text_file(path, "rank table")
+    if not text.strip():
+        raise RankTableError(f"{path}: file is empty; generate it with hccl_tools.py")
+
+    def object_without_repeated_keys(pairs: List[Tuple[str, object]]) -> dict:
+        keys: Set[str] = set()
+        for key, _ in pairs:
+            if key in keys:
+                raise RankTableError(f"{path}: key {key!r} appears twice in one object; keep one")
+            keys.add(key)
+        return dict(pairs)
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=object_without_repeated_keys)
     except json.JSONDecodeError as err:
         raise RankTableError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise RankTableError(f"{path}: nested too deeply for a rank table; check that it is the right file") from None
 
 
 def write_table(table: dict, directory: str, file_name: str) -> str:
-    """Write ``table`` atomically as ``directory/file_name`` (4-space JSON, key order kept)."""
-    os.makedirs(directory, exist_ok=True)
+    """Write ``table`` atomically as ``directory/file_name`` (4-space JSON, key order kept).
+
+    A folder that cannot take the file is the user's to fix, so its OSError becomes one line.
+    """
     path = os.path.join(directory, file_name)
-    write_bytes_atomic(path, (json.dumps(table, indent=4) + "\n").encode("utf-8"))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        write_bytes_atomic(path, (json.dumps(table, indent=4) + "\n").encode("utf-8"))
+    except OSError as err:
+        raise RankTableError(f"--output {directory}: cannot write there ({_unwritable_reason(directory, path, err)}); "
+                             f"pass a writable folder") from None
     return path
+
+
+def _unwritable_reason(directory: str, path: str, err: OSError) -> str:
+    """Name the culprit (a file where a folder should be, a folder where the table should be) over errno text."""
+    if os.path.isdir(path):
+        return f"{path} is a folder"
+    existing = directory
+    while existing and not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if existing and os.path.exists(existing) and not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    return err.strerror or str(err)

@@ -9,12 +9,13 @@ rank ids contiguous from 0, ``super_device_id`` on every device and a consistent
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from mindformers_sigma.rank_table.schema import MAX_DEVICE_ID, VERSIONS, parse_ipv4
 
 TOP_KEYS = {"1.0": ["version", "server_count", "server_list", "status"],
             "1.2": ["version", "server_count", "server_list", "super_pod_list", "status"]}
+POD_KEYS = ("super_pod_id", "server_list")
 DEVICE_KEYS = {"1.0": ["device_id", "device_ip", "rank_id"],
                "1.2": ["device_id", "device_ip", "rank_id", "super_device_id"]}
 
@@ -110,7 +111,7 @@ def validate_table(table: object, expect_devices: Optional[int] = None) -> List[
         detail = (f"duplicated {duplicates[:5]}" if duplicates else "") + \
                  ("; " if duplicates and missing else "") + (f"missing {missing[:5]}" if missing else "")
         problems.append(f"rank_id: not contiguous from 0 over {len(ranks)} devices ({detail})")
-    if version == "1.2" and isinstance(table.get("super_pod_list"), list):
+    if version == "1.2" and "super_pod_list" in table:
         problems += _validate_super_pods(table["super_pod_list"], set(server_seen))
     if expect_devices is not None and total_devices != expect_devices:
         problems.append(f"server_list: {total_devices} devices, expected {expect_devices}")
@@ -127,19 +128,46 @@ def _unique_ipv4(value: object, location: str, seen: Dict[str, str], problems: L
         seen[value] = location.rsplit(".", 1)[0]
 
 
-def _validate_super_pods(pods: list, servers: set) -> List[str]:
-    problems, placed = [], {}
+def _validate_super_pods(pods: object, servers: Set[str]) -> List[str]:
+    """Problems of ``super_pod_list``: every pod an object with its own id and a list of listed servers,
+    every server in exactly one pod, and no key that HCCL would ignore."""
+    if not isinstance(pods, list) or not pods:
+        return ["super_pod_list: must be a non-empty list of super pods"]
+    problems: List[str] = []
+    pod_ids: Dict[str, str] = {}
+    placed: Dict[str, str] = {}
     for p, pod in enumerate(pods):
         where = f"super_pod_list[{p}]"
-        if not isinstance(pod, dict) or not _is_int_string(pod.get("super_pod_id")):
-            problems.append(f"{where}.super_pod_id: must be a string of digits")
+        if not isinstance(pod, dict):
+            problems.append(f"{where}: must be an object")
             continue
-        for m, member in enumerate(pod.get("server_list") or []):
-            server_id = member.get("server_id") if isinstance(member, dict) else None
-            if server_id not in servers:
-                problems.append(f"{where}.server_list[{m}].server_id: {server_id!r} is not in server_list")
+        for key in pod:
+            if key not in POD_KEYS:
+                problems.append(f"{where}.{key}: unknown key")
+        pod_id = pod.get("super_pod_id")
+        if not _is_int_string(pod_id):
+            problems.append(f"{where}.super_pod_id: must be a string of digits")
+        elif pod_id in pod_ids:
+            problems.append(f"{where}.super_pod_id: {pod_id} already used at {pod_ids[pod_id]}")
+        else:
+            pod_ids[pod_id] = where
+        members = pod.get("server_list")
+        if not isinstance(members, list) or not members:
+            problems.append(f"{where}.server_list: must be a non-empty list of servers")
+            continue
+        for m, member in enumerate(members):
+            at = f"{where}.server_list[{m}]"
+            if not isinstance(member, dict):
+                problems.append(f"{at}: must be an object")
+                continue
+            for key in member:
+                if key != "server_id":
+                    problems.append(f"{at}.{key}: unknown key")
+            server_id = member.get("server_id")
+            if not isinstance(server_id, str) or server_id not in servers:
+                problems.append(f"{at}.server_id: {server_id!r} is not in server_list")
             elif server_id in placed:
-                problems.append(f"{where}.server_list[{m}].server_id: {server_id} already in {placed[server_id]}")
+                problems.append(f"{at}.server_id: {server_id} already in {placed[server_id]}")
             else:
                 placed[server_id] = where
     for server_id in sorted(servers - set(placed)):
