@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -81,6 +83,8 @@ def test_every_sample_has_one_domain_and_counts_match_manifest(prepared):
             assert {int(r["domain_id"]) for r in records} == {domain["id"]}
             rows += [r["input_ids"] for r in records]
             assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+            assert shard["index_file"] == shard["file"] + ".db"
+            assert hashlib.sha256((out / shard["index_file"]).read_bytes()).hexdigest() == shard["index_sha256"]
         samples = np.stack(rows)
         assert samples.shape == (domain["samples"], SEQ + 1)
         stream = samples.reshape(-1)
@@ -112,6 +116,178 @@ def test_rerun_gives_identical_bytes_and_given_tokenizer_gives_same_ids(prepared
     a, b = PreparedCorpus(str(out)), PreparedCorpus(str(reused))
     for x, y in zip(a.samples, b.samples):
         np.testing.assert_array_equal(x, y)
+
+
+def _copy_of(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,file,problem", [
+    (_flip_middle, "002-zh-00000.mindrecord", "shard of domain 'zh' does not match its sha256"),
+    (_truncate, "002-zh-00000.mindrecord", "shard of domain 'zh' does not match its sha256"),
+    (Path.unlink, "002-zh-00000.mindrecord", "shard of domain 'zh' listed in"),
+    (Path.unlink, "002-zh-00000.mindrecord.db", "MindRecord index of the shard of domain 'zh' listed in"),
+    (_flip_middle, "002-zh-00000.mindrecord.db", "MindRecord index of the shard of domain 'zh' does not match"),
+    (_truncate, "tokenizer.model", "tokenizer does not match its sha256"),
+])
+def test_damaged_files_are_refused_before_mindspore_reads_any_shard(prepared, tmp_path, monkeypatch,
+                                                                     damage, file, problem):
+    import mindspore.mindrecord
+
+    data = _copy_of(prepared[1], tmp_path)
+    damage(data / file)
+    # A damaged shard can crash MindSpore's reader (segmentation fault), so none may reach it first.
+    monkeypatch.setattr(mindspore.mindrecord, "FileReader",
+                        lambda path, *a, **k: pytest.fail(f"{path} handed to FileReader before verification"))
+    with pytest.raises(DataError) as info:
+        PreparedCorpus(str(data))
+    message = str(info.value)
+    assert message.startswith(f"{data / file}: {problem}") and message.endswith("; rerun prepare-data")
+    assert "\n" not in message
+
+
+def test_tokenizer_file_is_optional_for_reading(prepared, tmp_path):
+    data = _copy_of(prepared[1], tmp_path)
+    (data / "tokenizer.model").unlink()
+    assert [s.shape[0] for s in PreparedCorpus(str(data)).samples] == [d["samples"] for d in prepared[2]["domains"]]
+
+
+def _drop_last_frequency(domain: dict) -> None:
+    domain["token_frequency"]["counts"].pop()
+
+
+def _set_first_count(domain: dict) -> None:
+    domain["token_frequency"]["counts"][0] = -1
+
+
+def _add_token_past_vocabulary(domain: dict) -> None:
+    domain["token_frequency"]["ids"].append(600)
+    domain["token_frequency"]["counts"].append(1)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda m: m["domains"][1].pop("shards"), "domains[1].shards: missing"),
+    (lambda m: m.update(sample_length=str(SEQ + 1)), f'sample_length: is "{SEQ + 1}", expected an integer'),
+    (lambda m: m.update(sample_length=SEQ + 2), f"sample_length: is {SEQ + 2}, expected seq_length + 1 = {SEQ + 1}"),
+    (lambda m: m["domains"].reverse(), "domains[0].id: is 2, expected 0 (domain ids are 0..n-1 in order)"),
+    (lambda m: m["domains"][0].update(id=False), "domains[0].id: is false, expected an integer"),
+    (lambda m: m["domains"][2].update(name="code"), "domains[2].name: 'code' names two domains"),
+    (lambda m: m["domains"][0]["shards"][0].update(file="../elsewhere.mindrecord"),
+     "domains[0].shards[0].file: is \"../elsewhere.mindrecord\", expected a file name inside the folder"),
+    (lambda m: m["domains"][0]["shards"][0].pop("index_sha256"), "domains[0].shards[0].index_sha256: missing"),
+    (lambda m: _add_token_past_vocabulary(m["domains"][1]), "outside the tokenizer vocabulary of 600"),
+    (lambda m: _set_first_count(m["domains"][1]), "domains[1].token_frequency.counts[0]: is -1, expected >= 0"),
+    (lambda m: _drop_last_frequency(m["domains"][2]), "domains[2].token_frequency.counts: has"),
+    (lambda m: m.update(eod_token_id=600), "eod_token_id: is 600, outside the tokenizer vocabulary of 600"),
+    (lambda m: m["tokenizer"].update(trained="yes"), 'tokenizer.trained: is "yes", expected true or false'),
+    (lambda m: m.update(domains={}), "domains: is {}, expected a list"),
+    (lambda m: m.update(format="mindformers_sigma.prepared/1"), "written by an earlier prepare-data"),
+    (lambda m: m.update(format="something/else"), "format: is \"something/else\", expected"),
+])
+def test_manifest_problems_are_one_line_naming_the_field(prepared, tmp_path, edit, problem):
+    data = _copy_of(prepared[1], tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    edit(manifest)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as info:
+        PreparedCorpus(str(data))
+    message = str(info.value)
+    assert message.startswith(f"{data / 'manifest.json'}: ") and problem in message, message
+    assert message.endswith("rerun prepare-data") and "\n" not in message
+
+
+def test_manifest_of_a_smaller_vocabulary_than_the_samples_is_refused(prepared, tmp_path):
+    data = _copy_of(prepared[1], tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 300  # the data was tokenized with 600 pieces
+    for domain in manifest["domains"]:
+        frequency = domain["token_frequency"]
+        kept = [(i, c) for i, c in zip(frequency["ids"], frequency["counts"]) if i < 300]
+        domain["token_frequency"] = {"ids": [i for i, _ in kept], "counts": [c for _, c in kept]}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=re.escape(str(data / "000-code-00000.mindrecord")) +
+                       r": token id \d+ is outside the tokenizer vocabulary of 300"):
+        PreparedCorpus(str(data))
+
+
+def test_reader_refuses_a_shard_of_another_domain_and_a_wrong_sample_count(prepared, tmp_path):
+    data = _copy_of(prepared[1], tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["domains"][0]["shards"], manifest["domains"][1]["shards"] = (manifest["domains"][1]["shards"],
+                                                                          manifest["domains"][0]["shards"])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="001-en-00000.mindrecord: sample with domain_id 1 in the shard of domain 0"):
+        PreparedCorpus(str(data))
+    manifest = json.loads((prepared[1] / "manifest.json").read_text())
+    manifest["domains"][2]["samples"] += 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"domain zh has {manifest['domains'][2]['samples'] - 1} samples, "
+                                        f"manifest says {manifest['domains'][2]['samples']}"):
+        PreparedCorpus(str(data))
+
+
+def test_token_frequency_gives_domains_without_data_the_total(prepared):
+    corpus = PreparedCorpus(str(prepared[1]))
+    table = corpus.token_frequency(5, 640)
+    assert table.shape == (5, 640) and not table[:, 600:].any()
+    for domain in prepared[2]["domains"]:
+        frequency = domain["token_frequency"]
+        np.testing.assert_array_equal(table[domain["id"], frequency["ids"]], frequency["counts"])
+    np.testing.assert_array_equal(table[3], table[:3].sum(0))
+    np.testing.assert_array_equal(table[4], table[:3].sum(0))
+
+
+def test_domain_of_several_shards_reads_back_in_order(prepared, tmp_path, monkeypatch):
+    sources, out, manifest = prepared
+    monkeypatch.setattr("mindformers_sigma.data.prepare.SAMPLES_PER_SHARD", 256)
+    again = tmp_path / "again"
+    code = prepare_data([("code", sources["code"])], str(again), SEQ, tokenizer_path=str(out / "tokenizer.model"))
+    assert len(code["domains"][0]["shards"]) == -(-manifest["domains"][0]["samples"] // 256) >= 3
+    corpus = PreparedCorpus(str(again))
+    np.testing.assert_array_equal(corpus.samples[0], PreparedCorpus(str(out)).samples[0])
+
+
+def _sentencepiece_model(**options) -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    text = (STDLIB / "textwrap.py").read_text().splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=300,
+                                   minloglevel=2, **options)
+    return model.getvalue()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({}, "<eod> has id 0, expected 6"),  # not a piece: the unknown id
+    ({"user_defined_symbols": ["<mask>", "<sep>", "<eod>"]}, "<eod> has id 5, expected 6"),
+    ({"user_defined_symbols": ["<mask>", "<sep>", "<eod>"], "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3},
+     "model has no byte fallback"),
+])
+def test_tokenizer_that_breaks_eod_or_round_trips_is_refused(tmp_path, options, message):
+    path = tmp_path / "other.model"
+    path.write_bytes(_sentencepiece_model(**options))
+    with pytest.raises(TokenizerError, match=re.escape(f"{path}: {message}")):
+        Tokenizer.from_file(str(path))
+
+
+def test_missing_tokenizer_file_is_one_line(tmp_path):
+    with pytest.raises(TokenizerError, match=re.escape(f"{tmp_path / 'none.model'}: cannot read tokenizer")):
+        Tokenizer.from_file(str(tmp_path / "none.model"))
 
 
 class _FakeCorpus:
@@ -172,6 +348,21 @@ def test_mixing_weights_from_config(prepared):
     np.testing.assert_allclose(corpus.mixing_weights({"code": 3, "zh": 1}, "cfg.yaml"), [0.75, 0, 0.25])
     with pytest.raises(DataError, match=r"cfg.yaml: data.domain_weights.python: not a domain"):
         corpus.mixing_weights({"python": 1}, "cfg.yaml")
+
+
+def test_mixing_weight_that_is_not_finite_is_refused(prepared):
+    corpus = PreparedCorpus(str(prepared[1]))
+    with pytest.raises(DataError, match=r"cfg.yaml: data.domain_weights.en: inf is not a finite number"):
+        corpus.mixing_weights({"code": 1, "en": float("inf")}, "cfg.yaml")
+    with pytest.raises(DataError, match=r"cfg.yaml: data.domain_weights: weights sum to 0"):
+        corpus.mixing_weights({"code": 0}, "cfg.yaml")
+
+
+def test_schedule_and_batches_refuse_impossible_requests():
+    with pytest.raises(DataError, match="a domain with weight > 0 has no samples"):
+        SampleSchedule([4, 0], np.array([0.5, 0.5]), 0)
+    with pytest.raises(DataError, match=r"shard_id 2: must be in \[0, num_shards=2\)"):
+        next(batches(_source((4, 4)), batch_size=2, num_shards=2, shard_id=2))
 
 
 def test_bad_documents_are_skipped_and_counted(tmp_path):

@@ -15,34 +15,30 @@ so ranks read disjoint samples that together are the single-process global batch
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mindformers_sigma.data.prepare import MANIFEST, MANIFEST_FORMAT
+from mindformers_sigma.data.manifest import MANIFEST, load_manifest, verify_files
 from mindformers_sigma.errors import DataError
 
 BLOCK = 4096
 
 
 class PreparedCorpus:
-    """All samples of a prepare-data folder, per domain, checked against its manifest."""
+    """All samples of a prepare-data folder, per domain, checked against its manifest.
+
+    The manifest is validated in full and every shard, index and tokenizer file is checked
+    against its sha256 before MindSpore reads any shard; the samples read are checked for
+    domain, length and token ids within the vocabulary.
+    """
 
     def __init__(self, data_dir: str):
         from mindspore.mindrecord import FileReader
 
-        manifest_path = os.path.join(data_dir, MANIFEST)
-        try:
-            with open(manifest_path, encoding="utf-8") as handle:
-                manifest = json.load(handle)
-        except FileNotFoundError:
-            raise DataError(f"{manifest_path}: not found; run `pangu-sigma prepare-data --out {data_dir}` first") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{manifest_path}: not valid JSON ({err}); rerun prepare-data") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise DataError(f"{manifest_path}: format is not {MANIFEST_FORMAT!r}; rerun prepare-data")
+        manifest = load_manifest(data_dir)
+        verify_files(manifest, data_dir)
         self.manifest = manifest
         self.data_dir = data_dir
         self.sample_length = int(manifest["sample_length"])
@@ -52,23 +48,38 @@ class PreparedCorpus:
             rows = []
             for shard in sorted(s["file"] for s in domain["shards"]):
                 path = os.path.join(data_dir, shard)
-                if not os.path.isfile(path):
-                    raise DataError(f"{path}: shard listed in the manifest is missing; rerun prepare-data")
                 reader = FileReader(path)
                 try:
-                    for record in reader.get_next():
-                        if int(record["domain_id"]) != domain["id"]:
-                            raise DataError(f"{path}: sample with domain_id {record['domain_id']} in the shard "
-                                            f"of domain {domain['id']}; rerun prepare-data")
-                        rows.append(np.asarray(record["input_ids"], dtype=np.int32))
+                    shard_rows = [self._sample_of(record, domain["id"], path) for record in reader.get_next()]
                 finally:
                     reader.close()
+                self._check_token_ids(shard_rows, path)
+                rows += shard_rows
             samples = np.stack(rows) if rows else np.zeros((0, self.sample_length), np.int32)
-            if samples.shape != (domain["samples"], self.sample_length):
-                raise DataError(f"{data_dir}: domain {domain['name']} has {samples.shape[0]} samples of "
-                                f"{samples.shape[1]} tokens, manifest says {domain['samples']} of "
-                                f"{self.sample_length}; rerun prepare-data")
+            if samples.shape[0] != domain["samples"]:
+                raise DataError(f"{data_dir}: domain {domain['name']} has {samples.shape[0]} samples, "
+                                f"manifest says {domain['samples']}; rerun prepare-data")
             self.samples.append(samples)
+
+    def _sample_of(self, record: dict, domain_id: int, path: str) -> np.ndarray:
+        if int(record["domain_id"]) != domain_id:
+            raise DataError(f"{path}: sample with domain_id {record['domain_id']} in the shard "
+                            f"of domain {domain_id}; rerun prepare-data")
+        row = np.asarray(record["input_ids"], dtype=np.int32)
+        if row.shape != (self.sample_length,):
+            raise DataError(f"{path}: sample of {row.size} tokens, manifest says sample_length "
+                            f"{self.sample_length}; rerun prepare-data")
+        return row
+
+    def _check_token_ids(self, rows: List[np.ndarray], path: str) -> None:
+        """Token ids index the embedding and frequency tables: one outside the vocabulary is an error here."""
+        if not rows:
+            return
+        ids = np.stack(rows)
+        outside = (ids < 0) | (ids >= self.vocab_size)
+        if outside.any():
+            raise DataError(f"{path}: token id {int(ids[outside][0])} is outside the tokenizer vocabulary of "
+                            f"{self.vocab_size} (tokenizer.vocab_size in {MANIFEST}); rerun prepare-data")
 
     @property
     def vocab_size(self) -> int:
@@ -92,6 +103,9 @@ class PreparedCorpus:
                 if name not in self.names:
                     raise DataError(f"{source}: data.domain_weights.{name}: not a domain of {self.data_dir} "
                                     f"(domains: {', '.join(self.names)})")
+                if not np.isfinite(float(domain_weights[name])):  # inf would make every probability NaN
+                    raise DataError(f"{source}: data.domain_weights.{name}: {domain_weights[name]} is not a "
+                                    f"finite number; give a finite weight >= 0")
             weights = np.array([float(domain_weights.get(n, 0.0)) for n in self.names])
         if weights.sum() <= 0:
             raise DataError(f"{source}: data.domain_weights: weights sum to 0; give at least one positive weight")

@@ -1,32 +1,45 @@
 """`pangu-sigma prepare-data`: documents per domain -> tokenizer, packed MindRecord shards, manifest.
 
+A document is one line's ``text`` of a .jsonl file, or a whole file of any other kind (text
+or source code).
+
 Every sample is ``seq_length + 1`` tokens from one domain only: documents are tokenized,
 each is followed by EOD, a domain's documents are concatenated and cut into samples, and
 the last sample is filled up with EOD (EOD inputs carry no loss).  The whole output folder
-is built aside and renamed into place, and the same input gives byte-identical output.
+is built aside and renamed into place (so it may hold only prepare-data's own files), and the
+same input gives byte-identical output.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+import re
+import tempfile
+from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mindformers_sigma.atomic import atomic_directory
+from mindformers_sigma.atomic import atomic_directory, remove_stale_temporaries
+from mindformers_sigma.data.manifest import (INDEX_SUFFIX, MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE, file_sha256,
+                                             files_written_by_prepare, is_domain_name)
 from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, train_tokenizer
 from mindformers_sigma.errors import DataError
 
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
-MANIFEST_FORMAT = "mindformers_sigma.prepared/1"
-TEXT_SUFFIXES = (".txt", ".jsonl")
+DEFAULT_PATTERNS = ("*.txt", "*.jsonl")
 PAGE_SIZE = 1 << 16
 SAMPLES_PER_SHARD = 4096
+MIN_VOCAB_SIZE = 300  # 256 byte pieces + 7 special pieces + room for merges
+# SentencePiece's vocab_size is an int32 and every domain gets a vocab_size-long frequency table;
+# real tokenizers have 32k-256k pieces, so anything above 2**20 is a typo, not a plan.
+MAX_VOCAB_SIZE = 1 << 20
+_TOO_FEW_PIECES = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
+_TOO_MANY_PIECES = re.compile(r"too high \(\d+\)\. Please set it to a value <= (\d+)")
 
 
 @dataclasses.dataclass
@@ -35,7 +48,7 @@ class DomainDocuments:
 
     name: str
     documents: List[str] = dataclasses.field(default_factory=list)
-    files: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    files: List[dict] = dataclasses.field(default_factory=list)
     skipped: Dict[str, int] = dataclasses.field(
         default_factory=lambda: {"empty": 0, "binary": 0, "invalid_utf8": 0, "bad_json": 0})
     provenance: Dict[Tuple[str, str], int] = dataclasses.field(default_factory=dict)
@@ -47,8 +60,8 @@ def parse_domain_args(values: Sequence[str]) -> List[Tuple[str, str]]:
     for value in values:
         name, sep, spec = value.partition("=")
         if not sep or not name or not spec:
-            raise DataError(f"--domain {value!r}: expected NAME=PATH (a file, folder or glob of .txt/.jsonl)")
-        if not name.replace("_", "").replace("-", "").isalnum():
+            raise DataError(f"--domain {value!r}: expected NAME=PATH (a file, folder or glob)")
+        if not is_domain_name(name):
             raise DataError(f"--domain {value!r}: domain name {name!r} must be letters, digits, '_' or '-'")
         if name in seen:
             raise DataError(f"--domain {value!r}: domain {name!r} given twice; merge its paths into one glob or folder")
@@ -59,21 +72,40 @@ def parse_domain_args(values: Sequence[str]) -> List[Tuple[str, str]]:
     return pairs
 
 
-def resolve_files(name: str, spec: str) -> List[str]:
-    """The sorted .txt/.jsonl files that ``spec`` (file, folder or glob) names."""
+def parse_include_args(values: Sequence[str]) -> List[str]:
+    """File-name patterns from repeated ``--include GLOB[,GLOB...]``."""
+    patterns = []
+    for value in values:
+        for pattern in value.split(","):
+            pattern = pattern.strip()
+            if not pattern:
+                raise DataError(f"--include {value!r}: empty pattern; give file-name patterns such as '*.py,*.c'")
+            if "/" in pattern or os.sep in pattern:
+                raise DataError(f"--include {value!r}: {pattern!r} has a folder in it, but patterns match file "
+                                f"names only; put folders in --domain NAME=PATH")
+            patterns.append(pattern)
+    return patterns
+
+
+def resolve_files(name: str, spec: str, patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[str]:
+    """The sorted files that ``spec`` names: the file itself, or those in a folder or glob whose
+    name matches one of ``patterns``.  Hidden folders (``.git``, ``.venv``) are not walked."""
+    if os.path.isfile(spec):
+        return [spec]
     if os.path.isdir(spec):
-        files = [os.path.join(root, f) for root, _, names in os.walk(spec) for f in names]
+        files = []
+        for root, folders, names in os.walk(spec):
+            folders[:] = [f for f in folders if not f.startswith(".")]
+            files += [os.path.join(root, f) for f in names]
     elif any(ch in spec for ch in "*?["):
         files = glob.glob(spec, recursive=True)
-    elif os.path.isfile(spec):
-        if not spec.endswith(TEXT_SUFFIXES):
-            raise DataError(f"--domain {name}={spec}: not a .txt or .jsonl file")
-        files = [spec]
     else:
         raise DataError(f"--domain {name}={spec}: no such file or folder; check the path")
-    files = sorted(f for f in files if f.endswith(TEXT_SUFFIXES) and os.path.isfile(f))
+    files = sorted(f for f in files if os.path.isfile(f)
+                   and any(fnmatch.fnmatchcase(os.path.basename(f), p) for p in patterns))
     if not files:
-        raise DataError(f"--domain {name}={spec}: no .txt or .jsonl files there")
+        raise DataError(f"--domain {name}={spec}: no files named {' or '.join(patterns)} there; "
+                        f"add file-name patterns with --include (e.g. --include '*.py,*.c')")
     return files
 
 
@@ -84,7 +116,7 @@ def _decode(raw: bytes) -> Optional[str]:
         return None
 
 
-def _add_document(domain: DomainDocuments, raw: bytes, source: str = "", license_: str = "") -> None:
+def _add_document(domain: DomainDocuments, raw: bytes) -> None:
     if b"\x00" in raw:
         domain.skipped["binary"] += 1
         return
@@ -92,7 +124,7 @@ def _add_document(domain: DomainDocuments, raw: bytes, source: str = "", license
     if text is None:
         domain.skipped["invalid_utf8"] += 1
         return
-    _add_text(domain, text, source, license_)
+    _add_text(domain, text, "", "")
 
 
 def _add_text(domain: DomainDocuments, text: str, source: str, license_: str) -> None:
@@ -107,16 +139,25 @@ def _add_text(domain: DomainDocuments, text: str, source: str, license_: str) ->
     domain.provenance[key] = domain.provenance.get(key, 0) + 1
 
 
-def read_domain(name: str, spec: str) -> DomainDocuments:
-    """Read every document of a domain: a .txt file is one document, a .jsonl line's ``text`` is one."""
+def _provenance_field(record: dict, key: str) -> str:
+    """A JSON null means no source or license, not the text 'None'."""
+    value = record.get(key)
+    return "" if value is None else str(value)
+
+
+def read_domain(name: str, spec: str, patterns: Sequence[str] = DEFAULT_PATTERNS) -> DomainDocuments:
+    """Read every document of a domain: each line's ``text`` of a .jsonl file is one, any other
+    file is one document as a whole (binaries and invalid UTF-8 are skipped and counted)."""
     domain = DomainDocuments(name)
-    for path in resolve_files(name, spec):
+    for path in resolve_files(name, spec, patterns):
         with open(path, "rb") as handle:
             raw = handle.read()
-        domain.files.append({"path": path, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": str(len(raw))})
-        if path.endswith(".txt"):
+        domain.files.append({"path": path, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
+        if not path.endswith(".jsonl"):
             _add_document(domain, raw)
             continue
+        if raw.startswith(codecs.BOM_UTF8):  # written by Windows tools; json.loads rejects it
+            raw = raw[len(codecs.BOM_UTF8):]
         for line in raw.split(b"\n"):
             if not line.strip():
                 continue
@@ -132,11 +173,11 @@ def read_domain(name: str, spec: str) -> DomainDocuments:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 domain.skipped["bad_json"] += 1
                 continue
-            _add_text(domain, record["text"], str(record.get("source", "")), str(record.get("license", "")))
+            _add_text(domain, record["text"], _provenance_field(record, "source"), _provenance_field(record, "license"))
     if not domain.documents:
         raise DataError(f"--domain {name}={spec}: no usable text (skipped: "
                         f"{', '.join(f'{k} {v}' for k, v in domain.skipped.items() if v) or 'nothing'}); "
-                        f"give UTF-8 .txt files or .jsonl lines with a 'text' field")
+                        f"give UTF-8 text files or .jsonl lines with a 'text' field")
     return domain
 
 
@@ -182,37 +223,105 @@ def _write_shards(out_dir: str, domain_id: int, name: str, samples: np.ndarray) 
     return files
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary size SentencePiece cannot or should not train, before reading any text."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"--vocab-size {vocab_size}: must be >= {MIN_VOCAB_SIZE} "
+                        f"(256 byte pieces + specials + merges)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab-size {vocab_size}: must be <= {MAX_VOCAB_SIZE} (2**20): SentencePiece stores "
+                        f"it as an int32 and every domain gets a table of that many token counts, while real "
+                        f"tokenizers have 32k-256k pieces")
+
+
+def check_output_folder(out_dir: str) -> None:
+    """Refuse, before the slow steps, an ``--out`` that cannot be created or replaced."""
+    def refuse(reason: str) -> NoReturn:
+        raise DataError(f"--out {out_dir}: cannot write there ({reason}); choose a folder you can write to")
+
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        refuse("it exists and is not a folder")
+    nearest = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        refuse(f"{nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as err:
+        refuse(f"{nearest}: {err.strerror}")
+
+
+def _refuse_foreign_files(out_dir: str) -> None:
+    """The output folder is replaced as a whole, so it may hold nothing but prepare-data's own files."""
+    try:
+        entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    except OSError as err:
+        raise DataError(f"--out {out_dir}: cannot list the folder ({err.strerror}); choose another --out") from None
+    if not entries:
+        return
+    owned = files_written_by_prepare(out_dir)
+    if owned is None:
+        raise DataError(f"--out {out_dir}: holds {entries[0]} but no readable prepare-data {MANIFEST}, and the "
+                        f"folder would be replaced as a whole; choose an empty or new folder")
+    foreign = [entry for entry in entries if entry not in owned]
+    if foreign:
+        raise DataError(f"--out {out_dir}: holds {foreign[0]}, which prepare-data did not write (its {MANIFEST} "
+                        f"does not list it), and the folder would be replaced as a whole; move it away or "
+                        f"choose another --out")
+
+
+def _train(documents: Sequence[DomainDocuments], vocab_size: int) -> bytes:
+    """Train the tokenizer; SentencePiece's refusals become advice in the right direction."""
+    try:
+        return train_tokenizer((doc for domain in documents for doc in domain.documents), vocab_size)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1]
+        too_few, too_many = _TOO_FEW_PIECES.search(reason), _TOO_MANY_PIECES.search(reason)
+        if too_few:
+            raise DataError(f"--vocab-size {vocab_size}: too small for the text, whose characters and special "
+                            f"pieces need {too_few.group(1)}; give a larger --vocab-size "
+                            f"(at least {too_few.group(1)})") from None
+        if too_many:
+            raise DataError(f"--vocab-size {vocab_size}: too large for the text, which yields at most "
+                            f"{too_many.group(1)} pieces; give a smaller --vocab-size "
+                            f"(at most {too_many.group(1)}) or more text") from None
+        raise DataError(f"--vocab-size {vocab_size}: SentencePiece could not train "
+                        f"({reason.split('] ', 1)[-1]}); check the input text") from None
 
 
 def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: int,
-                 vocab_size: Optional[int] = None, tokenizer_path: Optional[str] = None) -> dict:
-    """Run the whole pipeline and return the manifest that was written to ``out_dir``."""
+                 vocab_size: Optional[int] = None, tokenizer_path: Optional[str] = None,
+                 include: Sequence[str] = ()) -> dict:
+    """Run the whole pipeline and return the manifest that was written to ``out_dir``.
+
+    ``include`` adds file-name patterns to the default ``*.txt``/``*.jsonl`` for folders and globs.
+    Every check that needs no text runs before the text is read and the tokenizer trained.
+    """
     if seq_length < 2:
         raise DataError(f"--seq-length {seq_length}: must be >= 2 (samples hold seq_length + 1 tokens)")
     if (vocab_size is None) == (tokenizer_path is None):
         raise DataError("give exactly one of --vocab-size N (train a tokenizer) or --tokenizer MODEL")
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        raise DataError(f"--out {out_dir}: exists and is not a prepare-data output; choose an empty or new folder")
-    read = [read_domain(name, spec) for name, spec in domains]
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)
+    check_output_folder(out_dir)
+    out_path = os.path.abspath(out_dir)
+    # A killed earlier run left .<out>.tmp-* beside it; this may also put back a folder it was replacing.
+    remove_stale_temporaries(os.path.dirname(out_path), re.escape(os.path.basename(out_path)))
+    _refuse_foreign_files(out_dir)
+    patterns = (*DEFAULT_PATTERNS, *include)
+    read = [read_domain(name, spec, patterns) for name, spec in domains]
     if tokenizer_path is not None:
         tokenizer = Tokenizer.from_file(tokenizer_path)
         with open(tokenizer_path, "rb") as handle:
             model_bytes = handle.read()
     else:
-        if vocab_size < 300:
-            raise DataError(f"--vocab-size {vocab_size}: must be >= 300 (256 byte pieces + specials + merges)")
-        try:
-            model_bytes = train_tokenizer((doc for domain in read for doc in domain.documents), vocab_size)
-        except RuntimeError as err:
-            raise DataError(f"--vocab-size {vocab_size}: SentencePiece could not train "
-                            f"({str(err).strip().splitlines()[-1]}); try a smaller vocabulary") from None
+        model_bytes = _train(read, vocab_size)
         tokenizer = Tokenizer(model_bytes)
 
     manifest_domains = []
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_path) as tmp:
         with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as handle:
             handle.write(model_bytes)
         for domain_id, domain in enumerate(read):
@@ -228,7 +337,8 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
                 "tokens": stream_tokens,
                 "samples": int(samples.shape[0]),
                 "skipped": domain.skipped,
-                "shards": [{"file": f, "sha256": _sha256(os.path.join(tmp, f))} for f in shards],
+                "shards": [{"file": f, "sha256": file_sha256(os.path.join(tmp, f)), "index_file": f + INDEX_SUFFIX,
+                            "index_sha256": file_sha256(os.path.join(tmp, f + INDEX_SUFFIX))} for f in shards],
                 "sources": domain.files,
                 "provenance": [{"source": s, "license": lic, "documents": n}
                                for (s, lic), n in sorted(domain.provenance.items()) if s or lic],
@@ -249,4 +359,3 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
             json.dump(manifest, handle, indent=1, ensure_ascii=False)
             handle.write("\n")
     return manifest
-
