@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("GLOG_v", "3")
 
 from mindformers_sigma.config import apply_overrides, load_config  # noqa: E402
-from mindformers_sigma.errors import DataError, UserError  # noqa: E402
+from mindformers_sigma.errors import UserError  # noqa: E402
 from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
 
 
@@ -46,12 +46,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.data is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="mindrecord", path=args.data))
-    if args.resume == "auto" and args.out is None:
-        raise DataError("--resume auto: needs --out DIR (the run folder whose checkpoints/ to resume from)")
     config = apply_overrides(config, args.set)
     from mindformers_sigma.training.trainer import train
 
-    summary = train(config, steps=args.steps, out_dir=args.out, resume=args.resume)
+    summary = train(config, steps=args.steps, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+                    allow_config_change=args.allow_config_change)
     print(f"done: steps {summary.resumed_from or 0} -> {summary.steps}, loss {summary.first_loss:.4f} -> "
           f"{summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, MFU {summary.mfu:.3f} "
           f"(peak {summary.peak_flops / 1e9:.1f} GFLOP/s), {summary.compiled_graphs} graph(s) compiled in "
@@ -62,10 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
-    from mindformers_sigma.data.prepare import parse_domain_args, prepare_data
+    from mindformers_sigma.data.prepare import parse_domain_args, parse_include_args, prepare_data
 
     manifest = prepare_data(parse_domain_args(args.domain), args.out, args.seq_length,
-                            vocab_size=args.vocab_size, tokenizer_path=args.tokenizer)
+                            vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+                            include=parse_include_args(args.include))
     for domain in manifest["domains"]:
         skipped = ", ".join(f"{k} {v}" for k, v in domain["skipped"].items() if v) or "none"
         print(f"{domain['name']:>12}: id {domain['id']}, {domain['documents']} documents, {domain['tokens']:,} tokens, "
@@ -114,15 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="prepare-data folder (overrides the config's data section)")
     train.add_argument("--out", help="run folder: metrics.jsonl, loss.png, checkpoints/")
     train.add_argument("--resume", metavar="auto|PATH",
-                       help="auto: newest valid checkpoint in OUT/checkpoints; or a checkpoint file")
+                       help="auto: newest valid checkpoint in OUT/checkpoints (none: start at step 0); "
+                            "or a checkpoint file")
+    train.add_argument("--overwrite", action="store_true",
+                       help="a used --out: remove the previous run's outputs and start over (with --resume auto: "
+                            "only when no checkpoint is usable; with --resume PATH: the later checkpoints)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume although the model, routing or data-order keys or the data differ")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (YAML syntax), validated like the file; repeatable")
     train.set_defaults(handler=_cmd_train)
 
     prepare = commands.add_parser("prepare-data", help="tokenize per-domain text into packed MindRecord shards")
     prepare.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
-                         help="a domain and its .txt/.jsonl file, folder or glob (repeatable; order gives the ids)")
-    prepare.add_argument("--out", required=True, help="output folder (replaced atomically)")
+                         help="a domain and its file (any kind), or folder or glob of .txt/.jsonl and --include "
+                              "files (repeatable; order gives the ids)")
+    prepare.add_argument("--include", action="append", default=[], metavar="GLOB[,GLOB...]",
+                         help="also take files whose name matches, e.g. '*.py,*.c,*.h' (repeatable)")
+    prepare.add_argument("--out", required=True,
+                         help="output folder (replaced atomically; may hold only prepare-data's own files)")
     prepare.add_argument("--seq-length", type=int, required=True, help="model sequence length L (samples hold L+1)")
     source = prepare.add_mutually_exclusive_group(required=True)
     source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
@@ -153,9 +163,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; every failure is one line on stderr (2: bad input, 1: internal error)."""
     args = build_parser().parse_args(argv)
+    prog = f"pangu-sigma {args.command}"
     try:
         return args.handler(args)
     except UserError as err:
-        print(f"pangu-sigma {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused something the checks could not foresee
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory; use a smaller model, batch or vocabulary", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback only on request
+        if os.environ.get("PANGU_SIGMA_TRACEBACK"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"{prog}: internal error: {type(err).__name__}: {first} (set PANGU_SIGMA_TRACEBACK=1 to see where; "
+              f"please report it)", file=sys.stderr)
+        return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -306,11 +307,13 @@ def _coerce(field_path: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, str):  # PyYAML reads 1e-5 and 1.0e11 (no sign) as strings
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(field_path, value, "must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(field_path, value, "must be a finite number (not .inf or .nan)")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -336,6 +339,25 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
             raise ConfigError(f"{name}.{key}", value, f"unknown key; {_suggest(str(key), fields)}")
         values[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**values)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}", key,
+                                  "this key is given twice in the same mapping (the last would silently win); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` with duplicate keys refused (a ConfigError without source)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def config_from_dict(raw: Any, source: str = "<config>") -> SigmaConfig:
@@ -368,7 +390,9 @@ def load_config(path: str | os.PathLike) -> SigmaConfig:
     except OSError as err:
         raise ConfigError("<file>", path, f"cannot be read ({err.strerror})", path) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
+    except ConfigError as err:
+        raise err.with_source(path) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
@@ -395,7 +419,7 @@ def apply_overrides(config: SigmaConfig, overrides: typing.Sequence[str]) -> Sig
             raise ConfigError(f"--set {section}", override, f"unknown section; {_suggest(section, _SECTIONS)}",
                               config.source)
         try:
-            raw[section][key] = yaml.safe_load(text)
-        except yaml.YAMLError:
+            raw[section][key] = parse_yaml(text)
+        except (yaml.YAMLError, ConfigError):
             raise ConfigError(f"--set {path}", text, "is not a YAML value", config.source) from None
     return config_from_dict(raw, source=f"{config.source} (with --set {' '.join(overrides)})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import mindspore as ms
@@ -39,3 +40,53 @@ def pynative():
     ms.set_seed(0)
     np.random.seed(0)
     yield
+
+
+EOD = 6
+REAL_VOCAB = 512  # micro models that read the real-text corpus need the tokenizer's vocabulary
+
+
+@pytest.fixture(scope="session")
+def real_corpus(tmp_path_factory):
+    """A small prepared corpus of real text (Python source, English reference prose, Chinese), packed
+    into samples of micro_config()'s length: documents end inside samples, so batches hold EOD."""
+    import sysconfig
+
+    from pydoc_data.topics import topics
+
+    from mindformers_sigma.data.dataset import PreparedCorpus
+    from mindformers_sigma.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("real_corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (root / "code.txt").write_text((stdlib / "bisect.py").read_text())
+    (root / "en.jsonl").write_text("".join(
+        json.dumps({"text": topics[name][:600]}) + "\n" for name in sorted(topics)[:40]))
+    (root / "zh.jsonl").write_text("".join(
+        json.dumps({"text": text}, ensure_ascii=False) + "\n"
+        for text in ["迈向充满希望的新世纪", "同胞们、朋友们、女士们、先生们", "在这辞旧迎新的美好时刻", "继续努力"] * 8))
+    out = root / "prepared"
+    prepare_data([("code", str(root / "code.txt")), ("en", str(root / "en.jsonl")), ("zh", str(root / "zh.jsonl"))],
+                 str(out), 16, vocab_size=REAL_VOCAB)
+    return PreparedCorpus(str(out)), out
+
+
+def real_batch(corpus, rows_per_domain=(2, 1, 1), offset=0):
+    """Rows of real samples (an uneven domain mix by default) and their domain ids."""
+    tokens, domains = [], []
+    for domain, count in enumerate(rows_per_domain):
+        samples = corpus.samples[domain]
+        for i in range(count):
+            tokens.append(samples[(offset + i) % samples.shape[0]])
+            domains.append(domain)
+    return np.stack(tokens).astype(np.int32), np.asarray(domains, np.int32)
+
+
+def assert_close_to_scale(actual, expected, rel, what=""):
+    """|actual - expected| <= rel * scale, where scale is the largest |expected| of the tensor or of
+    all tensors together (rounding in a sum is relative to its terms, not to a sum that cancels)."""
+    overall = max(float(np.abs(e).max()) for e in expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        tolerance = rel * (float(np.abs(e).max()) + overall * 0.1)
+        diff = float(np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64)).max())
+        assert diff <= tolerance, f"{what}[{index}]: max |diff| {diff:.3g} > {tolerance:.3g}"

@@ -46,6 +46,10 @@ RULES = [
     ("model", {"hidden_size": True}, "model.hidden_size", "must be an integer"),
     ("train", {"learning_rate": -1.0}, "train.learning_rate", "must be > 0"),
     ("moe", {"capacity_factor": 0}, "moe.capacity_factor", "must be > 0"),
+    ("train", {"learning_rate": float("inf")}, "train.learning_rate", "must be a finite number"),
+    ("train", {"grad_clip_norm": float("nan")}, "train.grad_clip_norm", "must be a finite number"),
+    ("moe", {"capacity_factor": float("inf")}, "moe.capacity_factor", "must be a finite number"),
+    ("model", {"init_std": float("-inf")}, "model.init_std", "must be a finite number"),
 ]
 
 
@@ -106,3 +110,22 @@ def test_cli_rejects_bad_argument_in_one_line():
                              "--steps", "-3"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--steps" in result.stderr
+
+
+@pytest.mark.parametrize("text,line", [
+    ("model:\n  vocab_size: 10\n  vocab_size: 20\n", 3),
+    ("train:\n  steps: 5\nmodel:\n  vocab_size: 10\ntrain:\n  steps: 6\n", 5),
+])
+def test_duplicate_yaml_keys_are_refused_not_silently_overridden(tmp_path, text, line):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: line {line} = ") and "given twice" in str(info.value)
+
+
+def test_set_override_with_non_finite_value_is_refused():
+    from mindformers_sigma.config import apply_overrides
+
+    with pytest.raises(ConfigError, match="train.eps = nan: must be a finite number"):
+        apply_overrides(load_config(CONFIGS / "pangu_sigma_tiny_cpu.yaml"), ["train.eps=.nan"])

@@ -16,10 +16,12 @@ import yaml
 from mindspore import Parameter, Tensor, nn
 
 from mindformers_sigma.training import checkpoint as ckpt
+from mindformers_sigma.training.global_batch import predicted_tokens
 from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
+from mindformers_sigma.training.train_step import run_step
 from mindformers_sigma.training.trainer import build_train_step
 
-from conftest import REPO, micro_config, tiny_raw
+from conftest import EOD, REAL_VOCAB, REPO, assert_close_to_scale, micro_config, real_batch, tiny_raw
 
 
 class _Two(nn.Cell):
@@ -56,9 +58,17 @@ def test_hybrid_adam_matches_numpy_with_separate_expert_epsilon(pynative):
 
 
 def _batch(config, batch=4, seed=0):
+    """Random tokens with EOD inside (ids 0..V-1 include 6), one domain per row."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(7, config.model.vocab_size, (batch, config.model.seq_length + 1)).astype(np.int32)
+    tokens = rng.integers(0, config.model.vocab_size, (batch, config.model.seq_length + 1)).astype(np.int32)
+    tokens[:, 5] = EOD
     return tokens, (np.arange(batch) % config.moe.num_domains).astype(np.int32)
+
+
+def _step_inputs(tokens, domains):
+    """Inputs of the fused step: tokens, domains and the step's predicted-token count."""
+    total = predicted_tokens(tokens, EOD)
+    return Tensor(tokens), Tensor(domains), Tensor(float(total), ms.float32)
 
 
 def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
@@ -68,7 +78,7 @@ def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
     before = [w.asnumpy().copy() for w in weights]
     poisoned = [np.zeros(w.shape, np.float32) for w in weights]
     poisoned[3][0] = np.inf  # one inf entry in one gradient
-    finite = step.apply_gradients(tuple(Tensor(g) for g in poisoned), Tensor(1.0, ms.float32))
+    finite = step.apply_gradients(tuple(Tensor(g) for g in poisoned))
     assert not bool(finite.asnumpy())
     for w, b in zip(weights, before):
         np.testing.assert_array_equal(w.asnumpy(), b)
@@ -77,8 +87,8 @@ def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
     # Clean steps: the update happens, and after `window` of them the scale grows again.
     tokens, domains = _batch(config)
     for _ in range(2):
-        out = step(Tensor(tokens), Tensor(domains))
-        assert bool(out[5].asnumpy())
+        out = step(*_step_inputs(tokens, domains))
+        assert bool(out[4].asnumpy())
     assert float(step.apply_gradients.loss_scale.scale.asnumpy()) == 1024.0
     assert any(not np.array_equal(w.asnumpy(), b) for w, b in zip(weights, before))
 
@@ -87,26 +97,54 @@ def test_overflowing_loss_scale_is_skipped_then_recovers(pynative):
     config = micro_config(train={"loss_scale": "dynamic", "initial_loss_scale": 2.0 ** 127})
     step = build_train_step(config, None, 1)
     tokens, domains = _batch(config)
-    finites = [bool(step(Tensor(tokens), Tensor(domains))[5].asnumpy()) for _ in range(3)]
+    finites = [bool(step(*_step_inputs(tokens, domains))[4].asnumpy()) for _ in range(3)]
     assert finites[0] is False  # loss * 2^127 overflows float32
     assert float(step.apply_gradients.loss_scale.scale.asnumpy()) < 2.0 ** 127
 
 
-def test_gradient_accumulation_equals_one_big_batch(pynative):
-    from mindformers_sigma.training.trainer import _accumulated_step
+def _gradients(step, tokens, domains, total):
+    stats, grads = step.forward_backward(Tensor(tokens), Tensor(domains), Tensor(1.0, ms.float32),
+                                         Tensor(float(total), ms.float32))
+    return [s.asnumpy() for s in stats], [g.asnumpy().astype(np.float64) for g in grads]
 
-    config = micro_config(train={"learning_rate": 1.0e-2, "warmup_steps": 0})
-    tokens, domains = _batch(config, batch=4)  # no EOD: every micro-batch counts the same tokens
+
+def test_accumulated_gradients_equal_the_whole_batch_on_real_text_with_eod(pynative, real_corpus):
+    corpus, _ = real_corpus
+    config = micro_config(model={"vocab_size": REAL_VOCAB})
+    tokens, domains = real_batch(corpus, rows_per_domain=(2, 1, 1), offset=3)
+    counts = [predicted_tokens(tokens[:2], EOD), predicted_tokens(tokens[2:], EOD)]
+    assert counts[0] != counts[1], "the micro-batches must hold different numbers of predicted tokens"
+    total = sum(counts)
+    step = build_train_step(config, None, 1)
+    whole_stats, whole = _gradients(step, tokens, domains, total)
+    first_stats, first = _gradients(step, tokens[:2], domains[:2], total)
+    second_stats, second = _gradients(step, tokens[2:], domains[2:], total)
+    accumulated = [a + b for a, b in zip(first, second)]
+    # float32 sums in another order: equal to rounding relative to the size of the terms.
+    assert_close_to_scale(accumulated, whole, rel=1e-5, what="accumulated gradient")
+    np.testing.assert_array_equal(first_stats[1] + second_stats[1], whole_stats[1])  # token counts
+    np.testing.assert_allclose(first_stats[0] + second_stats[0], whole_stats[0], rtol=1e-6)  # NLL per domain
+    # Normalising each micro-batch by its own count (the old rule) is measurably different.
+    per_micro_mean = [(a * total / counts[0] + b * total / counts[1]) / 2 for a, b in zip(first, second)]
+    with pytest.raises(AssertionError):
+        assert_close_to_scale(per_micro_mean, whole, rel=1e-3)
+
+
+def test_trainer_step_reports_the_same_loss_however_the_batch_is_split(pynative, real_corpus):
+    corpus, _ = real_corpus
+    config = micro_config(model={"vocab_size": REAL_VOCAB})
+    tokens, domains = real_batch(corpus, rows_per_domain=(1, 2, 1), offset=5)
+    total = predicted_tokens(tokens, EOD)
     ms.set_seed(0)
-    whole = build_train_step(config, None, 1)
+    whole = run_step(build_train_step(config, None, 1), [_step_inputs(tokens, domains)], total, 0.0, 1)
     ms.set_seed(0)
-    split = build_train_step(config, None, 1)
-    whole_loss = float(whole(Tensor(tokens), Tensor(domains))[0].asnumpy())
-    micro = [(Tensor(tokens[:2]), Tensor(domains[:2])), (Tensor(tokens[2:]), Tensor(domains[2:]))]
-    split_loss = float(_accumulated_step(split, micro)[0].asnumpy())
-    assert split_loss == pytest.approx(whole_loss, abs=1e-6)
-    for a, b in zip(whole.apply_gradients.optimizer.parameters, split.apply_gradients.optimizer.parameters):
-        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-6)
+    split_cell = build_train_step(config, None, 1)
+    parts = [_step_inputs(tokens[i:i + 1], domains[i:i + 1])[:2] + (Tensor(float(total), ms.float32),)
+             for i in range(4)]
+    split = run_step(split_cell, parts, total, 0.0, 4)
+    assert split.loss == pytest.approx(whole.loss, rel=1e-6)
+    np.testing.assert_array_equal(split.counted, whole.counted)
+    assert whole.counted.sum() == total
 
 
 def _params(directory, step, fmt="ckpt"):
@@ -131,10 +169,10 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(pynative, tmp_path):
     assert np.all(ckpt.load_parameters(info)["w"].asnumpy() == 2)
 
 
-def _write_config(tmp_path, **train):
+def _write_config(tmp_path, dropout=0.0, **train):
     raw = tiny_raw()
     raw["model"].update(vocab_size=64, hidden_size=32, num_heads=4, ffn_hidden_size=48, num_layers=3,
-                        dense_layers=1, sparse_layers=2, seq_length=16)
+                        dense_layers=1, sparse_layers=2, seq_length=16, dropout_rate=dropout)
     raw["train"].update(batch_size=4, steps=12, warmup_steps=2, checkpoint_interval=3, keep_checkpoints=2,
                         peak_flops=1.0e11, log_interval=1, **train)
     path = tmp_path / "micro.yaml"
@@ -151,30 +189,64 @@ def _losses(out):
         return [json.loads(line)["loss"] for line in handle]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
-def test_sigkill_then_resume_gives_the_same_run(tmp_path, fmt):
-    config = _write_config(tmp_path, checkpoint_format=fmt)
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    subprocess.run(_train_cmd(config, straight), check=True, capture_output=True, cwd=REPO)
-    process = subprocess.Popen(_train_cmd(config, crashed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def _kill_after_checkpoint(config, out, at_least, extra=()):
+    """Start a run, SIGKILL it once checkpoint ``at_least`` exists; returns the newest step on disk."""
+    process = subprocess.Popen(_train_cmd(config, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=REPO)
     deadline = time.time() + 120
-    while time.time() < deadline and ckpt.list_checkpoints(str(crashed / "checkpoints"))[-1:] < [6]:
-        time.sleep(0.05)
+    while time.time() < deadline and ckpt.list_checkpoints(str(out / "checkpoints"))[-1:] < [at_least]:
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stopped_at = ckpt.list_checkpoints(str(crashed / "checkpoints"))[-1]
-    assert 6 <= stopped_at < 12, "the kill must land partway"
+    return ckpt.list_checkpoints(str(out / "checkpoints"))[-1]
+
+
+@pytest.mark.slow
+def test_killed_twice_then_resumed_gives_the_same_run_with_dropout(tmp_path):
+    # Dropout on: its masks are a function of (seed, step, micro-batch), so a resumed run draws the
+    # very masks the uninterrupted one drew.  (The .ckpt format is resumed in test_run_folder.py.)
+    config = _write_config(tmp_path, dropout=0.1, checkpoint_format="safetensors", grad_accumulation_steps=2)
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(_train_cmd(config, straight), check=True, capture_output=True, cwd=REPO)
+    first = _kill_after_checkpoint(config, crashed, 3)
+    second = _kill_after_checkpoint(config, crashed, first + 3, ("--resume", "auto"))
+    assert 3 <= first < second < 12, "both kills must land partway"
     result = subprocess.run(_train_cmd(config, crashed, "--resume", "auto"), capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"continuing from step {stopped_at}" in result.stdout
+    assert f"continuing from step {second}" in result.stdout
     assert _losses(crashed) == _losses(straight)  # bitwise: the same float values
     a = _params(straight / "checkpoints", 12)
     b = _params(crashed / "checkpoints", 12)
     assert a.keys() == b.keys() and any(k.startswith("adam_m.") for k in a)
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_dropout_is_active_in_training_and_off_without_a_seed(pynative):
+    from mindformers_sigma.model.dropout import SeededDropout
+
+    rate = 0.25
+    dropout = SeededDropout(rate, site=3)
+    x = Tensor(np.ones((64, 128), np.float32))
+    assert np.array_equal(dropout(x).asnumpy(), x.asnumpy())
+    masked = dropout(x, Tensor(11, ms.int64)).asnumpy()
+    kept = masked != 0
+    assert np.allclose(masked[kept], 1.0 / (1.0 - rate))
+    n = kept.size
+    assert abs((~kept).mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)  # the drop rate is the configured one
+    again = dropout(x, Tensor(11, ms.int64)).asnumpy()
+    other_seed = dropout(x, Tensor(12, ms.int64)).asnumpy()
+    other_site = SeededDropout(rate, site=4)(x, Tensor(11, ms.int64)).asnumpy()
+    assert np.array_equal(again, masked)
+    assert (other_seed != masked).mean() > 0.2 and (other_site != masked).mean() > 0.2
+    # In the whole model: a step seed changes the statistics, no seed (evaluation) leaves them alone.
+    from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
+
+    net = PanGuSigmaForCausalLM(micro_config(model={"dropout_rate": 0.3}))
+    tokens, domains = _batch(micro_config())
+    plain = [net(Tensor(tokens), Tensor(domains))[0].asnumpy() for _ in range(2)]
+    seeded = net(Tensor(tokens), Tensor(domains), None, Tensor(5, ms.int64))[0].asnumpy()
+    assert np.array_equal(plain[0], plain[1]) and not np.allclose(seeded, plain[0])
 
 
 def test_cli_training_errors_are_one_line(tmp_path):

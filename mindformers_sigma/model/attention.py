@@ -7,13 +7,14 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
+from mindformers_sigma.model.dropout import SeededDropout
 from mindformers_sigma.model.layers import Linear
 
 
 class SelfAttention(nn.Cell):
     """Scaled dot-product attention with an additive mask bias; softmax always in float32."""
 
-    def __init__(self, hidden_size: int, num_heads: int, init_std: float, dropout_rate: float,
+    def __init__(self, hidden_size: int, num_heads: int, init_std: float, dropout_rate: float, dropout_site: int,
                  compute_dtype=ms.float32):
         super().__init__()
         self.num_heads = num_heads
@@ -26,13 +27,13 @@ class SelfAttention(nn.Cell):
         self.output = Linear(hidden_size, hidden_size, init_std, compute_dtype)
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.mix = ops.BatchMatMul()
-        self.dropout = nn.Dropout(p=dropout_rate) if dropout_rate > 0 else None
+        self.dropout = SeededDropout(dropout_rate, dropout_site)
 
     def _split_heads(self, x):
         batch, seq, _ = x.shape
         return x.reshape((batch, seq, self.num_heads, self.head_dim)).transpose(0, 2, 1, 3)
 
-    def construct(self, hidden, attention_bias, query_input=None):
+    def construct(self, hidden, attention_bias, query_input=None, dropout_seed=None):
         """hidden [B, S, H], attention_bias [B, 1, S, S]; query_input [B, S, H] replaces hidden for Q."""
         batch, seq, width = hidden.shape
         query_source = hidden if query_input is None else query_input
@@ -40,9 +41,7 @@ class SelfAttention(nn.Cell):
         key = self._split_heads(self.key(hidden))
         value = self._split_heads(self.value(hidden))
         scores = self.scores(query, key).astype(ms.float32) * self.scale + attention_bias
-        probs = ops.softmax(scores, -1)
-        if self.dropout is not None:
-            probs = self.dropout(probs)
+        probs = self.dropout(ops.softmax(scores, -1), dropout_seed)
         context = self.mix(probs.astype(self.compute_dtype), value)
         context = context.transpose(0, 2, 1, 3).reshape((batch, seq, width))
         return self.output(context)

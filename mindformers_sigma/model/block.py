@@ -11,9 +11,13 @@ from mindspore import nn, ops
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.dtypes import dtype_of
 from mindformers_sigma.model.attention import SelfAttention
+from mindformers_sigma.model.dropout import SeededDropout
 from mindformers_sigma.model.feed_forward import FeedForward
 from mindformers_sigma.model.layers import LayerNorm
 from mindformers_sigma.moe.moe_layer import MoELayer
+
+# Dropout sites of one layer: attention probabilities, attention residual, FFN residual.
+DROPOUT_SITES_PER_LAYER = 3
 
 
 class DecoderLayer(nn.Cell):
@@ -24,32 +28,27 @@ class DecoderLayer(nn.Cell):
     Returns ``(hidden, aux_loss, dropped)``; dense layers give zeros for the last two.
     """
 
-    def __init__(self, config: SigmaConfig, sparse: bool, routing_table: Optional[np.ndarray] = None):
+    def __init__(self, config: SigmaConfig, layer_index: int, sparse: bool, routing_table: Optional[np.ndarray] = None):
         super().__init__()
         model = config.model
         dtype = dtype_of(model.compute_dtype)
         self.sparse = sparse
+        first_site = DROPOUT_SITES_PER_LAYER * layer_index + 1  # site 0 is the embedding's
         self.attention_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
-        self.attention = SelfAttention(model.hidden_size, model.num_heads, model.init_std, model.dropout_rate, dtype)
+        self.attention = SelfAttention(model.hidden_size, model.num_heads, model.init_std, model.dropout_rate,
+                                       first_site, dtype)
         self.ffn_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
         if sparse:
             self.ffn = MoELayer(model, config.moe, routing_table)
         else:
             self.ffn = FeedForward(model.hidden_size, model.ffn_hidden_size, model.init_std, dtype)
-        self.dropout = nn.Dropout(p=model.dropout_rate) if model.dropout_rate > 0 else None
+        self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)
+        self.ffn_dropout = SeededDropout(model.dropout_rate, first_site + 2)
 
-    def _residual(self, hidden, update):
-        if self.dropout is not None:
-            update = self.dropout(update)
-        return hidden + update.astype(hidden.dtype)
-
-    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, capacity_hint=None):
-        normed = self.attention_norm(hidden)
-        if query_hidden is None:
-            attended = self.attention(normed, attention_bias)
-        else:
-            attended = self.attention(normed, attention_bias, query_hidden)
-        hidden = self._residual(hidden, attended)
+    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, capacity_hint=None,
+                  dropout_seed=None):
+        attended = self.attention(self.attention_norm(hidden), attention_bias, query_hidden, dropout_seed)
+        hidden = hidden + self.attention_dropout(attended, dropout_seed).astype(hidden.dtype)
         normed = self.ffn_norm(hidden)
         if self.sparse:
             update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids, capacity_hint)
@@ -57,4 +56,4 @@ class DecoderLayer(nn.Cell):
             update = self.ffn(normed)
             aux_loss = ops.zeros((), ms.float32)
             dropped = ops.zeros((), ms.int32)
-        return self._residual(hidden, update), aux_loss, dropped
+        return hidden + self.ffn_dropout(update, dropout_seed).astype(hidden.dtype), aux_loss, dropped

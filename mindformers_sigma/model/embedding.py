@@ -6,6 +6,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from mindformers_sigma.model.dropout import SeededDropout
+
 
 class LookupTable(nn.Cell):
     """A learned ``[rows, hidden]`` table looked up by integer ids."""
@@ -22,14 +24,12 @@ class LookupTable(nn.Cell):
 class Embedding(nn.Cell):
     """token ids + (EOD-reset) position ids -> hidden states."""
 
-    def __init__(self, vocab_size: int, seq_length: int, hidden_size: int, init_std: float, dropout_rate: float):
+    def __init__(self, vocab_size: int, seq_length: int, hidden_size: int, init_std: float, dropout_rate: float,
+                 dropout_site: int):
         super().__init__()
         self.word = LookupTable(vocab_size, hidden_size, init_std)
         self.position = LookupTable(seq_length, hidden_size, init_std)
-        self.dropout = nn.Dropout(p=dropout_rate) if dropout_rate > 0 else None
+        self.dropout = SeededDropout(dropout_rate, dropout_site)
 
-    def construct(self, input_ids, position_ids):
-        hidden = self.word(input_ids) + self.position(position_ids)
-        if self.dropout is not None:
-            hidden = self.dropout(hidden)
-        return hidden
+    def construct(self, input_ids, position_ids, dropout_seed=None):
+        return self.dropout(self.word(input_ids) + self.position(position_ids), dropout_seed)

@@ -47,28 +47,29 @@ class PanGuSigmaModel(nn.Cell):
             sparse_index = index - model.dense_layers
             sparse = sparse_index >= 0
             table = routing_tables[sparse_index] if sparse and config.moe.router == "rre" else None
-            layers.append(DecoderLayer(config, sparse, table))
+            layers.append(DecoderLayer(config, index, sparse, table))
         self.embedding = Embedding(model.vocab_size, model.seq_length, model.hidden_size, model.init_std,
-                                   model.dropout_rate)
+                                   model.dropout_rate, dropout_site=0)
         self.eod_reset = EodResetMask(model.seq_length, model.eod_token_id)
         self.layers = nn.CellList(layers[:-1])
         self.final_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
         self.top_query_embedding = LookupTable(model.seq_length, model.hidden_size, model.init_std)
         self.top_query_layer = layers[-1]
 
-    def construct(self, input_ids, domain_ids, capacity_hint=None):
+    def construct(self, input_ids, domain_ids, capacity_hint=None, dropout_seed=None):
         position_ids, attention_bias = self.eod_reset(input_ids)
-        hidden = self.embedding(input_ids, position_ids)
+        hidden = self.embedding(input_ids, position_ids, dropout_seed)
         aux_loss = ops.zeros((), ms.float32)
         dropped = ops.zeros((), ms.int32)
         for layer in self.layers:
-            hidden, layer_aux, layer_dropped = layer(hidden, attention_bias, input_ids, domain_ids, None, capacity_hint)
+            hidden, layer_aux, layer_dropped = layer(hidden, attention_bias, input_ids, domain_ids, None, capacity_hint,
+                                                     dropout_seed)
             aux_loss += layer_aux
             dropped += layer_dropped
         hidden = self.final_norm(hidden)
         query_hidden = self.top_query_embedding(position_ids)
         hidden, layer_aux, layer_dropped = self.top_query_layer(
-            hidden, attention_bias, input_ids, domain_ids, query_hidden, capacity_hint
+            hidden, attention_bias, input_ids, domain_ids, query_hidden, capacity_hint, dropout_seed
         )
         return hidden, aux_loss + layer_aux, dropped + layer_dropped
 
@@ -89,19 +90,19 @@ class PanGuSigmaForCausalLM(nn.Cell):
         self.eod_token_id = config.model.eod_token_id
         self.num_domains = config.moe.num_domains
 
-    def logits(self, input_ids, domain_ids, capacity_hint=None):
+    def logits(self, input_ids, domain_ids, capacity_hint=None, dropout_seed=None):
         """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
-        hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, capacity_hint)
+        hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, capacity_hint, dropout_seed)
         batch, seq, width = hidden.shape
         word_table = self.backbone.embedding.word.embedding_table
         logits = ops.matmul(hidden.reshape((batch * seq, width)).astype(ms.float32),
                             word_table.transpose(1, 0))
         return logits.reshape((batch, seq, -1)), aux_loss, dropped
 
-    def construct(self, tokens, domain_ids, capacity_hint=None):
+    def construct(self, tokens, domain_ids, capacity_hint=None, dropout_seed=None):
         input_ids = tokens[:, :-1]
         labels = tokens[:, 1:]
-        logits, aux_loss, dropped = self.logits(input_ids, domain_ids, capacity_hint)
+        logits, aux_loss, dropped = self.logits(input_ids, domain_ids, capacity_hint, dropout_seed)
         batch, seq, vocab = logits.shape
         log_probs = ops.log_softmax(logits.reshape((-1, vocab)), -1)
         token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((batch, seq))

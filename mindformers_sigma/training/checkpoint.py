@@ -5,7 +5,7 @@ A checkpoint ``step_NNNNNNNN`` is two files in ``OUT/checkpoints``:
 * ``step_NNNNNNNN.ckpt`` or ``.safetensors``: every parameter of the train step: model weights
   (routing tables included), Adam moments (``adam_m.*``, ``adam_v.*``), the optimizer's
   ``global_step``, the loss scale and its clean-step counter;
-* ``step_NNNNNNNN.json``: step, data position, RNG state, format and the weights' sha256.
+* ``step_NNNNNNNN.json``: step, data position, config, data fingerprint, format and the weights' sha256.
 
 The weights are written to a temporary file, fsynced and renamed; the sidecar is written the
 same way *after* them, so it is the commit mark: a checkpoint without a sidecar, or whose
@@ -27,6 +27,7 @@ import mindspore as ms
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
+_WEIGHTS = re.compile(r"^step_(\d{8})\.(?:ckpt|safetensors)$")
 SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
 
@@ -65,11 +66,23 @@ def save_checkpoint(directory: str, step: int, parameters: Dict[str, ms.Paramete
     record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=_sha256(weights))
     write_bytes_atomic(os.path.join(directory, stem + ".json"), json.dumps(record, indent=1).encode() + b"\n")
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
-        os.unlink(os.path.join(directory, f"step_{old:08d}.json"))
+    prune_checkpoints(directory, step, keep)
+    return weights
+
+
+def prune_checkpoints(directory: str, newest: int, keep: int) -> None:
+    """Keep the ``keep`` newest committed checkpoints up to step ``newest``; delete older ones and
+    the uncommitted weights (no sidecar) of earlier steps.  Later steps are never touched: they
+    belong to another run or were skipped as corrupt, and are not this run's to delete."""
+    committed = [step for step in list_checkpoints(directory) if step <= newest]
+    for old in committed[:-keep]:
+        os.unlink(os.path.join(directory, f"step_{old:08d}.json"))  # the commit mark goes first
         for path in glob.glob(os.path.join(directory, f"step_{old:08d}.*")):
             os.unlink(path)
-    return weights
+    for entry in os.listdir(directory):
+        match = _WEIGHTS.match(entry)
+        if match and int(match.group(1)) < newest and int(match.group(1)) not in committed:
+            os.unlink(os.path.join(directory, entry))
 
 
 def list_checkpoints(directory: str) -> List[int]:

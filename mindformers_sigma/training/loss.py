@@ -1,8 +1,11 @@
-"""The scalar training loss, normalised over the whole global batch.
+"""The scalar training loss, normalised by the token count of the whole step.
 
-Each data-parallel rank holds part of the batch.  Dividing each rank's summed NLL by the
-*global* token count (all-reduced) and summing gradients across ranks (not averaging) gives
-exactly the gradient of the single-process loss, whatever the ranks' token counts are.
+A step's global batch is split over data-parallel ranks and accumulation micro-batches.
+The host counts the predicted tokens of the *whole* global batch before the step and passes
+that count to every micro-batch; each micro-batch's summed NLL is divided by it and the
+gradients are summed (across micro-batches and across ranks, never averaged).  The sum is
+then exactly the gradient of the mean NLL over the global batch, whatever each part's
+token count is (EOD positions carry no loss, so parts differ).
 """
 
 from __future__ import annotations
@@ -12,29 +15,26 @@ from mindspore import nn, ops
 
 
 class TrainingLoss(nn.Cell):
-    """(tokens, domain_ids, loss_scale) -> (scaled loss, loss, nll/domain, tokens/domain, aux, dropped).
+    """(tokens, domain_ids, loss_scale, token_total, capacity_hint, dropout_seed)
+    -> (scaled loss, nll/domain, tokens/domain, aux, dropped).
 
-    The first output is what is differentiated; the rest are global statistics for logging.
+    The first output is what is differentiated; the rest are this micro-batch's statistics,
+    summed over data-parallel ranks, for logging.
     """
 
-    def __init__(self, network: nn.Cell, aux_loss_coef: float, data_parallel: int):
+    def __init__(self, network: nn.Cell, aux_loss_coef: float, data_parallel: int, accumulation_steps: int):
         super().__init__(auto_prefix=False)
         self.network = network
-        self.aux_loss_coef = aux_loss_coef
-        self.data_parallel = data_parallel
+        # The auxiliary loss is a mean over every micro-batch of every rank.
+        self.aux_weight = aux_loss_coef / (data_parallel * accumulation_steps)
         self.all_reduce = ops.AllReduce() if data_parallel > 1 else None
 
-    def construct(self, tokens, domain_ids, loss_scale, capacity_hint=None):
-        nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, capacity_hint)
-        aux_share = aux_loss / self.data_parallel
+    def construct(self, tokens, domain_ids, loss_scale, token_total, capacity_hint=None, dropout_seed=None):
+        nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, capacity_hint, dropout_seed)
+        loss = nll.sum() / token_total + self.aux_weight * aux_loss
         if self.all_reduce is not None:
-            nll_all = self.all_reduce(nll)
+            nll = self.all_reduce(nll)
             counted = self.all_reduce(counted)
-            aux_loss = self.all_reduce(aux_share)
+            aux_loss = self.all_reduce(aux_loss)
             dropped = self.all_reduce(dropped.astype(ms.float32)).astype(ms.int32)
-        else:
-            nll_all = nll
-        total = ops.maximum(counted.sum(), 1.0)
-        local_loss = nll.sum() / total + self.aux_loss_coef * aux_share
-        loss = nll_all.sum() / total + self.aux_loss_coef * aux_loss
-        return local_loss * loss_scale, ops.stop_gradient(loss), nll_all, counted, aux_loss, dropped
+        return loss * loss_scale, nll, counted, aux_loss, dropped

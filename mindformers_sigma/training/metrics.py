@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.params import count_parameters
 
@@ -45,20 +46,36 @@ def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
     return max(rates)
 
 
-class MetricsLog:
-    """Appends one JSON object per step to ``metrics.jsonl`` (truncated to a resume step first)."""
+def _step_of(line: str) -> Optional[int]:
+    """The step of one metrics line, or None for a line that a crash cut short (or that is not ours)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
-    def __init__(self, path: Optional[str], resume_step: int = 0):
+
+class MetricsLog:
+    """Appends one JSON object per step to ``metrics.jsonl``.
+
+    On resume the file is cut back to the checkpoint's step first (atomically), dropping the
+    steps that will be redone and any line cut short by a crash mid-write.
+    """
+
+    def __init__(self, path: Optional[str], resume_step: int = 0, log: Callable[[str], None] = print):
         self.path = path
-        if path is None:
+        if path is None or not os.path.isfile(path):
             return
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.writelines(kept)
-            os.replace(tmp, path)
+        with open(path, "rb") as handle:
+            lines = handle.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        steps = [_step_of(line) for line in lines]
+        kept = [line if line.endswith("\n") else line + "\n"
+                for line, step in zip(lines, steps) if step is not None and step <= resume_step]
+        unreadable = sum(step is None and bool(line.strip()) for line, step in zip(lines, steps))
+        if unreadable:
+            log(f"metrics: dropped {unreadable} unreadable line(s) of {path} (a write cut short by a crash)")
+        write_bytes_atomic(path, "".join(kept).encode("utf-8"))
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -105,7 +122,7 @@ def plot_losses(metrics_path: str, out_png: str) -> bool:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png + ".tmp.png")
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(out_png + ".tmp.png", out_png)
     return True

@@ -1,13 +1,18 @@
-"""Compiled training steps: forward/backward with loss scaling, overflow skip, clipping, update.
+"""Training steps: forward/backward with loss scaling, overflow skip, clipping, update.
 
 ``ForwardBackward`` and ``ApplyGradients`` are separate cells so that gradient accumulation
 can run several forward/backward passes before one update; ``TrainOneStepCell`` fuses them
-into one graph for the common case of no accumulation.
+into one graph for the common case of no accumulation.  :func:`run_step` drives either and
+turns the statistics into the reported loss on the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindformers_sigma.config import TrainConfig
@@ -56,8 +61,8 @@ class ForwardBackward(nn.Cell):
         self.value_and_grad = ops.value_and_grad(loss_cell, None, weights, has_aux=True)
         self.grad_reducer = nn.DistributedGradReducer(weights, mean=False) if data_parallel > 1 else None
 
-    def construct(self, tokens, domain_ids, loss_scale, capacity_hint=None):
-        outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale, capacity_hint)
+    def construct(self, tokens, domain_ids, loss_scale, token_total, capacity_hint=None, dropout_seed=None):
+        outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale, token_total, capacity_hint, dropout_seed)
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
         return outputs[1:], grads
@@ -73,8 +78,8 @@ class ApplyGradients(nn.Cell):
         self.grad_clip_norm = grad_clip_norm
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, grads, divisor):
-        grads = self.hyper_map(ops.partial(_unscale, 1.0 / (self.loss_scale.scale * divisor)), grads)
+    def construct(self, grads):
+        grads = self.hyper_map(ops.partial(_unscale, 1.0 / self.loss_scale.scale), grads)
         finite = ops.stack([ops.isfinite(grad).all() for grad in grads]).all()
         if self.grad_clip_norm > 0:
             grads = ops.clip_by_global_norm(grads, self.grad_clip_norm)
@@ -84,16 +89,55 @@ class ApplyGradients(nn.Cell):
 
 
 class TrainOneStepCell(nn.Cell):
-    """One fused step: returns (loss, nll/domain, tokens/domain, aux, dropped, finite, loss scale used)."""
+    """One fused step: returns (nll/domain, tokens/domain, aux, dropped, finite, loss scale used)."""
 
     def __init__(self, forward_backward: ForwardBackward, apply_gradients: ApplyGradients):
         super().__init__(auto_prefix=False)
         self.forward_backward = forward_backward
         self.apply_gradients = apply_gradients
-        self.one = Tensor(1.0, ms.float32)
 
-    def construct(self, tokens, domain_ids, capacity_hint=None):
+    def construct(self, tokens, domain_ids, token_total, capacity_hint=None, dropout_seed=None):
         scale = self.apply_gradients.loss_scale.scale * 1.0
-        stats, grads = self.forward_backward(tokens, domain_ids, scale, capacity_hint)
-        finite = self.apply_gradients(grads, self.one)
+        stats, grads = self.forward_backward(tokens, domain_ids, scale, token_total, capacity_hint, dropout_seed)
+        finite = self.apply_gradients(grads)
         return stats + (finite, scale)
+
+
+@dataclass
+class StepResult:
+    """One step as reported: statistics summed over micro-batches and data-parallel ranks."""
+
+    loss: float
+    nll: np.ndarray
+    counted: np.ndarray
+    aux_loss: float
+    dropped: int
+    finite: bool
+    loss_scale: float
+
+
+def run_step(step_cell: TrainOneStepCell, micro_batches: Sequence[Tuple], token_total: int, aux_loss_coef: float,
+             parts: int) -> StepResult:
+    """One update from this rank's micro-batches (see ``training/global_batch.py``).
+
+    With several micro-batches the scaled gradients are summed in micro-batch order, then
+    applied once: each micro-batch's loss is already divided by the step's token total, so
+    the sum is the gradient of the global-batch mean.  The reported loss is computed here, in
+    float64, from the summed per-domain NLL, so every way of splitting a batch reports it alike.
+    """
+    if len(micro_batches) == 1:
+        outputs = [o.asnumpy() for o in step_cell(*micro_batches[0])]
+    else:
+        scale = step_cell.apply_gradients.loss_scale.scale * 1.0
+        total_grads, totals = None, None
+        for tokens, domain_ids, *rest in micro_batches:
+            stats, grads = step_cell.forward_backward(tokens, domain_ids, scale, *rest)
+            total_grads = grads if total_grads is None else tuple(a + b for a, b in zip(total_grads, grads))
+            stats = [s.asnumpy() for s in stats]
+            totals = stats if totals is None else [a + b for a, b in zip(totals, stats)]
+        finite = step_cell.apply_gradients(total_grads)
+        outputs = totals + [finite.asnumpy(), scale.asnumpy()]
+    nll, counted, aux_sum, dropped, finite, scale = outputs
+    aux_loss = float(aux_sum) / parts
+    loss = float(np.sum(nll, dtype=np.float64)) / max(token_total, 1) + aux_loss_coef * aux_loss
+    return StepResult(loss, nll, counted, aux_loss, int(dropped), bool(finite), float(scale))

@@ -1,0 +1,84 @@
+"""What the host prepares before each step: this rank's micro-batches of the step's global batch.
+
+A step reads ``train.batch_size`` consecutive global positions.  They form
+``grad_accumulation_steps x data_parallel`` parts of equal size; part ``k = m * G + r`` is
+micro-batch ``m`` of rank ``r`` (so one process accumulating ``G`` micro-batches reads exactly
+what ``G`` data-parallel ranks read).  Every rank reads the whole global batch, which is small
+(token ids only), so that all ranks agree, without communicating, on:
+
+* the loss normaliser: the number of predicted (non-EOD input) tokens of the global batch;
+* the expert capacity (RRE): the busiest expert of any part, so all ranks compile the same
+  graphs at the same steps;
+* each part's dropout seed, a pure function of ``(context.seed, step, k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner
+
+
+@dataclass
+class StepBatch:
+    """This rank's micro-batch inputs for one step, and where the next step reads."""
+
+    micro_batches: List[Tuple[Tensor, ...]]
+    token_total: int
+    next_position: int
+
+    @property
+    def shapes(self) -> tuple:
+        return tuple(None if t is None else tuple(t.shape) for inputs in self.micro_batches for t in inputs)
+
+
+def dropout_seed(base_seed: int, step: int, part: int) -> int:
+    """The dropout seed of part ``part`` of step ``step`` (0-based), independent of the process."""
+    return int(np.random.default_rng([base_seed, step, part]).integers(0, 2 ** 31 - 1))
+
+
+def predicted_tokens(tokens: np.ndarray, eod_token_id: int) -> int:
+    """Positions that carry loss: inputs (all but the last token of a sample) that are not EOD."""
+    return int(np.count_nonzero(tokens[:, :-1] != eod_token_id))
+
+
+class GlobalBatchReader:
+    """Reads each step's global batch from ``source`` and cuts out this rank's micro-batches."""
+
+    def __init__(self, source, batch_size: int, data_parallel: int, rank: int, accumulation_steps: int,
+                 eod_token_id: int, planner: Optional[ExpertCapacityPlanner], base_seed: int, dropout: bool):
+        self.source = source
+        self.batch_size = batch_size
+        self.data_parallel = data_parallel
+        self.rank = rank
+        self.accumulation_steps = accumulation_steps
+        self.part_size = batch_size // (data_parallel * accumulation_steps)
+        self.eod_token_id = eod_token_id
+        self.planner = planner
+        self.base_seed = base_seed
+        self.dropout = dropout
+
+    def read(self, step: int, position: int) -> StepBatch:
+        tokens, domains = self.source.read(position, self.batch_size)
+        total = predicted_tokens(tokens, self.eod_token_id)
+        normaliser = Tensor(float(max(total, 1)), ms.float32)
+        parts = self.data_parallel * self.accumulation_steps
+        hint = None
+        if self.planner is not None:
+            hint = self.planner.capacity_hint(tokens[:, :-1], domains, parts)
+        micro_batches = []
+        for micro in range(self.accumulation_steps):
+            part = micro * self.data_parallel + self.rank
+            rows = slice(part * self.part_size, (part + 1) * self.part_size)
+            inputs = [Tensor(tokens[rows]), Tensor(domains[rows]), normaliser]
+            if hint is not None or self.dropout:
+                inputs.append(None if hint is None else Tensor(hint))
+            if self.dropout:
+                inputs.append(Tensor(dropout_seed(self.base_seed, step, part), ms.int64))
+            micro_batches.append(tuple(inputs))
+        return StepBatch(micro_batches, total, position + self.batch_size)

@@ -1,0 +1,61 @@
+"""Refuse, before allocating anything, a CPU run whose training state cannot fit in memory.
+
+A config such as ``vocab_size: 1000000000000`` is valid YAML, and without this check the
+trainer tries to allocate terabytes and dies (or swaps the machine to a halt).  The estimate
+is a lower bound: fp32 weights, gradients and both AdamW moments (16 bytes per trainable
+parameter) plus the logits of one micro-batch, forward and backward (3 x B x S x V x 4 bytes).
+Only CPU runs are checked: there the state lives in this machine's memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.errors import DataError
+from mindformers_sigma.params import count_parameters
+
+BYTES_PER_PARAMETER = 16
+GIB = 1024 ** 3
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (physical memory where that is missing)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_training_bytes(config: SigmaConfig, micro_batch: int) -> Tuple[int, List[Tuple[int, str]]]:
+    """(bytes, [(bytes, what)] largest first) of one process's training state."""
+    m, count = config.model, count_parameters(config)
+    parts = [
+        (m.vocab_size * m.hidden_size * BYTES_PER_PARAMETER, "model.vocab_size (word embedding and head)"),
+        (m.sparse_layers * config.moe.num_experts * count.one_expert * BYTES_PER_PARAMETER,
+         "moe.num_experts / model.ffn_hidden_size (expert weights)"),
+        ((count.total - m.vocab_size * m.hidden_size - m.sparse_layers * config.moe.num_experts * count.one_expert)
+         * BYTES_PER_PARAMETER, "model.hidden_size / model.num_layers (dense weights)"),
+        (3 * micro_batch * m.seq_length * m.vocab_size * 4, "train.batch_size x model.seq_length x vocab (logits)"),
+    ]
+    parts.sort(reverse=True)
+    return sum(size for size, _ in parts), parts
+
+
+def check_fits_in_memory(config: SigmaConfig, micro_batch: int, local_processes: int) -> None:
+    """One-line DataError when ``local_processes`` CPU workers' state exceeds available memory."""
+    if config.context.device_target != "CPU":
+        return
+    needed, parts = estimate_training_bytes(config, micro_batch)
+    needed *= local_processes
+    available = available_memory_bytes()
+    if needed > available:
+        largest = parts[0][1]
+        raise DataError(f"{config.source}: training needs at least {needed / GIB:,.1f} GiB (weights, gradients, "
+                        f"Adam moments, logits{f' x {local_processes} workers' if local_processes > 1 else ''}) "
+                        f"but {available / GIB:,.1f} GiB is available; the largest part is {largest}: reduce it")

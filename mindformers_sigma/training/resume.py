@@ -1,0 +1,131 @@
+"""Starting a run: which checkpoint (if any) it continues, and whether that is the same experiment.
+
+Decisions are made from the folder's contents before anything is written, so every
+data-parallel rank reaches the same one.  A resume continues only the experiment the
+checkpoint belongs to: the config keys that change the model, the routing or the data order
+(:data:`EXPERIMENT_KEYS`) and the training data itself (the manifest's sha256) must match,
+unless the user passes ``--allow-config-change``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional
+
+import mindspore as ms
+
+from mindformers_sigma.config import SigmaConfig, config_to_dict
+from mindformers_sigma.errors import DataError
+from mindformers_sigma.training import checkpoint as ckpt
+from mindformers_sigma.training.run_folder import CHECKPOINTS, LOCK
+
+# Keys whose change makes a different experiment: the model's function, the routing, the data order.
+EXPERIMENT_KEYS = (
+    "model.vocab_size", "model.hidden_size", "model.num_heads", "model.ffn_hidden_size", "model.num_layers",
+    "model.dense_layers", "model.sparse_layers", "model.seq_length", "model.eod_token_id",
+    "model.layernorm_epsilon", "model.dropout_rate", "model.compute_dtype",
+    "moe.router", "moe.num_experts", "moe.num_domains", "moe.experts_per_domain", "moe.capacity_factor",
+    "moe.routing_seed", "moe.table_balance", "moe.aux_loss_coef",
+    "data.source", "data.seed", "data.domain_weights", "context.seed",
+)
+DATA_FINGERPRINT = "data_fingerprint"
+
+
+def _value(config: dict, key: str):
+    section, name = key.split(".")
+    return config.get(section, {}).get(name, "<absent>")
+
+
+def experiment_differences(saved_config: dict, config: SigmaConfig, saved_data: Optional[str],
+                           data: str) -> List[str]:
+    """``key (checkpoint -> now)`` for each experiment key that differs."""
+    current = config_to_dict(config)
+    changes = [f"{key} ({_value(saved_config, key)!r} -> {_value(current, key)!r})"
+               for key in EXPERIMENT_KEYS if _value(saved_config, key) != _value(current, key)]
+    if saved_data is not None and saved_data != data:
+        changes.append(f"training data (manifest sha256 {saved_data[:12]}... -> {data[:12]}...)")
+    return changes
+
+
+def used_entries(out_dir: str) -> List[str]:
+    """What ``out_dir`` holds besides the run lock and an empty checkpoints folder."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise DataError(f"--out {out_dir}: exists and is not a folder; pass a folder path")
+        return []
+    entries = []
+    for entry in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, entry)
+        if entry == LOCK or (entry == CHECKPOINTS and os.path.isdir(path) and not os.listdir(path)):
+            continue
+        entries.append(entry)
+    return entries
+
+
+def choose_start(out_dir: Optional[str], resume: Optional[str], overwrite: bool,
+                 log: Callable[[str], None]) -> Optional[ckpt.CheckpointInfo]:
+    """The checkpoint to continue (None: start at step 0), or a one-line DataError."""
+    if out_dir is not None and resume is None:
+        used = used_entries(out_dir)
+        if used and not overwrite:
+            raise DataError(f"--out {out_dir}: not empty (holds {', '.join(used[:4])}); pass --resume auto to "
+                            f"continue that run, --overwrite to replace its outputs, or choose a new folder")
+        return None
+    if resume is None:
+        return None
+    checkpoint_dir = os.path.join(out_dir, CHECKPOINTS) if out_dir else ""
+    if resume == "auto":
+        if out_dir is None:
+            raise DataError("--resume auto: needs --out DIR (the run folder whose checkpoints/ to resume from)")
+        reasons: List[str] = []
+        info = ckpt.find_resume_checkpoint(checkpoint_dir, lambda line: (reasons.append(line), log(line)))
+        if info is None and reasons:
+            if not overwrite:
+                raise DataError(f"--resume auto: none of the {len(reasons)} checkpoints in {checkpoint_dir} is "
+                                f"usable (newest: {reasons[0].split(': ', 1)[-1]}); repair or remove them, or add "
+                                f"--overwrite to start over")
+            log(f"resume: no usable checkpoint in {checkpoint_dir}; starting over (--overwrite)")
+        elif info is None:
+            log(f"resume: no checkpoint in {checkpoint_dir}; starting from scratch")
+        return info
+    try:
+        info = ckpt.read_checkpoint(os.path.splitext(resume)[0] + ".json")
+    except ValueError as err:
+        raise DataError(f"--resume {resume}: {err}; pass a checkpoint with its .json sidecar, or auto") from None
+    newer = [step for step in ckpt.list_checkpoints(checkpoint_dir) if step > info.step] if out_dir else []
+    if newer and not overwrite:
+        raise DataError(f"--resume {resume}: {checkpoint_dir} holds later checkpoints (steps "
+                        f"{', '.join(map(str, newer[:4]))}) that this run would mix with; move them away, or add "
+                        f"--overwrite to delete them")
+    return info
+
+
+def check_same_experiment(info: ckpt.CheckpointInfo, config: SigmaConfig, data_fingerprint: str,
+                          allow_change: bool, log: Callable[[str], None]) -> None:
+    """Refuse to continue a checkpoint under a config or data that make a different experiment."""
+    changes = experiment_differences(info.meta.get("config", {}), config, info.meta.get(DATA_FINGERPRINT),
+                                     data_fingerprint)
+    if not changes:
+        return
+    if not allow_change:
+        raise DataError(f"--resume {info.weights_path}: the run differs from the checkpoint's in "
+                        f"{'; '.join(changes)}: a different model, routing or data order; resume with the "
+                        f"checkpoint's config, or pass --allow-config-change to continue anyway")
+    log(f"resume: continuing with changed {'; '.join(changes)} (--allow-config-change); the routing tables "
+        f"are the checkpoint's")
+
+
+def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple) -> None:
+    """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale)."""
+    wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed}
+    stored: Dict[str, ms.Parameter] = {name: p for name, p in ckpt.load_parameters(info).items()
+                                       if name not in not_checkpointed}
+    try:
+        missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise DataError(f"--resume {info.weights_path}: does not fit this model "
+                        f"({str(err).splitlines()[0][:200]}); was it written with another config?") from None
+    missing = [name for name in missing if name in wanted]
+    if missing:
+        raise DataError(f"--resume {info.weights_path}: lacks {len(missing)} parameters of this model "
+                        f"(first: {missing[0]}); was it written with another config?")

@@ -1,0 +1,65 @@
+"""Opening the training data named by the config, checked against the model it will feed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.data.dataset import MixedCorpusSource, PreparedCorpus, SampleSchedule
+from mindformers_sigma.data.prepare import MANIFEST
+from mindformers_sigma.data.synthetic import SyntheticSource
+from mindformers_sigma.errors import DataError
+
+SYNTHETIC_FINGERPRINT = "synthetic"
+
+
+@dataclass
+class TrainingData:
+    """A sample source with ``read(start, count)``, its domain names, token counts and identity."""
+
+    source: object
+    domain_names: List[str]
+    token_frequency: Optional[np.ndarray]
+    # What a checkpoint records to tell whether a resume reads the same data: the manifest's
+    # sha256 (so a moved data folder is still the same data), or "synthetic" (the config defines it).
+    fingerprint: str
+
+
+def _manifest_sha256(data_dir: str) -> str:
+    with open(os.path.join(data_dir, MANIFEST), "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def open_training_data(config: SigmaConfig) -> TrainingData:
+    """The config's data source; a corpus that does not fit the model is a one-line DataError."""
+    model, data = config.model, config.data
+    if data.source == "synthetic":
+        source = SyntheticSource(model.vocab_size, model.seq_length, config.moe.num_domains,
+                                 model.eod_token_id, data.seed)
+        return TrainingData(source, [f"domain{i}" for i in range(config.moe.num_domains)], None,
+                            SYNTHETIC_FINGERPRINT)
+    corpus = PreparedCorpus(data.path)
+    checks = [
+        (corpus.vocab_size <= model.vocab_size, "model.vocab_size", model.vocab_size,
+         f"is smaller than the tokenizer vocabulary of {data.path} ({corpus.vocab_size}); "
+         f"raise it to at least {corpus.vocab_size}"),
+        (corpus.sample_length == model.seq_length + 1, "model.seq_length", model.seq_length,
+         f"does not match the samples of {data.path} (prepared with --seq-length {corpus.sample_length - 1})"),
+        (len(corpus.names) <= config.moe.num_domains, "moe.num_domains", config.moe.num_domains,
+         f"is smaller than the {len(corpus.names)} domains of {data.path}"),
+        (corpus.manifest["eod_token_id"] == model.eod_token_id, "model.eod_token_id", model.eod_token_id,
+         f"differs from the tokenizer's EOD id {corpus.manifest['eod_token_id']}"),
+    ]
+    for ok, field, value, rule in checks:
+        if not ok:
+            raise DataError(f"{config.source}: {field} = {value!r}: {rule}")
+    weights = corpus.mixing_weights(data.domain_weights, config.source)
+    schedule = SampleSchedule([s.shape[0] for s in corpus.samples], weights, data.seed)
+    frequency = corpus.token_frequency(config.moe.num_domains, model.vocab_size)
+    names = corpus.names + [f"domain{i}" for i in range(len(corpus.names), config.moe.num_domains)]
+    return TrainingData(MixedCorpusSource(corpus, schedule), names, frequency, _manifest_sha256(data.path))
