@@ -19,7 +19,8 @@ from mindformers_sigma.config import load_config
 from mindformers_sigma.data.demo_corpus import build_demo_corpus
 from mindformers_sigma.data.prepare import prepare_data
 from mindformers_sigma.data.dataset import batches
-from mindformers_sigma.training.trainer import open_training_data, train
+from mindformers_sigma.training.trainer import train
+from mindformers_sigma.training.training_data import open_training_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "ascend_configs", "pangu_sigma_tiny_cpu.yaml")
@@ -44,8 +45,7 @@ def main() -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, source="mindrecord", path=os.path.join(work, "prepared")))
         start = time.perf_counter()
-        source, _, _ = open_training_data(config)
-        stream = batches(source, config.train.batch_size)
+        stream = batches(open_training_data(config).source, config.train.batch_size)
         open_seconds = time.perf_counter() - start
         fetches = 500
         start = time.perf_counter()

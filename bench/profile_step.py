@@ -20,6 +20,7 @@ from record import write_record
 from mindformers_sigma.config import apply_overrides, load_config
 from mindformers_sigma.context import configure_context
 from mindformers_sigma.data.synthetic import SyntheticSource
+from mindformers_sigma.training.global_batch import predicted_tokens
 from mindformers_sigma.training.metrics import flops_per_token, measure_matmul_peak
 from mindformers_sigma.training.trainer import build_train_step, capacity_planner
 
@@ -75,7 +76,8 @@ def main() -> int:
     tokens_t, domains_t = Tensor(tokens), Tensor(domains)
     planner = capacity_planner(config, step)
     hint = Tensor(planner.capacity_hint(tokens[:, :-1], domains)) if planner else None
-    step_inputs = (tokens_t, domains_t) + ((hint,) if planner else ())
+    token_total = Tensor(float(predicted_tokens(tokens, m.eod_token_id)), ms.float32)
+    step_inputs = (tokens_t, domains_t, token_total) + ((hint,) if planner else ())
     input_ids = Tensor(tokens[:, :-1])
     position_ids, bias = backbone.eod_reset(input_ids)
     hidden = backbone.embedding(input_ids, position_ids)
@@ -122,7 +124,7 @@ def main() -> int:
     parts["top_query_layer"] = (_GradOf(query, query), (hidden,), 1)
     parts["head_and_loss"] = (_GradOf(Head(), Head()), (hidden,), 1)
     grads = tuple(Tensor(np.zeros(p.shape, np.float32)) for p in step.apply_gradients.optimizer.parameters)
-    parts["optimizer_update"] = (step.apply_gradients, (grads, Tensor(1.0, ms.float32)), 1)
+    parts["optimizer_update"] = (step.apply_gradients, (grads,), 1)
 
     record = {"benchmark": "profile_step", "config": args.config, "overrides": args.set, "parts": {},
               "expert_capacity": int(hint.shape[0]) if planner else None}

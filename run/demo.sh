@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fresh-machine demo: set up .venv, build the real multi-domain demo corpus, tokenize and pack
 # it, then train the tiny PanGu-Σ config on CPU end to end, with metrics and checkpoints in
-# output/demo. Extra arguments go to the trainer (e.g. --steps 300, --resume auto).
+# output/demo (a rerun replaces the previous demo run: --overwrite). Extra arguments go to the
+# trainer (e.g. --steps 300, or --resume auto to continue the previous run).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/run/setup_env.sh"
@@ -17,4 +18,4 @@ for file in "$raw"/*.jsonl; do
   domains+=(--domain "$(basename "$file" .jsonl)=$file")
 done
 "$cli" prepare-data "${domains[@]}" --out "$prepared" --seq-length 128 --vocab-size 4096
-exec "$cli" train --config "$config" --data "$prepared" --out "$repo/output/demo" "$@"
+exec "$cli" train --config "$config" --data "$prepared" --out "$repo/output/demo" --overwrite "$@"

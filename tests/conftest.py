@@ -72,12 +72,14 @@ def real_corpus(tmp_path_factory):
 
 
 def real_batch(corpus, rows_per_domain=(2, 1, 1), offset=0):
-    """Rows of real samples (an uneven domain mix by default) and their domain ids."""
+    """Real samples (an uneven domain mix by default) whose inputs contain an end of document where
+    the domain has such samples, and their domain ids."""
     tokens, domains = [], []
     for domain, count in enumerate(rows_per_domain):
         samples = corpus.samples[domain]
+        with_eod = [row for row in samples if (row[:-1] == EOD).any()] or list(samples)
         for i in range(count):
-            tokens.append(samples[(offset + i) % samples.shape[0]])
+            tokens.append(with_eod[(offset + i) % len(with_eod)])
             domains.append(domain)
     return np.stack(tokens).astype(np.int32), np.asarray(domains, np.int32)
 

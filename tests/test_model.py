@@ -10,9 +10,8 @@ from mindformers_sigma.config import load_config
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 from mindformers_sigma.params import count_parameters
 
-from conftest import CONFIGS, micro_config
-
-EOD = 6
+from conftest import CONFIGS, EOD, REAL_VOCAB, micro_config, real_batch
+from reference import pangu_sigma_logits, per_domain_nll
 
 
 def _logits(net, tokens, domains):
@@ -88,3 +87,45 @@ def test_published_model_sizes():
     assert abs(alpha.total - 13.1e9) <= 0.03 * 13.1e9
     # One token activates one expert per sparse layer: as many parameters as the dense model.
     assert sigma.activated_per_token == alpha.total
+
+
+def _random_weights(net, seed=0):
+    """Give every weight (LayerNorm gains, biases, expert biases included) a distinct random value,
+    so that no part of the model can be skipped or swapped without changing the output."""
+    rng = np.random.default_rng(seed)
+    for param in net.get_parameters():
+        if param.name.endswith("routing_table"):
+            continue
+        base = 1.0 if param.name.endswith("gamma") else 0.0
+        param.set_data(Tensor((base + 0.1 * rng.standard_normal(param.shape)).astype(np.float32)))
+    return {param.name: param.asnumpy() for param in net.get_parameters()}
+
+
+def test_logits_match_an_independent_numpy_forward_of_the_whole_model(pynative, real_corpus):
+    corpus, _ = real_corpus
+    config = micro_config(model={"vocab_size": REAL_VOCAB})
+    net = PanGuSigmaForCausalLM(config)
+    params = _random_weights(net)
+    tokens, domains = real_batch(corpus, rows_per_domain=(1, 2, 1), offset=2)
+    inputs = tokens[:, :-1]
+    assert (inputs == EOD).any(axis=1).sum() >= 2, "documents must end inside the batch"
+    got = _logits(net, inputs, domains)
+    want = pangu_sigma_logits(params, inputs, domains, config.model.num_layers, config.model.num_heads, EOD,
+                              config.model.layernorm_epsilon)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=1e-4 * scale, rtol=0)  # float32 against float64
+
+
+def test_per_domain_nll_and_token_counts_skip_eod_inputs(pynative, real_corpus):
+    corpus, _ = real_corpus
+    config = micro_config(model={"vocab_size": REAL_VOCAB})
+    net = PanGuSigmaForCausalLM(config)
+    _random_weights(net, seed=1)
+    tokens, domains = real_batch(corpus, rows_per_domain=(2, 0, 2), offset=4)  # domain 1 absent
+    assert (tokens[:, :-1] == EOD).sum() >= 2
+    nll, counted, _, _ = (o.asnumpy() for o in net(Tensor(tokens), Tensor(domains)))
+    logits = _logits(net, tokens[:, :-1], domains).astype(np.float64)
+    want_nll, want_counted = per_domain_nll(logits, tokens, domains, config.moe.num_domains, EOD)
+    np.testing.assert_array_equal(counted, want_counted)
+    assert counted[1] == 0 and counted.sum() == (tokens[:, :-1] != EOD).sum()
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5)

@@ -258,6 +258,8 @@ def test_cli_training_errors_are_one_line(tmp_path):
         (["--set", "nodot"], "expected SECTION.KEY=VALUE"),
         (["--steps", "0"], "--steps"),
         (["--data", str(tmp_path / "nowhere")], "manifest.json: not found"),
+        (["--set", "model.vocab_size=1000000000000"], "GiB is available; the largest part is model.vocab_size"),
+        (["--set", "train.learning_rate=.inf"], "train.learning_rate = inf: must be a finite number"),
     ]
     for extra, message in cases:
         cmd = [sys.executable, "-m", "mindformers_sigma", "train", "--config", str(config), *extra]

@@ -128,6 +128,15 @@ def _unique_ipv4(value: object, location: str, seen: Dict[str, str], problems: L
         seen[value] = location.rsplit(".", 1)[0]
 
 
+def _is_object_of(entry: object, where: str, keys, problems: List[str]) -> bool:
+    """Whether ``entry`` is a JSON object; appends a problem for it, or for each key not in ``keys``."""
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: must be an object")
+        return False
+    problems.extend(f"{where}.{key}: unknown key" for key in entry if key not in keys)
+    return True
+
+
 def _validate_super_pods(pods: object, servers: Set[str]) -> List[str]:
     """Problems of ``super_pod_list``: every pod an object with its own id and a list of listed servers,
     every server in exactly one pod, and no key that HCCL would ignore."""
@@ -138,12 +147,8 @@ def _validate_super_pods(pods: object, servers: Set[str]) -> List[str]:
     placed: Dict[str, str] = {}
     for p, pod in enumerate(pods):
         where = f"super_pod_list[{p}]"
-        if not isinstance(pod, dict):
-            problems.append(f"{where}: must be an object")
+        if not _is_object_of(pod, where, POD_KEYS, problems):
             continue
-        for key in pod:
-            if key not in POD_KEYS:
-                problems.append(f"{where}.{key}: unknown key")
         pod_id = pod.get("super_pod_id")
         if not _is_int_string(pod_id):
             problems.append(f"{where}.super_pod_id: must be a string of digits")
@@ -157,12 +162,8 @@ def _validate_super_pods(pods: object, servers: Set[str]) -> List[str]:
             continue
         for m, member in enumerate(members):
             at = f"{where}.server_list[{m}]"
-            if not isinstance(member, dict):
-                problems.append(f"{at}: must be an object")
+            if not _is_object_of(member, at, ("server_id",), problems):
                 continue
-            for key in member:
-                if key != "server_id":
-                    problems.append(f"{at}.{key}: unknown key")
             server_id = member.get("server_id")
             if not isinstance(server_id, str) or server_id not in servers:
                 problems.append(f"{at}.server_id: {server_id!r} is not in server_list")

@@ -41,7 +41,7 @@ def estimate_training_bytes(config: SigmaConfig, micro_batch: int) -> Tuple[int,
          "moe.num_experts / model.ffn_hidden_size (expert weights)"),
         ((count.total - m.vocab_size * m.hidden_size - m.sparse_layers * config.moe.num_experts * count.one_expert)
          * BYTES_PER_PARAMETER, "model.hidden_size / model.num_layers (dense weights)"),
-        (3 * micro_batch * m.seq_length * m.vocab_size * 4, "train.batch_size x model.seq_length x vocab (logits)"),
+        (3 * micro_batch * m.seq_length * m.vocab_size * 4, "model.vocab_size x train.batch_size x model.seq_length (logits)"),
     ]
     parts.sort(reverse=True)
     return sum(size for size, _ in parts), parts

@@ -125,11 +125,11 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     say = log if parallel.is_main else (lambda line: None)
     for note in notes:
         say(note)
-    data = open_training_data(config)
     accumulation = train_cfg.grad_accumulation_steps
     parts = parallel.group_size * accumulation
     check_fits_in_memory(config, train_cfg.batch_size // parts,
                          parallel.group_size if config.context.device_target == "CPU" else 1)
+    data = open_training_data(config)
     folder = RunFolder(out_dir, parallel.is_main) if out_dir else None
     if folder is not None and parallel.is_main and overwrite:
         removed = folder.remove_outputs(newer_than=info.step if info else None)
