@@ -41,7 +41,7 @@ def test_graph_and_pynative_compute_the_same_loss_and_gradients(router):
     graph_loss, graph_grads = _loss_and_gradients(ms.GRAPH_MODE, router)
     pynative_loss, pynative_grads = _loss_and_gradients(ms.PYNATIVE_MODE, router)
     # The same function in two execution modes: equal up to float32 rounding, relative to the terms.
-    assert graph_loss == pytest.approx(pynative_loss, rel=1e-6)
+    assert graph_loss == pytest.approx(pynative_loss, rel=2e-5)  # a mean of ~60 float32 terms: <= 60 eps apart
     assert_close_to_scale(graph_grads, pynative_grads, rel=1e-5, what="gradient")
 
 
@@ -55,7 +55,7 @@ def test_update_lowers_the_loss(router):
 def test_recompute_changes_memory_not_numbers():
     plain_loss, plain_grads = _loss_and_gradients(ms.GRAPH_MODE, "rre")
     recomputed_loss, recomputed_grads = _loss_and_gradients(ms.GRAPH_MODE, "rre", recompute=True)
-    assert recomputed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert recomputed_loss == pytest.approx(plain_loss, rel=2e-5)
     assert_close_to_scale(recomputed_grads, plain_grads, rel=1e-5, what="gradient")
 
 

@@ -123,7 +123,8 @@ def test_accumulated_gradients_equal_the_whole_batch_on_real_text_with_eod(pynat
     # float32 sums in another order: equal to rounding relative to the size of the terms.
     assert_close_to_scale(accumulated, whole, rel=1e-5, what="accumulated gradient")
     np.testing.assert_array_equal(first_stats[1] + second_stats[1], whole_stats[1])  # token counts
-    np.testing.assert_allclose(first_stats[0] + second_stats[0], whole_stats[0], rtol=1e-6)  # NLL per domain
+    # NLL per domain: a float32 sum of about 60 terms in another order is within 60 eps (7e-6) of it.
+    np.testing.assert_allclose(first_stats[0] + second_stats[0], whole_stats[0], rtol=2e-5)
     # Normalising each micro-batch by its own count (the old rule) is measurably different.
     per_micro_mean = [(a * total / counts[0] + b * total / counts[1]) / 2 for a, b in zip(first, second)]
     with pytest.raises(AssertionError):
@@ -142,7 +143,7 @@ def test_trainer_step_reports_the_same_loss_however_the_batch_is_split(pynative,
     parts = [_step_inputs(tokens[i:i + 1], domains[i:i + 1])[:2] + (Tensor(float(total), ms.float32),)
              for i in range(4)]
     split = run_step(split_cell, parts, total, 0.0, 4)
-    assert split.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert split.loss == pytest.approx(whole.loss, rel=2e-5)  # float32 sums in another order (see above)
     np.testing.assert_array_equal(split.counted, whole.counted)
     assert whole.counted.sum() == total
 
