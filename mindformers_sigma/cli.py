@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("GLOG_v", "3")
 
 from mindformers_sigma.config import apply_overrides, load_config  # noqa: E402
-from mindformers_sigma.errors import UserError  # noqa: E402
+from mindformers_sigma.errors import run_reporting_errors  # noqa: E402
 from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
 
 
@@ -165,27 +165,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; every failure is one line on stderr (2: bad input, 1: internal error)."""
     args = build_parser().parse_args(argv)
-    prog = f"pangu-sigma {args.command}"
-    try:
-        return args.handler(args)
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the file system refused something the checks could not foresee
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space",
-              file=sys.stderr)
-        return 2
-    except MemoryError:
-        print(f"{prog}: error: out of memory; use a smaller model, batch or vocabulary", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback only on request
-        if os.environ.get("PANGU_SIGMA_TRACEBACK"):
-            raise
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        print(f"{prog}: internal error: {type(err).__name__}: {first} (set PANGU_SIGMA_TRACEBACK=1 to see where; "
-              f"please report it)", file=sys.stderr)
-        return 1
+    return run_reporting_errors(f"pangu-sigma {args.command}", lambda: args.handler(args))

@@ -5,6 +5,10 @@ corpus, checkpoint, rank table, command-line argument); the command line catches
 class once.  The message is the whole report: it names the input, what is wrong, and the fix.
 """
 
+import os
+import sys
+from typing import Callable
+
 
 class UserError(ValueError):
     """Bad user input; ``str(error)`` is one line naming the input, the problem and the fix."""
@@ -12,3 +16,32 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A corpus, manifest, checkpoint, output folder or argument that cannot be used."""
+
+
+def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
+    """Run a command line's work; whatever escapes it becomes one line on stderr and an exit code:
+    2 for bad input (a UserError, or a file-system refusal no check foresaw), 1 for an internal
+    error (``PANGU_SIGMA_TRACEBACK=1`` re-raises it to show where), 130 for Ctrl-C."""
+    try:
+        return command()
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory; use a smaller model, batch or vocabulary", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback only on request
+        if os.environ.get("PANGU_SIGMA_TRACEBACK"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"{prog}: internal error: {type(err).__name__}: {first} (set PANGU_SIGMA_TRACEBACK=1 to see where; "
+              f"please report it)", file=sys.stderr)
+        return 1

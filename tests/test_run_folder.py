@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 
-import mindspore as ms
 import numpy as np
 import pytest
 import yaml

@@ -17,6 +17,7 @@ from mindspore import Parameter, Tensor, nn
 
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import predicted_tokens
+from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
 from mindformers_sigma.training.train_step import run_step
 from mindformers_sigma.training.trainer import build_train_step
@@ -269,3 +270,19 @@ def test_cli_training_errors_are_one_line(tmp_path):
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and message in errors[0], (extra, result.stderr[-500:])
         assert "Traceback" not in result.stderr
+
+
+def test_a_step_whose_inputs_are_all_eod_is_harmless(pynative):
+    # The tail of a domain is EOD fill: a batch can hold no predicted token at all.
+    config = micro_config()
+    step = build_train_step(config, None, 1)
+    before = [w.asnumpy().copy() for w in step.apply_gradients.optimizer.parameters]
+    tokens = np.full((4, config.model.seq_length + 1), EOD, np.int32)
+    domains = np.arange(4, dtype=np.int32)
+    result = run_step(step, [_step_inputs(tokens, domains)], predicted_tokens(tokens, EOD), 0.0, 1)
+    assert result.loss == 0.0 and result.finite and result.counted.sum() == 0
+    after = [w.asnumpy() for w in step.apply_gradients.optimizer.parameters]
+    assert all(np.isfinite(a).all() for a in after)
+    moved = [np.abs(a - b).max() for a, b in zip(after, before)]
+    lr = learning_rate_at(0, config.train)  # zero gradients: only weight decay may move a weight
+    assert max(moved) <= lr * config.train.weight_decay * max(np.abs(b).max() for b in before) * 1.01 + 1e-12

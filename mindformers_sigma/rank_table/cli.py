@@ -11,9 +11,10 @@ import re
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
+from mindformers_sigma.errors import run_reporting_errors
 from mindformers_sigma.one_line_parser import OneLineParser
 from mindformers_sigma.rank_table.generate import merge_tables, plan_table, read_server_ips, single_server_table
-from mindformers_sigma.rank_table.schema import VERSIONS, RankTableError, read_table_file, write_table
+from mindformers_sigma.rank_table.schema import VERSIONS, read_table_file, write_table
 from mindformers_sigma.rank_table.validate import validate_table
 
 DEFAULT_HCCN_CONF = "/etc/hccn.conf"
@@ -104,11 +105,7 @@ TOOLS: Dict[str, tuple] = {
 
 
 def run_tool(args: argparse.Namespace, handler: Callable[[argparse.Namespace], int], prog: str) -> int:
-    try:
-        return handler(args)
-    except RankTableError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(prog, lambda: handler(args))
 
 
 def main_for(tool: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:

@@ -66,7 +66,7 @@ class GlobalBatchReader:
     def read(self, step: int, position: int) -> StepBatch:
         tokens, domains = self.source.read(position, self.batch_size)
         total = predicted_tokens(tokens, self.eod_token_id)
-        normaliser = Tensor(float(max(total, 1)), ms.float32)
+        normaliser = Tensor(float(total), ms.float32)
         parts = self.data_parallel * self.accumulation_steps
         hint = None
         if self.planner is not None:

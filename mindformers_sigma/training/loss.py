@@ -31,7 +31,7 @@ class TrainingLoss(nn.Cell):
 
     def construct(self, tokens, domain_ids, loss_scale, token_total, capacity_hint=None, dropout_seed=None):
         nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, capacity_hint, dropout_seed)
-        loss = nll.sum() / token_total + self.aux_weight * aux_loss
+        loss = nll.sum() / ops.maximum(token_total, 1.0) + self.aux_weight * aux_loss  # a batch may be all EOD
         if self.all_reduce is not None:
             nll = self.all_reduce(nll)
             counted = self.all_reduce(counted)
