@@ -202,3 +202,21 @@ def test_a_resumed_run_plans_capacity_with_the_checkpoints_routing_tables(two_st
         np.testing.assert_array_equal(restored, table)
     fresh, _ = build_or_restore(changed, open_training_data(changed), 1, None, False, log.append)
     assert any((a != b).any() for a, b in zip(routing_tables_of(fresh), saved))  # seed 7 does route differently
+
+
+def test_resume_from_a_path_never_mixes_two_runs(pynative, two_step_run, tmp_path):
+    from mindformers_sigma.training.resume import choose_start
+
+    elsewhere = str(two_step_run / "checkpoints" / "step_00000002.ckpt")
+    used = _copy_of(two_step_run, tmp_path)
+    with pytest.raises(DataError, match="not empty .*starts a new run folder from it"):
+        choose_start(str(used), elsewhere, False, print)
+    assert choose_start(str(tmp_path / "fresh"), elsewhere, False, print).step == 2
+    assert choose_start(str(used), elsewhere, True, print).step == 2  # --overwrite: the old run goes
+    # A checkpoint of the folder's own run, with later ones present: refused unless --overwrite.
+    own = tmp_path / "own"
+    for step in (3, 6):
+        _save(own / "checkpoints", step, float(step))
+    with pytest.raises(DataError, match=r"holds later checkpoints \(steps 6\)"):
+        choose_start(str(own), str(own / "checkpoints" / "step_00000003.ckpt"), False, print)
+    assert choose_start(str(own), str(own / "checkpoints" / "step_00000003.ckpt"), True, print).step == 3

@@ -62,14 +62,23 @@ def used_entries(out_dir: str) -> List[str]:
     return entries
 
 
+def _refuse_used(out_dir: str, overwrite: bool, advice: str) -> None:
+    used = used_entries(out_dir)
+    if used and not overwrite:
+        raise DataError(f"--out {out_dir}: not empty (holds {', '.join(used[:4])}); {advice}, --overwrite to "
+                        f"replace its outputs, or choose a new folder")
+
+
+def is_in_folder(path: str, folder: str) -> bool:
+    """Whether file ``path`` lies directly in ``folder`` (however either is spelled)."""
+    return os.path.isdir(folder) and os.path.samefile(os.path.dirname(os.path.abspath(path)), folder)
+
+
 def choose_start(out_dir: Optional[str], resume: Optional[str], overwrite: bool,
                  log: Callable[[str], None]) -> Optional[ckpt.CheckpointInfo]:
     """The checkpoint to continue (None: start at step 0), or a one-line DataError."""
     if out_dir is not None and resume is None:
-        used = used_entries(out_dir)
-        if used and not overwrite:
-            raise DataError(f"--out {out_dir}: not empty (holds {', '.join(used[:4])}); pass --resume auto to "
-                            f"continue that run, --overwrite to replace its outputs, or choose a new folder")
+        _refuse_used(out_dir, overwrite, "pass --resume auto to continue that run")
         return None
     if resume is None:
         return None
@@ -92,6 +101,10 @@ def choose_start(out_dir: Optional[str], resume: Optional[str], overwrite: bool,
         info = ckpt.read_checkpoint(os.path.splitext(resume)[0] + ".json")
     except ValueError as err:
         raise DataError(f"--resume {resume}: {err}; pass a checkpoint with its .json sidecar, or auto") from None
+    if out_dir and not is_in_folder(info.weights_path, checkpoint_dir):
+        # Continuing another folder's checkpoint here: this folder must not hold a run of its own.
+        _refuse_used(out_dir, overwrite, f"--resume {resume} starts a new run folder from it; pass an empty --out")
+        return info
     newer = [step for step in ckpt.list_checkpoints(checkpoint_dir) if step > info.step] if out_dir else []
     if newer and not overwrite:
         raise DataError(f"--resume {resume}: {checkpoint_dir} holds later checkpoints (steps "

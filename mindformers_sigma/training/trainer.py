@@ -29,7 +29,8 @@ from mindformers_sigma.training.memory_check import check_fits_in_memory
 from mindformers_sigma.training.metrics import (MetricsLog, domain_losses, flops_per_token, measure_matmul_peak,
                                                 plot_losses, progress_line)
 from mindformers_sigma.training.optimizer import build_optimizer
-from mindformers_sigma.training.resume import DATA_FINGERPRINT, check_same_experiment, choose_start, restore
+from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, choose_start, is_in_folder,
+                                               restore)
 from mindformers_sigma.training.run_folder import RunFolder
 from mindformers_sigma.training.train_step import (ApplyGradients, DynamicLossScale, ForwardBackward,
                                                    TrainOneStepCell, run_step)
@@ -131,11 +132,12 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
                          parallel.group_size if config.context.device_target == "CPU" else 1)
     data = open_training_data(config)
     folder = RunFolder(out_dir, parallel.is_main) if out_dir else None
-    if folder is not None and parallel.is_main and overwrite:
-        removed = folder.remove_outputs(newer_than=info.step if info else None)
+    step_cell, planner = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say)
+    if folder is not None and parallel.is_main and overwrite:  # only once the resume is known to be sound
+        continued_here = info is not None and is_in_folder(info.weights_path, folder.checkpoints)
+        removed = folder.remove_outputs(newer_than=info.step if continued_here else None)
         if removed:
             say(f"--overwrite: removed {len(removed)} output file(s) of the previous run in {out_dir}")
-    step_cell, planner = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say)
     optimizer_step = step_cell.apply_gradients.optimizer.global_step  # skipped (overflow) steps do not advance it
     start_step, position = (info.step, info.data_position) if info else (0, 0)
     reader = GlobalBatchReader(data.source, train_cfg.batch_size, parallel.group_size, parallel.rank, accumulation,
