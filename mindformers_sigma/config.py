@@ -20,6 +20,10 @@ import yaml
 from mindformers_sigma.errors import UserError
 
 
+MAX_SEED = 2 ** 31 - 1
+MAX_STEPS = 100_000_000
+
+
 class ConfigError(UserError):
     """A config value breaks a rule; the message is one line that names file, field and fix."""
 
@@ -111,6 +115,7 @@ class MoEConfig:
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         if self.router == "gshard":
             _require(self.num_experts >= 2, "moe.num_experts", self.num_experts, "gshard (top-2) needs >= 2 experts")
+        _require_seed("moe.routing_seed", self.routing_seed)
 
 
 @dataclass
@@ -159,6 +164,9 @@ class ContextConfig:
     mode: Literal["graph", "pynative"] = "graph"
     seed: int = 42
 
+    def validate(self) -> None:
+        _require_seed("context.seed", self.seed)
+
 
 @dataclass
 class TrainConfig:
@@ -190,7 +198,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        _require(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _require(1 <= self.steps <= MAX_STEPS, "train.steps", self.steps,
+                 f"must be in [1, {MAX_STEPS:,}] (the learning-rate schedule holds one value per step)")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
         _require(0 <= self.min_learning_rate <= self.learning_rate, "train.min_learning_rate",
@@ -226,6 +235,7 @@ class DataConfig:
         if self.source == "mindrecord":
             _require(self.path is not None, "data.path", self.path,
                      "must name a prepare-data folder when data.source is mindrecord")
+        _require_seed("data.seed", self.seed)
         for name, weight in (self.domain_weights or {}).items():
             _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
                      f"data.domain_weights.{name}", weight, "must be a number >= 0")
@@ -276,6 +286,10 @@ _SECTIONS = ("model", "moe", "parallel", "context", "train", "data")
 def _require(ok: bool, field_path: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(field_path, value, rule)
+
+
+def _require_seed(field_path: str, value: int) -> None:
+    _require(0 <= value <= MAX_SEED, field_path, value, f"must be in [0, {MAX_SEED}] (MindSpore and numpy seeds)")
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:

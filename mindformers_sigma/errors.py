@@ -18,6 +18,19 @@ class DataError(UserError):
     """A corpus, manifest, checkpoint, output folder or argument that cannot be used."""
 
 
+class Interrupted(Exception):
+    """The user (or the cluster) asked the command to stop; it did so cleanly."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def one_line(message: str) -> str:
+    """A message that stays one line even when it quotes a path or value holding line breaks."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     """Run a command line's work; whatever escapes it becomes one line on stderr and an exit code:
     2 for bad input (a UserError, or a file-system refusal no check foresaw), 1 for an internal
@@ -25,16 +38,19 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     try:
         return command()
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space",
-              file=sys.stderr)
+        print(f"{prog}: error: {one_line(where + str(err.strerror or err))}; check the path, its permissions and "
+              f"free space", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"{prog}: error: out of memory; use a smaller model, batch or vocabulary", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"{prog}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,9 @@
 
 import argparse
 
+from mindformers_sigma.errors import one_line
+
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")

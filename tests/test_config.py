@@ -50,6 +50,10 @@ RULES = [
     ("train", {"grad_clip_norm": float("nan")}, "train.grad_clip_norm", "must be a finite number"),
     ("moe", {"capacity_factor": float("inf")}, "moe.capacity_factor", "must be a finite number"),
     ("model", {"init_std": float("-inf")}, "model.init_std", "must be a finite number"),
+    ("data", {"seed": -1}, "data.seed", "must be in [0, 2147483647]"),
+    ("moe", {"routing_seed": 2 ** 40}, "moe.routing_seed", "must be in [0, 2147483647]"),
+    ("context", {"seed": -5}, "context.seed", "must be in [0, 2147483647]"),
+    ("train", {"steps": 10 ** 12}, "train.steps", "one value per step"),
 ]
 
 

@@ -191,3 +191,13 @@ def test_jsonl_with_byte_order_mark_and_null_provenance(tmp_path):
     domain = manifest["domains"][0]
     assert domain["documents"] == 2 and domain["skipped"]["bad_json"] == 0
     assert domain["provenance"] == [{"source": "", "license": "CC0", "documents": 2}]
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_recorded(tmp_path):
+    folder = tmp_path / os.fsdecode(b"corpus_\xff")
+    folder.mkdir()
+    (folder / os.fsdecode(b"d\xfe.txt")).write_text("print('a file whose name is latin-1')\n" * 30)
+    manifest = prepare_data([("code", str(folder))], str(tmp_path / "out"), 8, vocab_size=300)
+    recorded = manifest["domains"][0]["sources"][0]["path"]
+    assert recorded.endswith("corpus_\\xff/d\\xfe.txt") and manifest["domains"][0]["documents"] == 1
+    assert PreparedCorpus(str(tmp_path / "out")).samples[0].shape[0] >= 1

@@ -140,10 +140,17 @@ def test_validator_reports_each_problem_with_its_location():
         "server_list[0].device[2].device_ip: 192.168.100.101 already used at server_list[0].device[0]",
         "server_list[0].device[3].device_id: 1 already used at server_list[0].device[1]",
         "server_list[0].device[3].device_ip: '192.168.1.300' is not a valid IPv4 address string",
-        "server_list[0].device[3].rank_id: 2 must be a string of digits",
+        "server_list[0].device[3].rank_id: 2 must be a string of ASCII digits without a leading zero",
         "rank_id: not contiguous from 0 over 3 devices (missing [2])",
     ]
     assert problems == expected
+
+
+@pytest.mark.parametrize("field,value", [("rank_id", "\u0663"), ("device_id", "\uff13"), ("device_id", "03")])
+def test_ids_must_be_plain_ascii_digits(field, value):
+    table = json.loads((GOLDEN / "hccl_2p_01_10.0.0.1.json").read_text())
+    table["server_list"][0]["device"][1][field] = value
+    assert any(f"device[1].{field}: {value!r} must be a string of ASCII digits" in p for p in validate_table(table))
 
 
 def test_version_1_2_requires_super_device_id(tmp_path):

@@ -65,11 +65,27 @@ def test_pruning_keeps_this_runs_newest_and_never_touches_later_steps(pynative, 
     _save(tmp_path, 100, 100.0)  # an earlier run's later checkpoint (or a corrupt one skipped by resume)
     (tmp_path / "step_00000001.ckpt").write_bytes(b"uncommitted weights of a killed save")
     (tmp_path / "step_00000200.ckpt").write_bytes(b"a later step's uncommitted weights: not ours")
+    (tmp_path / "step_00000003.ckpt.bak").write_bytes(b"the user's own copy")
     written = [_save(tmp_path, step, float(step)) for step in (3, 6, 9)]
     assert ckpt.list_checkpoints(str(tmp_path)) == [6, 9, 100]
     assert os.path.isfile(written[-1]) and os.path.isfile(written[-2]) and not os.path.exists(written[0])
     assert not (tmp_path / "step_00000001.ckpt").exists()
-    assert (tmp_path / "step_00000200.ckpt").exists()
+    assert (tmp_path / "step_00000200.ckpt").exists() and (tmp_path / "step_00000003.ckpt.bak").exists()
+
+
+@pytest.mark.parametrize("field,value", [("config", "x"), ("format", "pt"), ("weights", "/etc/passwd"),
+                                         ("step", "6"), ("data_position", -1), ("sha256", None)])
+def test_a_sidecar_that_parses_but_is_damaged_is_skipped(pynative, tmp_path, field, value):
+    _save(tmp_path, 3, 3.0)
+    _save(tmp_path, 6, 6.0)
+    sidecar = tmp_path / "step_00000006.json"
+    meta = json.loads(sidecar.read_text())
+    meta[field] = value
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"unusable sidecar .*field {field}"):
+        ckpt.read_checkpoint(str(sidecar))
+    lines = []
+    assert ckpt.find_resume_checkpoint(str(tmp_path), lines.append).step == 3 and "step 6" in lines[0]
 
 
 def test_a_new_run_refuses_a_used_out_folder_and_bad_out_paths(tmp_path):
@@ -117,7 +133,9 @@ def test_overwrite_replaces_only_the_previous_runs_outputs(two_step_run, tmp_pat
     with pytest.raises(DataError, match="not empty"):
         _run(_config(steps=2), out)
     (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    (out / "checkpoints" / "step_00000001.txt").write_text("the user's notes on step 1")
     summary, _ = _run(_config(steps=1), out, overwrite=True)
+    assert (out / "checkpoints" / "step_00000001.txt").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1] and (out / "notes.txt").read_text() == "mine"
     assert ckpt.list_checkpoints(str(out / "checkpoints")) == [1]
@@ -220,3 +238,31 @@ def test_resume_from_a_path_never_mixes_two_runs(pynative, two_step_run, tmp_pat
     with pytest.raises(DataError, match=r"holds later checkpoints \(steps 6\)"):
         choose_start(str(own), str(own / "checkpoints" / "step_00000003.ckpt"), False, print)
     assert choose_start(str(own), str(own / "checkpoints" / "step_00000003.ckpt"), True, print).step == 3
+
+
+def test_a_run_refused_after_creating_its_folder_leaves_no_folder(two_step_run, tmp_path):
+    config = _config(steps=4)
+    changed = dataclasses.replace(config, moe=dataclasses.replace(config.moe, routing_seed=99))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DataError, match="moe.routing_seed"):
+        _run(changed, fresh, resume=str(two_step_run / "checkpoints" / "step_00000002.ckpt"))
+    assert not fresh.exists()
+
+
+def test_the_data_fingerprint_is_the_samples_not_the_path_spelling(real_corpus, tmp_path):
+    from mindformers_sigma.data.dataset import PreparedCorpus
+    from mindformers_sigma.data.prepare import prepare_data
+    from mindformers_sigma.training.training_data import content_fingerprint
+
+    corpus, prepared = real_corpus
+    text = tmp_path / "docs"
+    text.mkdir()
+    (text / "a.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    first, second, other = tmp_path / "p1", tmp_path / "p2", tmp_path / "p3"
+    prepare_data([("code", str(text))], str(first), 16, tokenizer_path=str(prepared / "tokenizer.model"))
+    prepare_data([("code", f"{tmp_path}/./docs/")], str(second), 16, tokenizer_path=str(prepared / "tokenizer.model"))
+    (text / "a.txt").write_text("def g(y):\n    return y * 2\n" * 20)
+    prepare_data([("code", str(text))], str(other), 16, tokenizer_path=str(prepared / "tokenizer.model"))
+    fingerprints = [content_fingerprint(PreparedCorpus(str(p)).manifest) for p in (first, second, other)]
+    assert (first / "manifest.json").read_bytes() != (second / "manifest.json").read_bytes()
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]

@@ -145,6 +145,11 @@ def _provenance_field(record: dict, key: str) -> str:
     return "" if value is None else str(value)
 
 
+def printable_path(path: str) -> str:
+    """A path as JSON text can hold it: bytes of a non-UTF-8 file name are written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def read_domain(name: str, spec: str, patterns: Sequence[str] = DEFAULT_PATTERNS) -> DomainDocuments:
     """Read every document of a domain: each line's ``text`` of a .jsonl file is one, any other
     file is one document as a whole (binaries and invalid UTF-8 are skipped and counted)."""
@@ -152,7 +157,8 @@ def read_domain(name: str, spec: str, patterns: Sequence[str] = DEFAULT_PATTERNS
     for path in resolve_files(name, spec, patterns):
         with open(path, "rb") as handle:
             raw = handle.read()
-        domain.files.append({"path": path, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
+        domain.files.append({"path": printable_path(path), "sha256": hashlib.sha256(raw).hexdigest(),
+                             "bytes": len(raw)})
         if not path.endswith(".jsonl"):
             _add_document(domain, raw)
             continue

@@ -21,7 +21,9 @@ DEVICE_KEYS = {"1.0": ["device_id", "device_ip", "rank_id"],
 
 
 def _is_int_string(value: object) -> bool:
-    return isinstance(value, str) and value.isdigit() and (value == "0" or not value.startswith("0"))
+    """ASCII digits without a leading zero ("٣" and "３" are digits to str.isdigit, not to HCCL)."""
+    return (isinstance(value, str) and value.isascii() and value.isdigit()
+            and (value == "0" or not value.startswith("0")))
 
 
 def validate_table(table: object, expect_devices: Optional[int] = None) -> List[str]:
@@ -49,7 +51,7 @@ def validate_table(table: object, expect_devices: Optional[int] = None) -> List[
     if "server_count" in table:
         count = table["server_count"]
         if not _is_int_string(count):
-            problems.append(f"server_count: {count!r} must be a string of digits")
+            problems.append(f"server_count: {count!r} must be a string of ASCII digits without a leading zero")
         elif int(count) != len(servers):
             problems.append(f"server_count: {count!r} but server_list has {len(servers)} servers")
 
@@ -87,7 +89,7 @@ def validate_table(table: object, expect_devices: Optional[int] = None) -> List[
             device_id = device.get("device_id")
             if "device_id" in device:
                 if not _is_int_string(device_id):
-                    problems.append(f"{at}.device_id: {device_id!r} must be a string of digits")
+                    problems.append(f"{at}.device_id: {device_id!r} must be a string of ASCII digits without a leading zero")
                 elif int(device_id) > MAX_DEVICE_ID[version]:
                     problems.append(f"{at}.device_id: {device_id} outside 0-{MAX_DEVICE_ID[version]} "
                                     f"for version {version}")
@@ -100,11 +102,11 @@ def validate_table(table: object, expect_devices: Optional[int] = None) -> List[
             rank_id = device.get("rank_id")
             if "rank_id" in device:
                 if not _is_int_string(rank_id):
-                    problems.append(f"{at}.rank_id: {rank_id!r} must be a string of digits")
+                    problems.append(f"{at}.rank_id: {rank_id!r} must be a string of ASCII digits without a leading zero")
                 else:
                     ranks.append(int(rank_id))
             if version == "1.2" and "super_device_id" in device and not _is_int_string(device["super_device_id"]):
-                problems.append(f"{at}.super_device_id: {device['super_device_id']!r} must be a string of digits")
+                problems.append(f"{at}.super_device_id: {device['super_device_id']!r} must be a string of ASCII digits without a leading zero")
     if ranks and sorted(ranks) != list(range(len(ranks))):
         duplicates = sorted({r for r in ranks if ranks.count(r) > 1})
         missing = sorted(set(range(len(ranks))) - set(ranks))
@@ -151,7 +153,7 @@ def _validate_super_pods(pods: object, servers: Set[str]) -> List[str]:
             continue
         pod_id = pod.get("super_pod_id")
         if not _is_int_string(pod_id):
-            problems.append(f"{where}.super_pod_id: must be a string of digits")
+            problems.append(f"{where}.super_pod_id: must be a string of ASCII digits without a leading zero")
         elif pod_id in pod_ids:
             problems.append(f"{where}.super_pod_id: {pod_id} already used at {pod_ids[pod_id]}")
         else:

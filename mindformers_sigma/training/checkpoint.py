@@ -14,7 +14,7 @@ weights do not match the recorded sha256 (truncated, corrupt), is skipped on res
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import json
 import os
@@ -77,11 +77,19 @@ def prune_checkpoints(directory: str, newest: int, keep: int) -> None:
     committed = [step for step in list_checkpoints(directory) if step <= newest]
     for old in committed[:-keep]:
         os.unlink(os.path.join(directory, f"step_{old:08d}.json"))  # the commit mark goes first
-        for path in glob.glob(os.path.join(directory, f"step_{old:08d}.*")):
-            os.unlink(path)
+        for suffix in SUFFIX.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, f"step_{old:08d}{suffix}"))
+    remove_uncommitted_weights(directory, below=newest)
+
+
+def remove_uncommitted_weights(directory: str, below: int) -> None:
+    """Delete weights files of steps before ``below`` that have no sidecar: a save killed between
+    its two renames leaves them, and no resume can use them."""
+    committed = set(list_checkpoints(directory))
     for entry in os.listdir(directory):
         match = _WEIGHTS.match(entry)
-        if match and int(match.group(1)) < newest and int(match.group(1)) not in committed:
+        if match and int(match.group(1)) < below and int(match.group(1)) not in committed:
             os.unlink(os.path.join(directory, entry))
 
 
@@ -92,21 +100,39 @@ def list_checkpoints(directory: str) -> List[int]:
     return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
 
 
+def _checked_sidecar(meta_path: str, meta: object) -> CheckpointInfo:
+    """The sidecar's fields, each of the type and form this module writes, or ValueError."""
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    step, position, fmt, weights = (meta.get(key) for key in ("step", "data_position", "format", "weights"))
+    expected_name = f"step_{step:08d}{SUFFIX.get(fmt, '?')}" if isinstance(step, int) else None
+    problems = [
+        (isinstance(step, int) and not isinstance(step, bool) and step >= 1, "step"),
+        (isinstance(position, int) and not isinstance(position, bool) and position >= 0, "data_position"),
+        (fmt in SUFFIX, "format"),
+        (weights == expected_name, "weights"),  # a bare name beside the sidecar, never a path elsewhere
+        (isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64, "sha256"),
+        (isinstance(meta.get("config", {}), dict), "config"),
+        (os.path.basename(meta_path) == f"step_{step:08d}.json" if isinstance(step, int) else False, "step"),
+    ]
+    bad = [field for ok, field in problems if not ok]
+    if bad:
+        raise ValueError(f"field {bad[0]} = {meta.get(bad[0])!r} is not what a checkpoint holds")
+    return CheckpointInfo(step, position, os.path.join(os.path.dirname(meta_path), weights), meta)
+
+
 def read_checkpoint(meta_path: str) -> CheckpointInfo:
     """Parse and verify one checkpoint; raises ValueError with a one-line reason when unusable."""
     try:
         with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        weights = os.path.join(os.path.dirname(meta_path), meta["weights"])
-        expected = meta["sha256"]
-        step, position = int(meta["step"]), int(meta["data_position"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{meta_path}: unreadable sidecar ({type(err).__name__}: {err})") from None
-    if not os.path.isfile(weights):
-        raise ValueError(f"{weights}: weights file missing")
-    if _sha256(weights) != expected:
-        raise ValueError(f"{weights}: sha256 does not match its sidecar (truncated or corrupt)")
-    return CheckpointInfo(step, position, weights, meta)
+            info = _checked_sidecar(meta_path, json.load(handle))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{meta_path}: unusable sidecar ({err})") from None
+    if not os.path.isfile(info.weights_path):
+        raise ValueError(f"{info.weights_path}: weights file missing")
+    if _sha256(info.weights_path) != info.meta["sha256"]:
+        raise ValueError(f"{info.weights_path}: sha256 does not match its sidecar (truncated or corrupt)")
+    return info
 
 
 def find_resume_checkpoint(directory: str, log: Callable[[str], None]) -> Optional[CheckpointInfo]:

@@ -35,13 +35,14 @@ def available_memory_bytes() -> int:
 def estimate_training_bytes(config: SigmaConfig, micro_batch: int) -> Tuple[int, List[Tuple[int, str]]]:
     """(bytes, [(bytes, what)] largest first) of one process's training state."""
     m, count = config.model, count_parameters(config)
+    embedding = m.vocab_size * m.hidden_size
+    experts = m.sparse_layers * config.moe.num_experts * count.one_expert
     parts = [
-        (m.vocab_size * m.hidden_size * BYTES_PER_PARAMETER, "model.vocab_size (word embedding and head)"),
-        (m.sparse_layers * config.moe.num_experts * count.one_expert * BYTES_PER_PARAMETER,
-         "moe.num_experts / model.ffn_hidden_size (expert weights)"),
-        ((count.total - m.vocab_size * m.hidden_size - m.sparse_layers * config.moe.num_experts * count.one_expert)
-         * BYTES_PER_PARAMETER, "model.hidden_size / model.num_layers (dense weights)"),
-        (3 * micro_batch * m.seq_length * m.vocab_size * 4, "model.vocab_size x train.batch_size x model.seq_length (logits)"),
+        (embedding * BYTES_PER_PARAMETER, "model.vocab_size (word embedding and head)"),
+        (experts * BYTES_PER_PARAMETER, "moe.num_experts / model.ffn_hidden_size (expert weights)"),
+        ((count.total - embedding - experts) * BYTES_PER_PARAMETER, "model.hidden_size / model.num_layers (dense weights)"),
+        (3 * micro_batch * m.seq_length * m.vocab_size * 4,
+         "model.vocab_size x train.batch_size x model.seq_length (logits)"),
     ]
     parts.sort(reverse=True)
     return sum(size for size, _ in parts), parts

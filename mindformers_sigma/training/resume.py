@@ -3,7 +3,7 @@
 Decisions are made from the folder's contents before anything is written, so every
 data-parallel rank reaches the same one.  A resume continues only the experiment the
 checkpoint belongs to: the config keys that change the model, the routing or the data order
-(:data:`EXPERIMENT_KEYS`) and the training data itself (the manifest's sha256) must match,
+(:data:`EXPERIMENT_KEYS`) and the training data itself (a hash of its samples) must match,
 unless the user passes ``--allow-config-change``.
 """
 
@@ -43,7 +43,7 @@ def experiment_differences(saved_config: dict, config: SigmaConfig, saved_data: 
     changes = [f"{key} ({_value(saved_config, key)!r} -> {_value(current, key)!r})"
                for key in EXPERIMENT_KEYS if _value(saved_config, key) != _value(current, key)]
     if saved_data is not None and saved_data != data:
-        changes.append(f"training data (manifest sha256 {saved_data[:12]}... -> {data[:12]}...)")
+        changes.append(f"training data (fingerprint {saved_data[:12]}... -> {data[:12]}...)")
     return changes
 
 
@@ -77,6 +77,8 @@ def is_in_folder(path: str, folder: str) -> bool:
 def choose_start(out_dir: Optional[str], resume: Optional[str], overwrite: bool,
                  log: Callable[[str], None]) -> Optional[ckpt.CheckpointInfo]:
     """The checkpoint to continue (None: start at step 0), or a one-line DataError."""
+    if out_dir is not None and not out_dir.strip():
+        raise DataError(f"--out {out_dir!r}: an empty path; pass a folder")
     if out_dir is not None and resume is None:
         _refuse_used(out_dir, overwrite, "pass --resume auto to continue that run")
         return None

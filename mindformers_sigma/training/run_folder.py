@@ -14,9 +14,11 @@ import fcntl
 import os
 import re
 import shutil
+import sys
 from typing import List, Optional
 
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.training.checkpoint import remove_uncommitted_weights
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -25,7 +27,7 @@ LOCK = ".lock"
 # Temporaries written beside run outputs (atomic.py's names, and the names older versions used).
 _TEMPORARY = re.compile(r"^\.(step_\d{8}\.\w+|metrics\.jsonl|loss\.png)\.(tmp|old)-|^metrics\.jsonl\.tmp$|"
                         r"^loss\.png\.tmp\.png$")
-_CHECKPOINT_FILE = re.compile(r"^step_\d{8}\.\w+$")
+_CHECKPOINT_FILE = re.compile(r"^step_\d{8}\.(json|ckpt|safetensors)$")
 
 
 def _cannot_write(out_dir: str, err: OSError) -> DataError:
@@ -41,6 +43,7 @@ class RunFolder:
         self.metrics = os.path.join(out_dir, METRICS)
         self.loss_plot = os.path.join(out_dir, LOSS_PLOT)
         self._lock_handle = None
+        self._created = not os.path.exists(out_dir)
         if is_main:
             self._create_and_lock()
 
@@ -68,6 +71,20 @@ class RunFolder:
                 if _TEMPORARY.match(entry):
                     path = os.path.join(directory, entry)
                     shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        remove_uncommitted_weights(self.checkpoints, below=sys.maxsize)
+
+    def discard_if_unused(self) -> None:
+        """Remove the folder again if this run created it and wrote nothing into it (a run that
+        failed before its first step leaves no empty folder behind)."""
+        if self._lock_handle is None or not self._created:
+            return
+        if os.listdir(self.checkpoints) or set(os.listdir(self.path)) != {LOCK, CHECKPOINTS}:
+            return
+        os.rmdir(self.checkpoints)
+        os.unlink(os.path.join(self.path, LOCK))
+        self._lock_handle.close()
+        self._lock_handle = None
+        os.rmdir(self.path)
 
     def remove_outputs(self, newer_than: Optional[int] = None) -> List[str]:
         """Delete run outputs (all, or only checkpoints of steps after ``newer_than``); returns them."""

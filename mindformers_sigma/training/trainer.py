@@ -23,6 +23,7 @@ from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_rou
 from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner, routing_tables_of
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import GlobalBatchReader
+from mindformers_sigma.training.interrupts import stop_requests
 from mindformers_sigma.training.loss import TrainingLoss
 from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.memory_check import check_fits_in_memory
@@ -119,28 +120,44 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     """
     if steps is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
-    train_cfg, model = config.train, config.model
+    train_cfg = config.train
     notes: List[str] = []
     info = choose_start(out_dir, resume, overwrite, notes.append)  # read-only: every rank decides alike
+    if info is not None and info.step >= train_cfg.steps:
+        raise DataError(f"nothing to train: the checkpoint is already at step {info.step} of {train_cfg.steps}; "
+                        f"raise --steps")
     parallel: ParallelInfo = configure_context(config)
     say = log if parallel.is_main else (lambda line: None)
     for note in notes:
         say(note)
-    accumulation = train_cfg.grad_accumulation_steps
-    parts = parallel.group_size * accumulation
-    check_fits_in_memory(config, train_cfg.batch_size // parts,
+    check_fits_in_memory(config, train_cfg.batch_size // (parallel.group_size * train_cfg.grad_accumulation_steps),
                          parallel.group_size if config.context.device_target == "CPU" else 1)
     data = open_training_data(config)
     folder = RunFolder(out_dir, parallel.is_main) if out_dir else None
+    try:
+        return _train_in(config, data, parallel, info, folder, overwrite, allow_config_change, say)
+    except BaseException:
+        if folder is not None:
+            folder.discard_if_unused()
+        raise
+
+
+def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, info: Optional[ckpt.CheckpointInfo],
+              folder: Optional[RunFolder], overwrite: bool, allow_config_change: bool,
+              say: Callable[[str], None]) -> TrainSummary:
+    """The part of :func:`train` that runs with the run folder open."""
+    train_cfg, model = config.train, config.model
+    parts = parallel.group_size * train_cfg.grad_accumulation_steps
     step_cell, planner = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say)
     if folder is not None and parallel.is_main and overwrite:  # only once the resume is known to be sound
         continued_here = info is not None and is_in_folder(info.weights_path, folder.checkpoints)
         removed = folder.remove_outputs(newer_than=info.step if continued_here else None)
         if removed:
-            say(f"--overwrite: removed {len(removed)} output file(s) of the previous run in {out_dir}")
+            say(f"--overwrite: removed {len(removed)} output file(s) of the previous run in {folder.path}")
     optimizer_step = step_cell.apply_gradients.optimizer.global_step  # skipped (overflow) steps do not advance it
     start_step, position = (info.step, info.data_position) if info else (0, 0)
-    reader = GlobalBatchReader(data.source, train_cfg.batch_size, parallel.group_size, parallel.rank, accumulation,
+    reader = GlobalBatchReader(data.source, train_cfg.batch_size, parallel.group_size, parallel.rank,
+                               train_cfg.grad_accumulation_steps,
                                model.eod_token_id, planner, config.context.seed, model.dropout_rate > 0)
     peak = train_cfg.peak_flops or measure_matmul_peak()
     flops_token = flops_per_token(config)
@@ -154,44 +171,47 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     # their time is reported as compile time, not as throughput.
     losses, run_seconds, compile_seconds, compiled_shapes = [], [], [], set()
     dropped_total, skipped, saved = 0, 0, None
-    for step in range(start_step, train_cfg.steps):
-        batch = reader.read(step, position)
-        position = batch.next_position
-        compiling = batch.shapes not in compiled_shapes
-        compiled_shapes.add(batch.shapes)
-        started = time.perf_counter()
-        result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
-        (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
-        losses.append(result.loss)
-        dropped_total += result.dropped
-        skipped += int(not result.finite)
-        timed = run_seconds[-train_cfg.log_interval:] or compile_seconds[-1:]
-        tokens_per_second = tokens_per_step / float(np.mean(timed))
-        record = {
-            "step": step + 1, "loss": result.loss,
-            "domain_loss": domain_losses(result.nll, result.counted, data.domain_names),
-            "lr": learning_rate_at(max(0, int(optimizer_step.asnumpy()) - 1), train_cfg),  # the rate last applied
-            "loss_scale": result.loss_scale, "finite": result.finite,
-            "dropped": result.dropped, "tokens_per_second": tokens_per_second,
-            "mfu": tokens_per_second * flops_token / (peak * parallel.group_size),
-            "eta_seconds": (float(np.mean(run_seconds[-train_cfg.log_interval:])) * (train_cfg.steps - step - 1)
-                            if run_seconds else None),
-            "data_position": position,
-        }
-        metrics.write(record)
-        if step == start_step or (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.steps:
-            say(progress_line(record, train_cfg.steps, data.domain_names))
-        if folder and ((step + 1) % train_cfg.checkpoint_interval == 0 or step + 1 == train_cfg.steps):
-            if parallel.is_main:
+    with stop_requests() as stop:
+        for step in range(start_step, train_cfg.steps):
+            stop.arm()  # again each step: MindSpore replaces the handlers while a graph runs
+            batch = reader.read(step, position)
+            position = batch.next_position
+            compiling = batch.shapes not in compiled_shapes
+            compiled_shapes.add(batch.shapes)
+            started = time.perf_counter()
+            result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
+            (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
+            losses.append(result.loss)
+            dropped_total += result.dropped
+            skipped += int(not result.finite)
+            timed = run_seconds[-train_cfg.log_interval:] or compile_seconds[-1:]
+            tokens_per_second = tokens_per_step / float(np.mean(timed))
+            record = {
+                "step": step + 1, "loss": result.loss,
+                "domain_loss": domain_losses(result.nll, result.counted, data.domain_names),
+                # the rate last applied (overflow-skipped steps do not advance the optimizer's step)
+                "lr": learning_rate_at(max(0, int(optimizer_step.asnumpy()) - 1), train_cfg),
+                "loss_scale": result.loss_scale, "finite": result.finite,
+                "dropped": result.dropped, "tokens_per_second": tokens_per_second,
+                "mfu": tokens_per_second * flops_token / (peak * parallel.group_size),
+                "eta_seconds": (float(np.mean(run_seconds[-train_cfg.log_interval:])) * (train_cfg.steps - step - 1)
+                                if run_seconds else None),
+                "data_position": position,
+            }
+            metrics.write(record)
+            if step == start_step or (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.steps:
+                say(progress_line(record, train_cfg.steps, data.domain_names))
+            due = (step + 1) % train_cfg.checkpoint_interval == 0 or step + 1 == train_cfg.steps
+            if folder and parallel.is_main and (due or stop.signum is not None):
                 meta = {"data_position": position,
                         "loss_scale": float(step_cell.apply_gradients.loss_scale.scale.asnumpy()),
                         "config": config_to_dict(config), DATA_FINGERPRINT: data.fingerprint}
                 saved = ckpt.save_checkpoint(folder.checkpoints, step + 1, checkpointed_parameters(step_cell), meta,
                                              train_cfg.checkpoint_format, train_cfg.keep_checkpoints)
+            stop.raise_if_requested(f"after step {step + 1}: " + (
+                f"checkpoint saved in {folder.checkpoints}; continue with --resume auto" if folder
+                else "nothing saved (no --out)"))
 
-    if not losses:
-        raise DataError(f"nothing to train: the checkpoint is already at step {start_step} of {train_cfg.steps}; "
-                        f"raise --steps")
     timed = run_seconds or compile_seconds
     tail = max(1, min(10, len(losses) // 5))
     tokens_per_second = tokens_per_step * len(timed) / float(np.sum(timed))

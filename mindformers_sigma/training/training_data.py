@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -11,7 +11,6 @@ import numpy as np
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.data.dataset import MixedCorpusSource, PreparedCorpus, SampleSchedule
-from mindformers_sigma.data.prepare import MANIFEST
 from mindformers_sigma.data.synthetic import SyntheticSource
 from mindformers_sigma.errors import DataError
 
@@ -25,14 +24,22 @@ class TrainingData:
     source: object
     domain_names: List[str]
     token_frequency: Optional[np.ndarray]
-    # What a checkpoint records to tell whether a resume reads the same data: the manifest's
-    # sha256 (so a moved data folder is still the same data), or "synthetic" (the config defines it).
+    # What a checkpoint records to tell whether a resume reads the same data: a hash of the
+    # prepared samples (a moved or re-prepared identical folder is the same data), or "synthetic"
+    # (then the config defines the data).
     fingerprint: str
 
 
-def _manifest_sha256(data_dir: str) -> str:
-    with open(os.path.join(data_dir, MANIFEST), "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+def content_fingerprint(manifest: dict) -> str:
+    """sha256 over what defines the samples (domains, shard and tokenizer hashes, lengths), not over
+    the manifest's bytes, which also record how the source paths were spelled."""
+    content = {
+        "sample_length": manifest["sample_length"], "eod_token_id": manifest["eod_token_id"],
+        "tokenizer": manifest["tokenizer"]["sha256"],
+        "domains": [[d["id"], d["name"], d["samples"], [s["sha256"] for s in d["shards"]]]
+                    for d in manifest["domains"]],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def open_training_data(config: SigmaConfig) -> TrainingData:
@@ -62,4 +69,4 @@ def open_training_data(config: SigmaConfig) -> TrainingData:
     schedule = SampleSchedule([s.shape[0] for s in corpus.samples], weights, data.seed)
     frequency = corpus.token_frequency(config.moe.num_domains, model.vocab_size)
     names = corpus.names + [f"domain{i}" for i in range(len(corpus.names), config.moe.num_domains)]
-    return TrainingData(MixedCorpusSource(corpus, schedule), names, frequency, _manifest_sha256(data.path))
+    return TrainingData(MixedCorpusSource(corpus, schedule), names, frequency, content_fingerprint(corpus.manifest))

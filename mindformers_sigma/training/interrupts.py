@@ -1,0 +1,53 @@
+"""Ctrl-C and SIGTERM during training: finish the current step, save a checkpoint, stop cleanly.
+
+MindSpore installs its own C handlers while a graph runs (a Ctrl-C that lands inside a graph
+comes back as SIGTERM, and the default behaviour kills the process with nothing saved), so the
+trainer re-arms these Python handlers before every step.  They only record the signal; the loop
+looks at it between steps, where stopping is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator, Optional
+
+from mindformers_sigma.errors import Interrupted
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+    """The first SIGINT/SIGTERM received since the handlers were armed, if any."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._enabled = threading.current_thread() is threading.main_thread()
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def arm(self) -> None:
+        if self._enabled:
+            for signum in _SIGNALS:
+                signal.signal(signum, self._record)
+
+    def raise_if_requested(self, what: str) -> None:
+        """Raise :class:`Interrupted` (exit 130 for SIGINT, 143 for SIGTERM) if a signal came."""
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"stopped by {name} {what}", 128 + self.signum)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequests]:
+    """Record stop signals for the duration of a run; the previous handlers come back after."""
+    requests = StopRequests()
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS} if requests._enabled else {}
+    try:
+        yield requests
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
