@@ -381,7 +381,8 @@ def test_bad_documents_are_skipped_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("make_input,args,message", [
-    (lambda p: None, {"seq_length": 1}, "--seq-length 1: must be >= 2"),
+    (lambda p: None, {"seq_length": 1}, "--seq-length 1: must be in [2, 1,048,576]"),
+    (lambda p: None, {"seq_length": 10 ** 11}, "must be in [2, 1,048,576]"),
     (lambda p: None, {"spec": "missing/nowhere.txt"}, "no such file or folder"),
     (lambda p: (p / "e.txt").write_text(""), {"spec": "e.txt"}, "no usable text (skipped: empty 1)"),
     (lambda p: (p / "b.txt").write_bytes(b"\x00\x01"), {"spec": "b.txt"}, "no usable text (skipped: binary 1)"),

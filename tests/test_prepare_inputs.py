@@ -201,3 +201,18 @@ def test_a_file_name_that_is_not_utf8_is_read_and_recorded(tmp_path):
     recorded = manifest["domains"][0]["sources"][0]["path"]
     assert recorded.endswith("corpus_\\xff/d\\xfe.txt") and manifest["domains"][0]["documents"] == 1
     assert PreparedCorpus(str(tmp_path / "out")).samples[0].shape[0] >= 1
+
+
+def test_out_that_would_replace_a_link_or_the_current_folder_or_overflow_a_name_is_refused(tmp_path, monkeypatch):
+    text = _text_file(tmp_path)
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    long_name = tmp_path / ("n" * 200)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out, words in ((tmp_path / "link", "symbolic link"), (here, "holds the current folder"),
+                       (Path("."), "holds the current folder"), (long_name, "longer than")):
+        with pytest.raises(DataError, match=words):
+            prepare_data([("d", str(text))], str(out), 8, vocab_size=300)
+    assert os.path.islink(tmp_path / "link") and here.is_dir() and not long_name.exists()

@@ -34,6 +34,9 @@ from mindformers_sigma.errors import DataError
 DEFAULT_PATTERNS = ("*.txt", "*.jsonl")
 PAGE_SIZE = 1 << 16
 SAMPLES_PER_SHARD = 4096
+MAX_SEQ_LENGTH = 1 << 20
+# File names are at most 255 bytes; the temporary beside --out adds ".", ".tmp-HOST-PID-" and 8 more.
+MAX_NAME_BYTES = 160
 MIN_VOCAB_SIZE = 300  # 256 byte pieces + 7 special pieces + room for merges
 # SentencePiece's vocab_size is an int32 and every domain gets a vocab_size-long frequency table;
 # real tokenizers have 32k-256k pieces, so anything above 2**20 is a typo, not a plan.
@@ -247,6 +250,13 @@ def check_output_folder(out_dir: str) -> None:
 
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         refuse("it exists and is not a folder")
+    if os.path.islink(out_dir):
+        refuse(f"it is a symbolic link, which would be replaced by a folder; pass {os.path.realpath(out_dir)}")
+    target, here = os.path.realpath(out_dir), os.path.realpath(os.getcwd())
+    if here == target or here.startswith(target + os.sep):
+        refuse("it holds the current folder, which would be moved away; run from elsewhere or choose a subfolder")
+    if len(os.path.basename(os.path.abspath(out_dir)).encode()) > MAX_NAME_BYTES:
+        refuse(f"its name is longer than {MAX_NAME_BYTES} bytes, the limit that leaves room for the temporary name")
     nearest = os.path.dirname(os.path.abspath(out_dir))
     while not os.path.lexists(nearest):
         nearest = os.path.dirname(nearest)
@@ -305,8 +315,9 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
     ``include`` adds file-name patterns to the default ``*.txt``/``*.jsonl`` for folders and globs.
     Every check that needs no text runs before the text is read and the tokenizer trained.
     """
-    if seq_length < 2:
-        raise DataError(f"--seq-length {seq_length}: must be >= 2 (samples hold seq_length + 1 tokens)")
+    if not 2 <= seq_length <= MAX_SEQ_LENGTH:
+        raise DataError(f"--seq-length {seq_length}: must be in [2, {MAX_SEQ_LENGTH:,}] (samples hold seq_length + 1 "
+                        f"tokens; attention over S tokens needs S x S scores)")
     if (vocab_size is None) == (tokenizer_path is None):
         raise DataError("give exactly one of --vocab-size N (train a tokenizer) or --tokenizer MODEL")
     if vocab_size is not None:
