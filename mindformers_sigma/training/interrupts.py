@@ -23,14 +23,14 @@ class StopRequests:
 
     def __init__(self):
         self.signum: Optional[int] = None
-        self._enabled = threading.current_thread() is threading.main_thread()
+        self.enabled = threading.current_thread() is threading.main_thread()  # signal.signal needs the main thread
 
     def _record(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
 
     def arm(self) -> None:
-        if self._enabled:
+        if self.enabled:
             for signum in _SIGNALS:
                 signal.signal(signum, self._record)
 
@@ -45,7 +45,7 @@ class StopRequests:
 def stop_requests() -> Iterator[StopRequests]:
     """Record stop signals for the duration of a run; the previous handlers come back after."""
     requests = StopRequests()
-    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS} if requests._enabled else {}
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS} if requests.enabled else {}
     try:
         yield requests
     finally:
