@@ -15,7 +15,6 @@ weights do not match the recorded sha256 (truncated, corrupt), is skipped on res
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -25,9 +24,11 @@ from typing import Callable, Dict, List, Optional
 import mindspore as ms
 
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
+from mindformers_sigma.data.manifest import file_sha256
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 _WEIGHTS = re.compile(r"^step_(\d{8})\.(?:ckpt|safetensors)$")
+_ANY_FILE = re.compile(r"^step_(\d{8})\.(?:json|ckpt|safetensors)$")
 SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
 
@@ -37,14 +38,6 @@ class CheckpointInfo:
     data_position: int
     weights_path: str
     meta: dict
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(directory: str) -> None:
@@ -63,7 +56,7 @@ def save_checkpoint(directory: str, step: int, parameters: Dict[str, ms.Paramete
     weights = os.path.join(directory, stem + SUFFIX[fmt])
     with atomic_file(weights) as tmp:
         ms.save_checkpoint([{"name": name, "data": param} for name, param in parameters.items()], tmp, format=fmt)
-    record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=_sha256(weights))
+    record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=file_sha256(weights))
     write_bytes_atomic(os.path.join(directory, stem + ".json"), json.dumps(record, indent=1).encode() + b"\n")
     _fsync_dir(directory)
     prune_checkpoints(directory, step, keep)
@@ -91,6 +84,12 @@ def remove_uncommitted_weights(directory: str, below: int) -> None:
         match = _WEIGHTS.match(entry)
         if match and int(match.group(1)) < below and int(match.group(1)) not in committed:
             os.unlink(os.path.join(directory, entry))
+
+
+def file_step(name: str) -> Optional[int]:
+    """The step of a checkpoint file name (sidecar or weights), None for any other name."""
+    match = _ANY_FILE.match(name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(directory: str) -> List[int]:
@@ -130,7 +129,7 @@ def read_checkpoint(meta_path: str) -> CheckpointInfo:
         raise ValueError(f"{meta_path}: unusable sidecar ({err})") from None
     if not os.path.isfile(info.weights_path):
         raise ValueError(f"{info.weights_path}: weights file missing")
-    if _sha256(info.weights_path) != info.meta["sha256"]:
+    if file_sha256(info.weights_path) != info.meta["sha256"]:
         raise ValueError(f"{info.weights_path}: sha256 does not match its sidecar (truncated or corrupt)")
     return info
 

@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.training.checkpoint import remove_uncommitted_weights
+from mindformers_sigma.training.checkpoint import file_step, remove_uncommitted_weights
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -27,7 +27,6 @@ LOCK = ".lock"
 # Temporaries written beside run outputs (atomic.py's names, and the names older versions used).
 _TEMPORARY = re.compile(r"^\.(step_\d{8}\.\w+|metrics\.jsonl|loss\.png)\.(tmp|old)-|^metrics\.jsonl\.tmp$|"
                         r"^loss\.png\.tmp\.png$")
-_CHECKPOINT_FILE = re.compile(r"^step_\d{8}\.(json|ckpt|safetensors)$")
 
 
 def _cannot_write(out_dir: str, err: OSError) -> DataError:
@@ -97,7 +96,8 @@ class RunFolder:
                     removed.append(path)
         if os.path.isdir(self.checkpoints):
             for entry in sorted(os.listdir(self.checkpoints)):
-                if _CHECKPOINT_FILE.match(entry) and (newer_than is None or int(entry[5:13]) > newer_than):
+                step = file_step(entry)
+                if step is not None and (newer_than is None or step > newer_than):
                     os.unlink(os.path.join(self.checkpoints, entry))
                     removed.append(os.path.join(self.checkpoints, entry))
         return removed
