@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 # MindSpore's C++ warnings (graph-compiler notes) drown the progress lines; GLOG_v=2 shows them.
 os.environ.setdefault("GLOG_v", "3")
 
-from mindformers_sigma.config import apply_overrides, load_config  # noqa: E402
+from mindformers_sigma.config import SigmaConfig, apply_overrides, load_config  # noqa: E402
 from mindformers_sigma.errors import run_reporting_errors  # noqa: E402
 from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
 
@@ -42,11 +42,16 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace) -> SigmaConfig:
+    """The config a `train` command line describes: the file, then --data, then the --set overrides."""
     config = load_config(args.config)
     if args.data is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="mindrecord", path=args.data))
-    config = apply_overrides(config, args.set)
+    return apply_overrides(config, args.set)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = train_config(args)
     from mindformers_sigma.training.trainer import train
 
     summary = train(config, steps=args.steps, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
@@ -85,18 +90,28 @@ def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_check_launch(args: argparse.Namespace) -> int:
-    from mindformers_sigma.launch import check_launch
-
-    for line in check_launch(args.config, args.set, args.workers, args.rank_table, args.server_id):
-        print(line)
-    return 0
-
-
 def _cmd_rank_table(args: argparse.Namespace) -> int:
     from mindformers_sigma.rank_table.cli import TOOLS, run_tool
 
     return run_tool(args, TOOLS[args.tool][1], f"pangu-sigma rank-table {args.tool}")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`pangu-sigma train`'s options (also checked by the launcher before it starts any rank)."""
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--steps", type=_positive_int, help="number of steps (default: train.steps)")
+    parser.add_argument("--data", help="prepare-data folder (overrides the config's data section)")
+    parser.add_argument("--out", help="run folder: metrics.jsonl, loss.png, checkpoints/")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="auto: newest valid checkpoint in OUT/checkpoints (none: start at step 0); "
+                             "or a checkpoint file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="a used --out: remove the previous run's outputs and start over (with --resume auto: "
+                             "only when no checkpoint is usable; with --resume PATH: the later checkpoints)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the model, routing or data-order keys or the data differ")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (YAML syntax), validated like the file; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,20 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.set_defaults(handler=_cmd_params)
 
     train = commands.add_parser("train", help="train a model described by a config")
-    train.add_argument("--config", required=True, help="YAML config file")
-    train.add_argument("--steps", type=_positive_int, help="number of steps (default: train.steps)")
-    train.add_argument("--data", help="prepare-data folder (overrides the config's data section)")
-    train.add_argument("--out", help="run folder: metrics.jsonl, loss.png, checkpoints/")
-    train.add_argument("--resume", metavar="auto|PATH",
-                       help="auto: newest valid checkpoint in OUT/checkpoints (none: start at step 0); "
-                            "or a checkpoint file")
-    train.add_argument("--overwrite", action="store_true",
-                       help="a used --out: remove the previous run's outputs and start over (with --resume auto: "
-                            "only when no checkpoint is usable; with --resume PATH: the later checkpoints)")
-    train.add_argument("--allow-config-change", action="store_true",
-                       help="resume although the model, routing or data-order keys or the data differ")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (YAML syntax), validated like the file; repeatable")
+    add_train_arguments(train)
     train.set_defaults(handler=_cmd_train)
 
     prepare = commands.add_parser("prepare-data", help="tokenize per-domain text into packed MindRecord shards")
@@ -138,14 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
     source.add_argument("--tokenizer", help="use this SentencePiece model instead")
     prepare.set_defaults(handler=_cmd_prepare_data)
-
-    check = commands.add_parser("check-launch", help="(used by run/distributed_train.sh) validate a planned launch")
-    check.add_argument("--config", required=True)
-    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    check.add_argument("--workers", type=_positive_int, help="total workers msrun would start")
-    check.add_argument("--rank-table", help="HCCL rank table; prints 'RANK_ID DEVICE_ID RANK_SIZE' per local device")
-    check.add_argument("--server-id", help="this server's IP in the rank table (needed with several servers)")
-    check.set_defaults(handler=_cmd_check_launch)
 
     rank_table = commands.add_parser("rank-table", help="HCCL rank tables: generate, merge, validate, plan")
     tools = rank_table.add_subparsers(dest="tool", required=True, parser_class=OneLineParser)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import mindspore as ms
 
 from mindformers_sigma.config import ConfigError, SigmaConfig
+from mindformers_sigma.errors import UserError
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 
@@ -28,11 +30,35 @@ class ParallelInfo:
         return self.rank == 0
 
 
+def device_id(device_target: str, environ=os.environ) -> Optional[int]:
+    """The device this process must bind to, or None to leave the choice to MindSpore.
+
+    Under msrun (``MS_ROLE`` set) msrun binds each rank itself.  Otherwise ``DEVICE_ID`` names the
+    NPU/GPU: a rank-table launch sets it for every rank, and without it every rank would share
+    device 0 (MindSpore's default outside msrun).  CPU has no device ids.
+    """
+    if device_target == "CPU" or "MS_ROLE" in environ:
+        return None
+    text = environ.get("DEVICE_ID")
+    if text is None:
+        if "RANK_TABLE_FILE" in environ:
+            raise UserError("RANK_TABLE_FILE is set but DEVICE_ID is not: each rank of a rank-table launch needs its "
+                            "device id (run/distributed_train.sh --rank-table sets both)")
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) > 4095:
+        raise UserError(f"DEVICE_ID={text!r} is not a device id; set it to the device's index, e.g. 0..7")
+    return int(text)
+
+
 def configure_context(config: SigmaConfig) -> ParallelInfo:
     """Set device target, execution mode, parallel mode and seeds; returns this worker's rank."""
     ctx, parallel = config.context, config.parallel
     ms.set_context(mode=_MODES[ctx.mode])
-    ms.set_device(ctx.device_target)
+    device = device_id(ctx.device_target)
+    if device is None:
+        ms.set_device(ctx.device_target)
+    else:
+        ms.set_device(ctx.device_target, device)
     ms.set_seed(ctx.seed)  # the same on every rank: replicas start from identical weights
     if parallel.mode == "stand_alone":
         return ParallelInfo()

@@ -1,49 +1,25 @@
-"""run/distributed_train.sh: checks before launch, dry runs, shellcheck, and real msrun CPU workers."""
+"""run/distributed_train.sh before anything starts: option checks, multi-node rules, the config's device
+count with the trainer's overrides, rank tables, interpreter choice and the dry run's exact commands."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_raw
+from conftest import REPO
+from launcher_helpers import ascend_yaml, base_env, launcher, micro_yaml, python_stub, rank_table
+from mindformers_sigma.launcher.main import main as launcher_main
 
-SCRIPT = REPO / "run" / "distributed_train.sh"
-
-
-def _launcher(*args, **kwargs):
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable},
-                          **kwargs)
-
-
-def _micro(tmp_path, dropout=0.0, steps=3, **parallel):
-    raw = tiny_raw()
-    raw["model"].update(vocab_size=64, hidden_size=32, num_heads=4, ffn_hidden_size=48, num_layers=3,
-                        dense_layers=1, sparse_layers=2, seq_length=16, dropout_rate=dropout)
-    raw["train"].update(batch_size=8, steps=steps, warmup_steps=1, peak_flops=1.0e11, log_interval=1)
-    raw["parallel"].update(parallel)
-    if parallel.get("mode") == "semi_auto_parallel":
-        raw["context"]["device_target"] = "Ascend"
-    path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _rank_table(tmp_path, servers=1, devices=8):
-    server_list = [{"server_id": f"10.0.0.{s + 1}", "host_nic_ip": "reserve",
-                    "device": [{"device_id": str(d), "device_ip": f"192.168.{s}.{d + 1}", "rank_id": str(s * devices + d)}
-                               for d in range(devices)]} for s in range(servers)]
-    path = tmp_path / "rank_table.json"
-    path.write_text(json.dumps({"version": "1.0", "server_count": str(servers), "server_list": server_list,
-                                "status": "completed"}))
-    return path
+CONFIG_13B = REPO / "ascend_configs" / "pangu_alpha_13b.yaml"
+MSRUN = shutil.which("msrun", path=str(Path(sys.executable).parent))
 
 
 def test_shellcheck_passes():
@@ -54,175 +30,284 @@ def test_shellcheck_passes():
     assert result.returncode == 0, result.stdout
 
 
-def test_rank_table_dry_run_prints_one_process_per_device(tmp_path):
-    config = _micro(tmp_path, mode="semi_auto_parallel", device_num=16, data_parallel=2, model_parallel=8)
-    table = _rank_table(tmp_path, servers=2)
-    result = _launcher("--rank-table", table, "--server-id", "10.0.0.2", "--dry-run", "--log-dir", "logs", config)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 8
-    for device, line in enumerate(lines):
-        assert f"RANK_ID={8 + device} " in line and f"DEVICE_ID={device} " in line
-        assert "RANK_SIZE=16" in line and "HCCL_CONNECT_TIMEOUT=1200" in line and "HCCL_EXEC_TIMEOUT=1200" in line
-        assert line.endswith(f"> logs/rank_{8 + device}.log 2>&1 &")
-    assert not (REPO / "logs").exists()
+def _dry_run(capsys, monkeypatch, *args, environ=None):
+    """The launcher in this process (same code as the script, minus the interpreter choice)."""
+    # (Importing mindspore exports HCCL_CONNECT_TIMEOUT=600 in this process; the launcher never imports it.)
+    for name in ("RANK_TABLE_FILE", "PANGU_SIGMA_LAUNCH_PYTHON", "PANGU_SIGMA_LAUNCH_PYTHON_FROM",
+                 "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (environ or {}).items():
+        monkeypatch.setenv(name, str(value))
+    try:
+        code = launcher_main([*map(str, args)])
+    except SystemExit as exit_:  # argparse's own refusals exit (one line, code 2)
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_device_count_mismatch_stops_before_anything_starts(tmp_path):
-    config = _micro(tmp_path, mode="semi_auto_parallel", device_num=8, data_parallel=1, model_parallel=8)
-    table = _rank_table(tmp_path, servers=2)
-    result = _launcher("--rank-table", table, "--server-id", "10.0.0.1", "--dry-run", config)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "has 16 devices but" in result.stderr and "parallel.device_num = 8" in result.stderr
-    several = _launcher("--rank-table", table, "--dry-run", _micro(tmp_path, mode="semi_auto_parallel",
-                                                                     device_num=16, data_parallel=2, model_parallel=8))
-    assert several.returncode == 2 and "pass --server-id" in several.stderr
+def _commands(script):
+    """The dry run's command lines as argument lists (the summary comment and mkdir dropped)."""
+    lines = [line for line in script.splitlines() if not line.startswith(("#", "mkdir ", "wait"))]
+    return [shlex.split(line) for line in lines]
 
 
-def test_msrun_dry_run_and_bad_arguments(tmp_path):
-    config = _micro(tmp_path)
-    result = _launcher("--cpu", "--workers", 2, "--dry-run", config, "--", "--out", "run1")
-    assert result.returncode == 0, result.stderr
-    assert "msrun --worker_num=2 --local_worker_num=2 --master_addr=127.0.0.1" in result.stdout
-    assert "--set parallel.mode=data_parallel" in result.stdout and result.stdout.rstrip().endswith("--out run1")
-    for args, message in [(["--cpu", config], "--cpu needs --workers"), (["--bogus", config], "unknown option --bogus"),
-                          (["--cpu", "--workers", "x", config], "non-negative integer"),
-                          (["--cpu", "--workers", 2, tmp_path / "none.yaml"], "no such file"),
-                          (["--cpu", "--workers", 3, config], "must be divisible")]:
-        bad = _launcher(*args, "--dry-run")
-        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
-        assert len(bad.stderr.strip().splitlines()) == 1
+def _env_of(words):
+    """The KEY=VALUE words after `env`, as a dict."""
+    env = {}
+    for word in words[1:]:
+        if not re.match(r"[A-Z_][A-Z0-9_]*=", word):
+            break
+        key, _, value = word.partition("=")
+        env[key] = value
+    return env
 
 
-def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def test_rank_table_dry_run_binds_each_rank_to_its_device_and_folder(tmp_path, capsys, monkeypatch):
+    config = ascend_yaml(tmp_path, 16)
+    table = rank_table(tmp_path, servers=2)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _dry_run(capsys, monkeypatch, "--rank-table", table.name, "--server-id", "10.0.0.2",
+                              "--dry-run", "--log-dir", "logs", config.name, "--", "--out", "run1")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"# distributed_train.sh: --rank-table {table}, server 10.0.0.2 (ranks 8-15 of 16 on "
+                               f"devices 0-7); python {sys.executable}")
+    assert lines[1] == f"mkdir -p {tmp_path / 'logs'}" and lines[-1] == "wait"
+    commands = _commands(out)
+    assert len(commands) == 8
+    for device, words in enumerate(commands):
+        rank = 8 + device
+        env = _env_of(words)
+        assert env["RANK_ID"] == str(rank) and env["DEVICE_ID"] == str(device) and env["RANK_SIZE"] == "16"
+        assert env["RANK_TABLE_FILE"] == str(table) and env["PANGU_SIGMA_RANK_FOLDERS"] == str(tmp_path / "logs")
+        assert env["HCCL_CONNECT_TIMEOUT"] == env["HCCL_EXEC_TIMEOUT"] == "1200"
+        program = words[len(env) + 1:]
+        assert program[:2] == [sys.executable, str(REPO / "run" / "train.py")]
+        assert program[2:-4] == ["--config", str(config), "--out", str(tmp_path / "run1")]
+        assert program[-4:] == [">", str(tmp_path / "logs" / f"rank_{rank}.log"), "2>&1", "&"]
+    assert not (tmp_path / "logs").exists()
 
 
-def _final_parameters(out):
-    from mindformers_sigma.training import checkpoint as ckpt
-
-    step = ckpt.list_checkpoints(str(out / "checkpoints"))[-1]
-    info = ckpt.read_checkpoint(str(out / "checkpoints" / f"step_{step:08d}.json"))
-    return {name: value.asnumpy() for name, value in ckpt.load_parameters(info).items()}
-
-
-@pytest.mark.slow
-def test_two_msrun_workers_are_bitwise_one_process_accumulating_their_two_halves(tmp_path):
-    # Dropout on and EOD in the data: rank r's half of the batch is micro-batch r of the single
-    # process (same rows, same dropout seed, same token total), and two gradients summed are the
-    # same float32 sum in either order, so the runs agree bit for bit.
-    config = _micro(tmp_path, dropout=0.1, steps=5)
-    single = subprocess.run([sys.executable, "-m", "mindformers_sigma", "train", "--config", str(config),
-                             "--out", str(tmp_path / "one"), "--set", "train.grad_accumulation_steps=2"],
-                            capture_output=True, text=True, cwd=REPO)
-    assert single.returncode == 0, single.stderr[-2000:]
-    result = _launcher("--cpu", "--workers", 2, "--master_port", 8219, "--log-dir", tmp_path / "logs", config,
-                       "--", "--out", tmp_path / "two", timeout=300)
-    assert result.returncode == 0, (result.stderr[-2000:], (tmp_path / "logs" / "worker_0.log").read_text()[-2000:])
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 5
-    assert one == two
-    weights_one, weights_two = _final_parameters(tmp_path / "one"), _final_parameters(tmp_path / "two")
-    assert weights_one.keys() == weights_two.keys() and any(k.startswith("adam_v.") for k in weights_one)
-    for name in weights_one:
-        assert np.array_equal(weights_one[name], weights_two[name]), name
+def test_a_four_card_table_needs_no_devices_flag_and_a_disagreeing_one_is_refused(tmp_path, capsys, monkeypatch):
+    config, table = ascend_yaml(tmp_path, 4), rank_table(tmp_path, devices=4, device_ids=[4, 5, 6, 7])
+    code, out, err = _dry_run(capsys, monkeypatch, "--rank-table", table, "--dry-run", config)
+    assert code == 0, err
+    assert [_env_of(words)["DEVICE_ID"] for words in _commands(out)] == ["4", "5", "6", "7"]
+    code, out, err = _dry_run(capsys, monkeypatch, "--rank-table", table, "--devices", 8, "--dry-run", config)
+    assert (code, out) == (2, "")
+    assert err == (f"distributed_train.sh: error: --devices 8 disagrees with {table} (server 10.0.0.1), which says 4; "
+                   f"drop --devices or fix it\n")
 
 
-# --- A failed rank: one line on stderr naming it, its exit code and its log; exit code 1. ---
-
-def _python_stub(folder, body):
-    """An executable `python` in ``folder``: runs ``body`` (bash), else hands over to the real Python.
-
-    With PYTHON pointing at it, the launcher runs its checks through it, rank-table mode starts each
-    rank with it, and msrun's workers get it too (the launcher puts its folder first on PATH)."""
-    folder.mkdir()
-    stub = folder / "python"
-    stub.write_text(f"#!/usr/bin/env bash\n{body}\nexec {sys.executable} \"$@\"\n")
-    stub.chmod(0o755)
-    return stub
-
-
-def _launcher_with(python, *args, env=(), **kwargs):
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": str(python),
-                               **dict(env)}, **kwargs)
+@pytest.mark.parametrize("mode", [["--rank-table", "TABLE"], ["--msrun"], ["--msrun", "--rank-table", "TABLE"]])
+def test_set_overrides_after_the_double_dash_reach_the_check(tmp_path, capsys, monkeypatch, mode):
+    table = rank_table(tmp_path)
+    mode = [str(table) if word == "TABLE" else word for word in mode]
+    overrides = ["--set", "parallel.device_num=8", "--set", "parallel.data_parallel=1"]
+    code, out, err = _dry_run(capsys, monkeypatch, *mode, "--dry-run", CONFIG_13B, "--", *overrides)
+    assert code == 0, err
+    for words in _commands(out):
+        at = words.index("--set")
+        assert words[at:at + len(overrides)] == overrides
+    code, out, err = _dry_run(capsys, monkeypatch, *mode, "--dry-run", CONFIG_13B)
+    assert (code, out) == (2, "")
+    assert "parallel.device_num = 64 but" in err and " 8;" in err and len(err.splitlines()) == 1
 
 
-def test_rank_table_failure_names_each_failed_rank_code_and_log(tmp_path):
-    config = _micro(tmp_path, mode="semi_auto_parallel", device_num=8, data_parallel=1, model_parallel=8)
-    table = _rank_table(tmp_path, servers=1)
-    logs = tmp_path / "logs"
-    failing = _python_stub(tmp_path / "failing", """
-case "${1:-}" in
-  */run/train.py)
-    echo "rank $RANK_ID on device $DEVICE_ID"
-    case "$RANK_ID" in 3) exit 7 ;; 5) kill -9 $$ ;; esac
-    exit 0 ;;
-esac""")
-    result = _launcher_with(failing, "--rank-table", table, "--log-dir", logs, config, "--", "--out", tmp_path / "o")
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [
-        f"distributed_train.sh: error: rank 3 exited with code 7 (see {logs}/rank_3.log); "
-        f"rank 5 exited with code 137, killed by signal 9 (see {logs}/rank_5.log)"]
-    assert (logs / "rank_3.log").read_text() == "rank 3 on device 3\n"
-    assert sorted(p.name for p in logs.iterdir()) == [f"rank_{r}.log" for r in range(8)]
-
-    passing = _python_stub(tmp_path / "passing", 'case "${1:-}" in */run/train.py) exit 0 ;; esac')
-    result = _launcher_with(passing, "--rank-table", table, "--log-dir", logs, config)
-    assert (result.returncode, result.stderr) == (0, "")
-
-
-def _msrun_left_running(config):
-    """Processes of this test's msrun run (scheduler, workers, tails) still alive: none should be."""
-    found = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
-    return found.stdout.split()
-
-
-@pytest.mark.slow
-def test_msrun_rank_failing_at_start_is_named_and_msrun_output_goes_to_its_log(tmp_path):
-    # Rank 1 gets an unknown option: it exits with code 2 about 0.1 s after it starts, before the
-    # cluster is built (msrun alone would then wait --cluster_time_out, 10 minutes, for the scheduler).
-    config = _micro(tmp_path)
-    logs = tmp_path / "logs"
-    stub = _python_stub(tmp_path / "bin", """
-if [ "${MS_ROLE:-}" = MS_WORKER ] && [ "${RANK_ID:-}" = 1 ]; then
-  exec %s "$@" --no-such-option
-fi""" % sys.executable)
-    result = _launcher_with(stub, "--cpu", "--workers", 2, "--master_port", 8227, "--log-dir", logs, config,
-                            "--", "--out", tmp_path / "out", timeout=300)
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [
-        f"distributed_train.sh: error: rank 1 exited with code 2 (see {logs}/worker_1.log)"]
-    assert "unrecognized arguments: --no-such-option" in (logs / "worker_1.log").read_text()
-    msrun_log = (logs / "msrun.log").read_text()
-    assert "Error code: 2." in msrun_log and "RuntimeError: Distributed job exited with exception" in msrun_log
-    assert "Traceback" not in result.stdout + result.stderr
-    assert _msrun_left_running(config) == []
-
-
-@pytest.mark.slow
-def test_msrun_rank_killed_mid_training_is_named(tmp_path):
-    # Rank 1 is SIGKILLed once rank 0 has written the metrics of step 1 (1000 steps would take
-    # minutes): the scheduler is stopped at once rather than after its ~30 s heartbeat time-out.
-    config = _micro(tmp_path)
+def test_trainer_arguments_are_checked_and_their_paths_made_absolute(tmp_path, capsys, monkeypatch):
+    config = micro_yaml(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for bad, message in [(["--no-such-option"], "unrecognized arguments: --no-such-option"),
+                         (["--steps", "0"], "expected a positive integer"),
+                         (["--config", "other.yaml"], "give the config once"),
+                         (["--set", "model.bogus=1"], "model.bogus"),
+                         (["--help"], "unrecognized arguments: --help")]:
+        code, out, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--dry-run", config, "--", *bad)
+        assert (code, out) == (2, ""), bad
+        assert message in err and len(err.splitlines()) == 1, err
     raw = yaml.safe_load(config.read_text())
-    raw["train"]["steps"] = 1000
+    raw["data"].update(source="mindrecord", path="prepared")  # relative to where the launcher starts
     config.write_text(yaml.safe_dump(raw))
-    logs, out = tmp_path / "logs", tmp_path / "out"
-    stub = _python_stub(tmp_path / "bin", """
-if [ "${MS_ROLE:-}" = MS_WORKER ] && [ "${RANK_ID:-}" = 1 ]; then
-  %s "$@" &
-  until [ -s %s ]; do sleep 0.2; done
-  kill -9 "$!"
-  kill -9 $$
-fi""" % (sys.executable, out / "metrics.jsonl"))
-    # Unbuffered, so that rank 0's progress reaches its log (and the launcher's stdout) before the end.
-    result = _launcher_with(stub, "--cpu", "--workers", 2, "--master_port", 8229, "--log-dir", logs, config,
-                            "--", "--out", out, env={"PYTHONUNBUFFERED": "1"}, timeout=300)
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [
-        f"distributed_train.sh: error: rank 1 was killed by signal 9 (see {logs}/worker_1.log)"]
-    assert "step      1/1000" in result.stdout  # rank 0's log is shown on stdout as it is written
-    assert "Error code: -9." in (logs / "msrun.log").read_text()
-    assert _msrun_left_running(config) == []
+    code, out, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--dry-run", config.name, "--",
+                              "--out", "runs/a", "--resume", "runs/a/checkpoints/step_00000002.json", "--steps", 5)
+    assert code == 0, err
+    (words,) = _commands(out)
+    program = words[words.index(str(REPO / "run" / "train.py")) + 1:-3]
+    assert program[:8] == ["--config", str(config), "--steps", "5", "--out", str(tmp_path / "runs" / "a"),
+                           "--resume", str(tmp_path / "runs" / "a" / "checkpoints" / "step_00000002.json")]
+    assert program[-2:] == ["--set", f"data.path={json.dumps(str(tmp_path / 'prepared'))}"]
+
+
+def _refusal(capsys, monkeypatch, args, environ=None):
+    code, out, err = _dry_run(capsys, monkeypatch, *args, "--dry-run", environ=environ)
+    assert (code, out) == (2, ""), args
+    assert len(err.splitlines()) == 1 and err.startswith("distributed_train.sh: error: "), err
+    return err
+
+
+MULTI_NODE_MISUSE = [
+    (["--msrun", "--nnodes", 2], "--nnodes 2 needs --node-rank (0..1) on every node"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 2, "--master-addr", "10.0.0.1"], "--node-rank 2 is not below --nnodes 2"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 5, "--master-addr", "10.0.0.1"], "--node-rank 5 is not below"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 1], "--nnodes 2 needs --master-addr"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 1, "--master-addr", "127.0.0.1"], "which other nodes cannot reach"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "localhost"], "which other nodes cannot reach"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "0.0.0.0"], "which other nodes cannot reach"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "::1"], "which other nodes cannot reach"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "no-such-host.invalid"], "cannot be resolved"),
+    (["--msrun", "--node-rank", 1], "--node-rank 1 needs --nnodes greater than 1"),
+    (["--msrun", "--master-port", 80], "expected a port in [1024, 65535]"),
+    (["--msrun", "--nnodes", 0], "expected a positive integer"),
+    (["--msrun", "--cluster-time-out", "-5"], "expected a positive integer"),
+]
+
+
+@pytest.mark.parametrize("args,message", MULTI_NODE_MISUSE, ids=[" ".join(map(str, a)) for a, _ in MULTI_NODE_MISUSE])
+def test_multi_node_misuse_is_refused_in_one_line(tmp_path, capsys, monkeypatch, args, message):
+    assert message in _refusal(capsys, monkeypatch, [*args, ascend_yaml(tmp_path, 16)])
+
+
+def test_conflicting_or_silent_mode_choices_are_refused(tmp_path, capsys, monkeypatch):
+    config, table = micro_yaml(tmp_path), rank_table(tmp_path)
+    other = rank_table(tmp_path, name="other.json")
+    cases = [
+        ([config], {}, "no mode given: choose --cpu --workers N, --msrun or --rank-table FILE"),
+        (["--cpu", "--msrun", "--workers", 2, config], {}, "--cpu cannot be combined with --msrun"),
+        (["--cpu", "--rank-table", table, "--workers", 2, config], {}, "--cpu cannot be combined with --rank-table"),
+        (["--cpu", config], {}, "--cpu needs --workers N"),
+        (["--msrun", "--workers", 2, config], {}, "--workers does not apply to Ascend modes"),
+        (["--cpu", "--workers", 2, "--nnodes", 2, config], {}, "--nnodes does not apply to --cpu"),
+        (["--cpu", "--workers", 2, "--devices", 2, config], {}, "--devices does not apply to --cpu"),
+        (["--rank-table", table, "--nnodes", 2, config], {}, "--nnodes does not apply to a rank-table launch"),
+        (["--rank-table", table, "--bind-core", config], {}, "--bind-core does not apply to a rank-table launch"),
+        (["--msrun", "--server-id", "10.0.0.1", config], {}, "--server-id needs --rank-table"),
+        (["--msrun", config], {"RANK_TABLE_FILE": table}, f"RANK_TABLE_FILE={table} is exported but --rank-table is "
+                                                         f"not given: pass --rank-table {table} to launch with it"),
+        ([config], {"RANK_TABLE_FILE": table}, "is exported but --rank-table is not given"),
+        (["--rank-table", other, config], {"RANK_TABLE_FILE": table}, "conflicts with the exported RANK_TABLE_FILE"),
+        (["--cpu", "--workers", 2, tmp_path / "none.yaml"], {}, "none.yaml: no such file"),
+        (["--rank-table", tmp_path / "none.json", config], {}, "rank table"),
+        (["--cpu", "--workers", 3, config], {}, "must be divisible"),
+        (["--cpu", "--workers", "x", config], {}, "expected a positive integer, got 'x'"),
+        (["--bogus", config], {}, "unrecognized arguments: --bogus"),
+    ]
+    for args, environ, message in cases:
+        assert message in _refusal(capsys, monkeypatch, args, environ), (args, environ)
+
+
+def test_two_node_msrun_dry_run_is_the_expected_command(tmp_path, capsys, monkeypatch):
+    config = ascend_yaml(tmp_path, 16)
+    code, out, err = _dry_run(capsys, monkeypatch, "--msrun", "--nnodes", 2, "--node-rank", 1, "--master-addr",
+                              "10.0.0.1", "--master-port", 9000, "--cluster-time-out", 7200, "--bind-core",
+                              "--log-dir", tmp_path / "logs", "--dry-run", config, "--", "--out", tmp_path / "run")
+    assert code == 0, err
+    summary, mkdir, command = out.splitlines()
+    assert summary.startswith("# distributed_train.sh: --msrun, node 1 of 2 (ranks 8-15 of 16 on devices 0-7), "
+                              "master 10.0.0.1:9000; python ")
+    logs = tmp_path / "logs"
+    assert shlex.split(command) == [
+        "env", f"PATH={Path(sys.executable).parent}:$PATH", "HCCL_CONNECT_TIMEOUT=1200", "HCCL_EXEC_TIMEOUT=1200",
+        f"PANGU_SIGMA_RANK_FOLDERS={logs}", "PYTHONUNBUFFERED=1", MSRUN, "--worker_num=16", "--local_worker_num=8",
+        "--master_addr=10.0.0.1", "--master_port=9000", "--node_rank=1", f"--log_dir={logs}", "--join=True",
+        "--cluster_time_out=7200", "--tail_worker_log=16", "--bind_core=True", str(REPO / "run" / "train.py"),
+        "--config", str(config), "--out", str(tmp_path / "run"), ">", str(logs / "msrun.log"), "2>&1"]
+    # Node 0 differs only in its node rank (and the ranks it reports).
+    code, node0, err = _dry_run(capsys, monkeypatch, "--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr",
+                                "10.0.0.1", "--master-port", 9000, "--cluster-time-out", 7200, "--bind-core",
+                                "--log-dir", tmp_path / "logs", "--dry-run", config, "--", "--out", tmp_path / "run")
+    assert code == 0 and node0.splitlines()[2] == command.replace("--node_rank=1", "--node_rank=0")
+
+
+def test_msrun_with_a_rank_table_takes_the_nodes_from_it(tmp_path, capsys, monkeypatch):
+    config, table = ascend_yaml(tmp_path, 16), rank_table(tmp_path, servers=2)
+    code, out, err = _dry_run(capsys, monkeypatch, "--msrun", "--rank-table", table, "--server-id", "10.0.0.2",
+                              "--dry-run", config)
+    assert code == 0, err
+    (words,) = _commands(out)
+    for expected in ("--worker_num=16", "--local_worker_num=8", "--node_rank=1", "--master_addr=10.0.0.1",
+                     f"--rank_table_file={table}"):
+        assert expected in words
+    assert "node 1 of 2" in out.splitlines()[0]
+    err = _refusal(capsys, monkeypatch, ["--msrun", "--rank-table", table, "--server-id", "10.0.0.2", "--nnodes", 3,
+                                         config])
+    assert "--nnodes 3 disagrees with" in err and "which says 2" in err
+    shuffled = rank_table(tmp_path, servers=2, device_ids=[1, 0, 2, 3, 4, 5, 6, 7], name="shuffled.json")
+    err = _refusal(capsys, monkeypatch, ["--msrun", "--rank-table", shuffled, "--server-id", "10.0.0.1", config])
+    assert "has rank 0 on device 1, but msrun puts rank node_rank*8+i on device i" in err
+
+
+def _fake_environment(folder):
+    """A folder that looks like an activated environment: bin/python and bin/msrun."""
+    python_stub(folder / "bin", "")
+    (folder / "bin" / "msrun").symlink_to(MSRUN)
+    return folder
+
+
+def test_the_interpreter_choice_is_printed_first_and_an_activated_environment_wins(tmp_path):
+    config = micro_yaml(tmp_path)
+    venv = _fake_environment(tmp_path / "activated")
+    args = ["--cpu", "--workers", 2, "--dry-run", config]
+    for env, python, chosen_by in [
+            (base_env(PYTHON=None, VIRTUAL_ENV=venv), venv / "bin" / "python", f"the activated environment {venv}"),
+            (base_env(PYTHON=None, CONDA_PREFIX=venv), venv / "bin" / "python",
+             f"the activated conda environment {venv}"),
+            (base_env(VIRTUAL_ENV=venv), Path(sys.executable), "PYTHON")]:
+        result = launcher(*args, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"; python {python} (chosen by {chosen_by}); logs in" in result.stdout.splitlines()[0]
+        assert f"PATH={python.parent}:\"$PATH\"" in result.stdout
+    missing = launcher(*args, env=base_env(PYTHON=tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.startswith("distributed_train.sh: error: no Python interpreter")
+
+
+def test_msrun_refuses_an_interpreter_it_would_not_start(tmp_path, capsys, monkeypatch):
+    # msrun starts ranks with `python` from PATH: an interpreter under another name would be bypassed.
+    other = tmp_path / "bin" / "py3"
+    other.parent.mkdir()
+    other.symlink_to(sys.executable)
+    err = _refusal(capsys, monkeypatch, ["--cpu", "--workers", 2, micro_yaml(tmp_path)],
+                   {"PANGU_SIGMA_LAUNCH_PYTHON": other})
+    assert f"{other.parent} has no `python` that is {other}" in err
+
+
+def test_script_exit_codes_for_bad_arguments(tmp_path):
+    result = launcher("--cpu", "--workers", 2, "--nnodes", 2, micro_yaml(tmp_path))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and result.stdout == ""
+    assert launcher("--help").returncode == 0 and "--grace-period" in launcher("--help").stdout
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def test_rank_table_ranks_bind_their_device_and_msrun_ranks_leave_it_to_msrun(monkeypatch):
+    from mindformers_sigma import context
+    from mindformers_sigma.errors import UserError
+
+    assert context.device_id("Ascend", {"RANK_TABLE_FILE": "t.json", "DEVICE_ID": "5"}) == 5
+    assert context.device_id("Ascend", {"MS_ROLE": "MS_WORKER", "DEVICE_ID": "5"}) is None
+    assert context.device_id("CPU", {"DEVICE_ID": "5"}) is None
+    assert context.device_id("GPU", {"DEVICE_ID": "2"}) == 2
+    assert context.device_id("Ascend", {}) is None
+    for bad in ({"RANK_TABLE_FILE": "t.json"}, {"DEVICE_ID": "x"}, {"DEVICE_ID": "-1"}, {"DEVICE_ID": "٣"}):
+        with pytest.raises(UserError):
+            context.device_id("Ascend", bad)
+    # Through the context call: each DEVICE_ID reaches ms.set_device.
+    recorder = _Recorder()
+    monkeypatch.setattr(context.ms, "set_device", recorder)
+    monkeypatch.setattr(context.ms, "set_context", lambda **kwargs: None)
+    monkeypatch.setattr(context.ms, "set_seed", lambda seed: None)
+    from conftest import micro_config
+
+    for device in ("3", "6"):
+        monkeypatch.setenv("DEVICE_ID", device)
+        monkeypatch.setenv("RANK_TABLE_FILE", "t.json")
+        monkeypatch.delenv("MS_ROLE", raising=False)
+        context.configure_context(micro_config(context={"device_target": "Ascend"}))
+    assert recorder.calls == [("Ascend", 3), ("Ascend", 6)]
+

@@ -1,0 +1,127 @@
+"""Checks made before a single rank starts, so that a mistake costs seconds, not a cluster allocation.
+
+The trainer's arguments are parsed by the trainer's own parser and its config (with every
+``--set`` override) is loaded; the config's device count must match what will be launched; a
+rank table must pass the full validator and list this server.  Paths on the trainer's command
+line become absolute, because every rank works in its own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from mindformers_sigma.cli import add_train_arguments, train_config
+from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.errors import DataError, UserError
+from mindformers_sigma.one_line_parser import RaisingParser
+from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
+from mindformers_sigma.rank_table.validate import validate_table
+
+_PATH_OPTIONS = ("data", "out", "resume")  # `pangu-sigma train` options that name files or folders
+
+
+@dataclass(frozen=True)
+class Server:
+    server_id: str
+    ranks: Tuple[Tuple[int, int], ...]  # (rank id, device id), by rank
+
+
+@dataclass(frozen=True)
+class RankTableLayout:
+    path: str
+    servers: Tuple[Server, ...]  # in the table's order
+
+    @property
+    def size(self) -> int:
+        return sum(len(server.ranks) for server in self.servers)
+
+    def server(self, server_id: Optional[str]) -> Server:
+        """This server's entry: the only one, or the one ``--server-id`` names."""
+        names = [server.server_id for server in self.servers]
+        if server_id is None:
+            if len(names) > 1:
+                raise DataError(f"{self.path}: lists {len(names)} servers; pass --server-id with this server's IP "
+                                f"(one of {', '.join(names)})")
+            return self.servers[0]
+        for server in self.servers:
+            if server.server_id == server_id:
+                return server
+        raise DataError(f"{self.path}: no server {server_id}; --server-id must be one of {', '.join(names)}")
+
+
+def read_rank_table(path: str) -> RankTableLayout:
+    """A rank table that passes the full validator, as servers and their (rank, device) pairs."""
+    try:
+        table = read_table_file(path)
+    except RankTableError as err:
+        raise DataError(str(err)) from None
+    problems = validate_table(table)
+    if problems:
+        raise DataError(f"{path}: {problems[0]} ({len(problems)} problem(s); "
+                        f"see `pangu-sigma rank-table validate {path}`)")
+    servers = tuple(Server(server["server_id"], tuple(sorted((int(device["rank_id"]), int(device["device_id"]))
+                                                             for device in server["device"])))
+                    for server in table["server_list"])
+    return RankTableLayout(path, servers)
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """What every rank runs: ``run/train.py`` with these arguments, and the config they describe."""
+
+    config: SigmaConfig
+    args: Tuple[str, ...]
+
+
+def _train_parser() -> RaisingParser:
+    parser = RaisingParser(prog="TRAIN_ARGS (for pangu-sigma train)", add_help=False)
+    add_train_arguments(parser)
+    return parser
+
+
+def _as_arguments(parser: RaisingParser, namespace) -> List[str]:
+    """The parsed options back as a command line, every option the parser knows included."""
+    argv: List[str] = []
+    for action in parser._actions:  # noqa: SLF001 - argparse's documented-in-practice list of options
+        value = getattr(namespace, action.dest, None)
+        flag = action.option_strings[0] if action.option_strings else None
+        if flag is None or value is None or value is False or value == []:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def check_train_args(config_path: str, train_args: Sequence[str], mode_overrides: Sequence[str] = ()) -> TrainCommand:
+    """Parse the trainer's arguments as it will, load the config they describe, and make paths absolute."""
+    parser = _train_parser()
+    overrides = [item for value in mode_overrides for item in ("--set", value)]
+    namespace = parser.parse_args(["--config", config_path, *overrides, *train_args])
+    if os.path.abspath(namespace.config) != config_path:
+        raise UserError(f"TRAIN_ARGS hold --config {namespace.config}; give the config once, as CONFIG before `--`")
+    for name in _PATH_OPTIONS:
+        value = getattr(namespace, name)
+        if value is not None and not (name == "resume" and value == "auto"):
+            setattr(namespace, name, os.path.abspath(value))
+    config = train_config(namespace)
+    if config.data.path is not None and not os.path.isabs(config.data.path):
+        # Relative to where the launcher was started, as for a single process.
+        namespace.set.append(f"data.path={json.dumps(os.path.abspath(config.data.path))}")
+        config = train_config(namespace)
+    return TrainCommand(config, tuple(_as_arguments(parser, namespace)))
+
+
+def check_device_count(command: TrainCommand, launched: int, what: str) -> None:
+    """The config's parallel.device_num must be the number of ranks the launch starts."""
+    expected = command.config.parallel.device_num
+    if expected != launched:
+        raise DataError(f"{command.config.source}: parallel.device_num = {expected} but {what} {launched}; make them "
+                        f"agree (e.g. -- --set parallel.device_num={launched})")
