@@ -29,6 +29,16 @@ class ParallelInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank: a collective, so every rank calls it at the same point
+        of every step (the trainer uses it to stop all ranks after the same step)."""
+        if self.group_size == 1:
+            return flag
+        from mindspore import Tensor, ops
+
+        votes = ops.AllReduce()(Tensor([float(flag)], ms.float32))  # sum: the only reduction on CPU
+        return bool(votes.asnumpy()[0] > 0)
+
 
 def device_id(device_target: str, environ=os.environ) -> Optional[int]:
     """The device this process must bind to, or None to leave the choice to MindSpore.

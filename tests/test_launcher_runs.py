@@ -253,3 +253,50 @@ fi""" % (sys.executable, out / "metrics.jsonl"))
         f"ranks were stopped"]
     assert "step      1/1000" in result.stdout  # rank 0's log is shown on stdout as it is written
     assert subprocess.run(["pgrep", "-f", str(config)], capture_output=True).stdout == b""
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_msrun_stops_both_ranks_after_the_same_step_with_a_checkpoint_to_resume(tmp_path):
+    config = micro_yaml(tmp_path, steps=1000)
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    stub = python_stub(tmp_path / "bin", "")
+    proc = start_launcher(stub, "--cpu", "--workers", 2, "--master-port", 8233, "--grace-period", 60,
+                          "--log-dir", logs, config, "--", "--out", out, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(_metric_lines(out)) < 3:
+            time.sleep(0.2)
+        assert len(_metric_lines(out)) >= 3, _stderr(stub)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, _stderr(stub)
+    finally:
+        proc.kill()
+    last = json.loads(_metric_lines(out)[-1])["step"]
+    for rank in (0, 1):  # the two ranks agreed on the step to stop after
+        assert f"stopped by SIGTERM after step {last}: checkpoint saved in" in (logs / f"worker_{rank}.log").read_text()
+    assert (out / "checkpoints" / f"step_{last:08d}.json").exists()
+    assert _stderr(stub).splitlines()[-1].startswith("distributed_train.sh: stopped by SIGINT: every rank was "
+                                                     "stopped (logs in")  # none needed SIGKILL
+    assert subprocess.run(["pgrep", "-f", str(config)], capture_output=True).stdout == b""
+    resumed = launcher("--cpu", "--workers", 2, "--master-port", 8235, "--log-dir", logs, config, "--", "--out", out,
+                       "--resume", "auto", "--steps", last + 2, env=_env(stub), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [json.loads(line)["step"] for line in _metric_lines(out)][-3:] == [last, last + 1, last + 2]
+
+
+def _metric_lines(out):
+    path = out / "metrics.jsonl"
+    return [line for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+def test_a_rank_that_cannot_be_started_stops_those_already_started(tmp_path):
+    stub, pids = _sleeping_ranks(tmp_path)
+    logs = tmp_path / "logs"
+    (logs / "rank_3.log").mkdir(parents=True)  # rank 3's log cannot be opened
+    result = launcher("--rank-table", rank_table(tmp_path), "--grace-period", GRACE, "--log-dir", logs,
+                      ascend_yaml(tmp_path, 8), env=_env(stub), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"distributed_train.sh: error: {logs}/rank_3.log: Is a directory; check the "
+                                          f"path, its permissions and free space"]
+    started = [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]
+    assert wait_gone(started, 5) == []

@@ -81,17 +81,19 @@ class Supervisor:
     def _start(self) -> None:
         os.makedirs(self.plan.log_dir, exist_ok=True)
         started = []
-        for process in self.plan.processes:
-            with open(process.log, "wb") as log:
-                popen = subprocess.Popen(process.argv, env=process.environment(os.environ), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=die_with_parent)
-            started.append((process.rank, popen, process.log))
-        if self.plan.uses_msrun:
-            self.watch = MsrunRanks(started[0][1], self.plan.local_ranks, self.plan.rank_log,
-                                    os.path.join(self.plan.log_dir, "scheduler.log"), self.plan.msrun_log)
-        else:
-            self.watch = DirectRanks(started)
+        try:
+            for process in self.plan.processes:
+                with open(process.log, "wb") as log:
+                    popen = subprocess.Popen(process.argv, env=process.environment(os.environ),
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, preexec_fn=die_with_parent)
+                started.append((process.rank, popen, process.log))
+        finally:
+            if self.plan.uses_msrun and started:
+                self.watch = MsrunRanks(started[0][1], self.plan.local_ranks, self.plan.rank_log,
+                                        os.path.join(self.plan.log_dir, "scheduler.log"), self.plan.msrun_log)
+            else:
+                self.watch = DirectRanks(started)
 
     def _poll(self) -> Dict[int, ProcessInfo]:
         """Look at every process once: update the ranks' states, reap adopted zombies."""
@@ -115,11 +117,13 @@ class Supervisor:
         Returns the pids that needed SIGKILL."""
         for pid in self.watch.first_to_stop():
             send(pid, signal.SIGTERM)
-        for pid in self.watch.running():
-            send(pid, signal.SIGTERM)
+        signalled = set()
         signals_before = len(self.signals)
         deadline = time.monotonic() + self.grace_seconds
         while time.monotonic() < deadline and len(self.signals) == signals_before:
+            for pid in set(self.watch.running()) - signalled:  # ranks recognised since are stopped too
+                send(pid, signal.SIGTERM)
+                signalled.add(pid)
             self._poll()
             follower.pump()
             if not self._alive_descendants():
@@ -145,10 +149,14 @@ class Supervisor:
         """Run the plan to the end; returns 0, or raises Interrupted / RankFailed after stopping every rank."""
         become_subreaper()
         self._install_handlers()
-        self._start()
         follower = LogFollower(self.plan.rank_log(self.plan.local_ranks[0]), self.out)
         started = time.monotonic()
         try:
+            try:
+                self._start()
+            except BaseException:
+                self._stop_all(follower)  # what did start, if a later rank could not
+                raise
             while True:
                 self._poll()
                 follower.pump()

@@ -34,11 +34,12 @@ class StopRequests:
             for signum in _SIGNALS:
                 signal.signal(signum, self._record)
 
-    def raise_if_requested(self, what: str) -> None:
-        """Raise :class:`Interrupted` (exit 130 for SIGINT, 143 for SIGTERM) if a signal came."""
-        if self.signum is not None:
-            name = signal.Signals(self.signum).name
-            raise Interrupted(f"stopped by {name} {what}", 128 + self.signum)
+    def raise_now(self, what: str) -> None:
+        """Raise :class:`Interrupted`: exit 130 for SIGINT, 143 for SIGTERM, also when it was another
+        rank that received the signal (the ranks stop together)."""
+        if self.signum is None:
+            raise Interrupted(f"stopped because another rank received a stop signal, {what}", 143)
+        raise Interrupted(f"stopped by {signal.Signals(self.signum).name} {what}", 128 + self.signum)
 
 
 @contextlib.contextmanager

@@ -202,15 +202,19 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             if step == start_step or (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.steps:
                 say(progress_line(record, train_cfg.steps, data.domain_names))
             due = (step + 1) % train_cfg.checkpoint_interval == 0 or step + 1 == train_cfg.steps
-            if folder and parallel.is_main and (due or stop.signum is not None):
+            # Every rank stops after the same step (one that stopped alone would leave the others
+            # waiting in the next step's all-reduce), and rank 0 saves that step.
+            stopping = parallel.any_rank(stop.signum is not None)
+            if folder and parallel.is_main and (due or stopping):
                 meta = {"data_position": position,
                         "loss_scale": float(step_cell.apply_gradients.loss_scale.scale.asnumpy()),
                         "config": config_to_dict(config), DATA_FINGERPRINT: data.fingerprint}
                 saved = ckpt.save_checkpoint(folder.checkpoints, step + 1, checkpointed_parameters(step_cell), meta,
                                              train_cfg.checkpoint_format, train_cfg.keep_checkpoints)
-            stop.raise_if_requested(f"after step {step + 1}: " + (
-                f"checkpoint saved in {folder.checkpoints}; continue with --resume auto" if folder
-                else "nothing saved (no --out)"))
+            if stopping:
+                stop.raise_now(f"after step {step + 1}: " + (
+                    f"checkpoint saved in {folder.checkpoints}; continue with --resume auto" if folder
+                    else "nothing saved (no --out)"))
 
     timed = run_seconds or compile_seconds
     tail = max(1, min(10, len(losses) // 5))
