@@ -39,6 +39,11 @@ case "$python" in
   *) python="$(command -v "$python")" ;;
 esac
 
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 8))' > /dev/null 2>&1; then
+  echo "distributed_train.sh: error: $python ($chosen_by) is not a Python 3.8+ interpreter; set PYTHON to one" >&2
+  exit 2
+fi
+
 export PANGU_SIGMA_LAUNCH_PYTHON="$python" PANGU_SIGMA_LAUNCH_PYTHON_FROM="$chosen_by"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m mindformers_sigma.launcher "$@"

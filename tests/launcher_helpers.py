@@ -76,10 +76,11 @@ def python_stub(folder, body):
 
 
 def start_launcher(stub, *args, env=(), cwd=REPO):
-    """The launcher in the background (stdout and stderr to files next to the stub)."""
+    """The launcher in the background, leading its own process group (stdout and stderr to files next
+    to the stub)."""
     out, err = open(stub.parent / "stdout", "w"), open(stub.parent / "stderr", "w")
     return subprocess.Popen(["bash", str(SCRIPT), *map(str, args)], stdout=out, stderr=err, cwd=cwd,
-                            env=base_env(PYTHON=stub, **dict(env)))
+                            env=base_env(PYTHON=stub, **dict(env)), start_new_session=True)
 
 
 def wait_for_files(folder, count, timeout=60.0):

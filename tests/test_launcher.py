@@ -17,6 +17,7 @@ import yaml
 from conftest import REPO
 from launcher_helpers import ascend_yaml, base_env, launcher, micro_yaml, python_stub, rank_table
 from mindformers_sigma.launcher.main import main as launcher_main
+from mindformers_sigma.launcher.stop_signals import StopSignals
 
 CONFIG_13B = REPO / "ascend_configs" / "pangu_alpha_13b.yaml"
 MSRUN = shutil.which("msrun", path=str(Path(sys.executable).parent))
@@ -39,7 +40,7 @@ def _dry_run(capsys, monkeypatch, *args, environ=None):
     for name, value in (environ or {}).items():
         monkeypatch.setenv(name, str(value))
     try:
-        code = launcher_main([*map(str, args)])
+        code = launcher_main([*map(str, args)], StopSignals())  # not installed: pytest keeps its handlers
     except SystemExit as exit_:  # argparse's own refusals exit (one line, code 2)
         code = exit_.code
     out, err = capsys.readouterr()
@@ -140,7 +141,7 @@ def test_trainer_arguments_are_checked_and_their_paths_made_absolute(tmp_path, c
 
 
 def _refusal(capsys, monkeypatch, args, environ=None):
-    code, out, err = _dry_run(capsys, monkeypatch, *args, "--dry-run", environ=environ)
+    code, out, err = _dry_run(capsys, monkeypatch, "--dry-run", *args, environ=environ)
     assert (code, out) == (2, ""), args
     assert len(err.splitlines()) == 1 and err.startswith("distributed_train.sh: error: "), err
     return err
@@ -148,13 +149,15 @@ def _refusal(capsys, monkeypatch, args, environ=None):
 
 MULTI_NODE_MISUSE = [
     (["--msrun", "--nnodes", 2], "--nnodes 2 needs --node-rank (0..1) on every node"),
-    (["--msrun", "--nnodes", 2, "--node-rank", 2, "--master-addr", "10.0.0.1"], "--node-rank 2 is not below --nnodes 2"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 2, "--master-addr", "10.0.0.1"],
+     "--node-rank 2 is not below --nnodes 2"),
     (["--msrun", "--nnodes", 2, "--node-rank", 5, "--master-addr", "10.0.0.1"], "--node-rank 5 is not below"),
     (["--msrun", "--nnodes", 2, "--node-rank", 1], "--nnodes 2 needs --master-addr"),
     (["--msrun", "--nnodes", 2, "--node-rank", 1, "--master-addr", "127.0.0.1"], "which other nodes cannot reach"),
     (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "localhost"], "which other nodes cannot reach"),
     (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "0.0.0.0"], "which other nodes cannot reach"),
     (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "::1"], "which other nodes cannot reach"),
+    (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "::ffff:127.0.0.1"], "other nodes cannot reach"),
     (["--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr", "no-such-host.invalid"], "cannot be resolved"),
     (["--msrun", "--node-rank", 1], "--node-rank 1 needs --nnodes greater than 1"),
     (["--msrun", "--master-port", 80], "expected a port in [1024, 65535]"),
@@ -191,9 +194,27 @@ def test_conflicting_or_silent_mode_choices_are_refused(tmp_path, capsys, monkey
         (["--cpu", "--workers", 3, config], {}, "must be divisible"),
         (["--cpu", "--workers", "x", config], {}, "expected a positive integer, got 'x'"),
         (["--bogus", config], {}, "unrecognized arguments: --bogus"),
+        (["--rank-table", table, "--rank-table", other, config], {}, "--rank-table given twice; give it once"),
+        (["--rank-table", table, "--master-port", 9000, config], {}, "--master-port does not apply to a rank-table"),
+        (["--cpu", "--workers", 2, "--log-dir", config / "logs", config], {}, "which is a file; give a folder"),
+        (["--cpu", "--workers", 2, tmp_path, config], {}, "unrecognized arguments"),
+        (["--cpu", "--workers", 2, tmp_path], {}, "not a regular file"),
+        (["--cpu", "--workers", 2, config, "--", "--set", "parallel.device_num=4"], {},
+         "TRAIN_ARGS --set parallel.device_num=4 conflicts with --cpu --workers, which sets parallel.device_num=2"),
+        (["--cpu", "--workers", 2, config, "--", "--set", "context.device_target=Ascend"], {},
+         "conflicts with --cpu --workers, which sets context.device_target=CPU"),
     ]
     for args, environ, message in cases:
         assert message in _refusal(capsys, monkeypatch, args, environ), (args, environ)
+    # What the mode sets anyway may be repeated; an exported table reached through a symlink is the same table.
+    code, _, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--dry-run", config, "--", "--set",
+                            "parallel.device_num=2")
+    assert code == 0, err
+    link = tmp_path / "link.json"
+    link.symlink_to(table)
+    code, _, err = _dry_run(capsys, monkeypatch, "--rank-table", table, "--dry-run", ascend_yaml(tmp_path, 8),
+                            environ={"RANK_TABLE_FILE": link})
+    assert code == 0, err
 
 
 def test_two_node_msrun_dry_run_is_the_expected_command(tmp_path, capsys, monkeypatch):
@@ -232,6 +253,9 @@ def test_msrun_with_a_rank_table_takes_the_nodes_from_it(tmp_path, capsys, monke
     err = _refusal(capsys, monkeypatch, ["--msrun", "--rank-table", table, "--server-id", "10.0.0.2", "--nnodes", 3,
                                          config])
     assert "--nnodes 3 disagrees with" in err and "which says 2" in err
+    err = _refusal(capsys, monkeypatch, ["--msrun", "--rank-table", table, "--server-id", "10.0.0.2",
+                                         "--master-addr", "10.0.0.9", config])
+    assert "--master-addr 10.0.0.9 disagrees with" in err and "whose rank 0 is on 10.0.0.1" in err
     shuffled = rank_table(tmp_path, servers=2, device_ids=[1, 0, 2, 3, 4, 5, 6, 7], name="shuffled.json")
     err = _refusal(capsys, monkeypatch, ["--msrun", "--rank-table", shuffled, "--server-id", "10.0.0.1", config])
     assert "has rank 0 on device 1, but msrun puts rank node_rank*8+i on device i" in err
@@ -271,10 +295,24 @@ def test_msrun_refuses_an_interpreter_it_would_not_start(tmp_path, capsys, monke
     assert f"{other.parent} has no `python` that is {other}" in err
 
 
+def test_the_dry_run_stays_a_script_whatever_the_paths(tmp_path, capsys, monkeypatch):
+    config = micro_yaml(tmp_path)
+    logs = tmp_path / "odd\ntouch INJECTED $(x) 'q'"
+    code, out, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--log-dir", logs, "--dry-run", config)
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("# ") and "odd\\ntouch" in out.splitlines()[0]  # the comment stays one line
+    words = shlex.split(out, comments=True)  # as bash reads it: the path stays one word wherever it appears
+    assert words[:3] == ["mkdir", "-p", str(logs)] and "touch" not in words and words.count(str(logs)) == 1
+    assert f"--log_dir={logs}" in words and f"PANGU_SIGMA_RANK_FOLDERS={logs}" in words
+
+
 def test_script_exit_codes_for_bad_arguments(tmp_path):
     result = launcher("--cpu", "--workers", 2, "--nnodes", 2, micro_yaml(tmp_path))
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and result.stdout == ""
     assert launcher("--help").returncode == 0 and "--grace-period" in launcher("--help").stdout
+    not_python = launcher("--cpu", "--workers", 2, micro_yaml(tmp_path), env=base_env(PYTHON="/bin/sh"))
+    assert not_python.returncode == 2 and not_python.stderr == (
+        "distributed_train.sh: error: /bin/sh (PYTHON) is not a Python 3.8+ interpreter; set PYTHON to one\n")
 
 
 class _Recorder:

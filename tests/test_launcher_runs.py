@@ -5,7 +5,9 @@ CPU training under msrun."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ def _sleeping_ranks(tmp_path, fail=""):
     body = f"""
 if [ -n "${{MS_ROLE:-}}" ] || [ "${{1:-}}" = {REPO}/run/train.py ]; then
   echo $$ > {pids}/"${{MS_ROLE:-rank}}_${{RANK_ID}}"
+  echo "${{MS_ROLE:-rank}} $RANK_ID is up"
   {fail}
   if [ "$RANK_ID" = 2 ] && [ "${{MS_ROLE:-}}" != MS_SCHED ]; then trap "" TERM; fi
   exec sleep 300
@@ -60,10 +63,16 @@ def test_a_stop_signal_stops_every_rank_within_the_grace_period(tmp_path, mode, 
     else:  # real msrun on CPU: a scheduler and four workers
         args = ["--cpu", "--workers", 4, "--master-port", 8231 + signum, micro_yaml(tmp_path)]
         count = 5
+    logs.mkdir()
+    for old_log in ("rank_0.log", "worker_0.log"):  # a previous launch's: not shown for this one
+        (logs / old_log).write_text("OLD LINE\n" * 1000)
     proc, ranks = _run_until_ranks_started(stub, pids, count, ["--grace-period", GRACE, "--log-dir", logs, *args])
     try:
         sent = time.monotonic()
-        proc.send_signal(signum)
+        if signum == signal.SIGINT:
+            proc.send_signal(signum)  # to the launcher alone
+        else:
+            os.killpg(proc.pid, signum)  # to its whole process group, as a terminal or a job scheduler does
         code = proc.wait(timeout=30)
         elapsed = time.monotonic() - sent
         assert code == 128 + signum, _stderr(stub)
@@ -75,6 +84,8 @@ def test_a_stop_signal_stops_every_rank_within_the_grace_period(tmp_path, mode, 
             f"needed SIGKILL after the grace period (logs in {logs})"]
         leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
         assert leftovers == []  # msrun included
+        shown = (stub.parent / "stdout").read_text()
+        assert "OLD LINE" not in shown and f"{'MS_WORKER' if mode == 'msrun' else 'rank'} 0 is up" in shown
     finally:
         proc.kill()
         kill_all(ranks.values())
@@ -100,7 +111,8 @@ def test_the_first_rank_to_fail_stops_the_others_and_is_named(tmp_path, mode, fa
         assert code == 3, _stderr(stub)
         assert _stderr(stub).splitlines() == [
             f"distributed_train.sh: error: rank 1 {described} (see {log}); the other ranks were stopped"]
-        started_pids = [int(p.read_text()) for p in pids.iterdir()]
+        started_pids = [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]  # (a rank stopped
+        # between creating its pid file and writing it left it empty)
         assert len(started_pids) >= 2 and [pid for pid in started_pids if alive(pid)] == []
         assert took < 20  # not HCCL's 20 minutes, not msrun's cluster time-out
     finally:
@@ -289,7 +301,7 @@ def _metric_lines(out):
     return [line for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
-def test_a_rank_that_cannot_be_started_stops_those_already_started(tmp_path):
+def test_a_log_that_cannot_be_written_stops_the_launch_before_any_rank_starts(tmp_path):
     stub, pids = _sleeping_ranks(tmp_path)
     logs = tmp_path / "logs"
     (logs / "rank_3.log").mkdir(parents=True)  # rank 3's log cannot be opened
@@ -298,5 +310,72 @@ def test_a_rank_that_cannot_be_started_stops_those_already_started(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"distributed_train.sh: error: {logs}/rank_3.log: Is a directory; check the "
                                           f"path, its permissions and free space"]
+    assert list(pids.iterdir()) == []  # every log is opened before the first rank starts
+
+
+def test_helpers_a_rank_started_are_stopped_with_it(tmp_path):
+    # Each rank leads its process group: SIGTERM to the group reaches its helpers at once, without
+    # waiting for the grace period (10 s here) and SIGKILL.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    stub = python_stub(tmp_path / "bin", f"""
+case "${{1:-}}" in */run/train.py)
+  sleep 300 &
+  echo "$!" > {pids}/helper_$RANK_ID
+  echo $$ > {pids}/rank_$RANK_ID
+  wait ;;
+esac""")
+    proc, started = _run_until_ranks_started(stub, pids, 4, ["--rank-table", rank_table(tmp_path, devices=2),
+                                                             "--grace-period", 10, "--log-dir", tmp_path / "logs",
+                                                             ascend_yaml(tmp_path, 2)])
+    try:
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+        assert time.monotonic() - sent < 5
+        assert [pid for pid in started.values() if alive(pid)] == []
+        assert _stderr(stub).splitlines() == [
+            f"distributed_train.sh: stopped by SIGTERM: every rank was stopped (logs in {tmp_path / 'logs'})"]
+    finally:
+        proc.kill()
+        kill_all(started.values())
+
+
+def test_a_second_launch_into_the_same_log_folder_or_port_is_refused(tmp_path):
+    stub, pids = _sleeping_ranks(tmp_path)
+    logs, config = tmp_path / "logs", micro_yaml(tmp_path)
+    proc, ranks = _run_until_ranks_started(stub, pids, 3, ["--cpu", "--workers", 2, "--master-port", 8251,
+                                                           "--log-dir", logs, config])
+    try:
+        same_folder = launcher("--cpu", "--workers", 2, "--master-port", 8253, "--log-dir", logs, config,
+                               env=_env(stub), timeout=60)
+        assert same_folder.returncode == 2 and same_folder.stderr == (
+            f"distributed_train.sh: error: --log-dir {logs} is used by another launch that is still running; wait "
+            f"for it or give another --log-dir\n")
+        with socket.socket() as listener:  # as msrun's scheduler would be (the stub ranks do not listen)
+            listener.bind(("", 8257))
+            listener.listen()
+            same_port = launcher("--cpu", "--workers", 2, "--master-port", 8257, "--log-dir", tmp_path / "other",
+                                 config, env=_env(stub), timeout=60)
+        assert same_port.returncode == 2 and "--master-port 8257 is in use on this machine" in same_port.stderr
+        assert len(list(pids.iterdir())) == 3 and (logs / "worker_0.log").read_text() == "MS_WORKER 0 is up\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        kill_all(ranks.values())
+
+
+def test_msrun_failure_names_the_failed_rank_even_when_the_scheduler_dies_too(tmp_path):
+    # The scheduler and rank 1 fail at once, before they can be recognised: the rank is named by
+    # msrun's start order, never a healthy rank.
+    stub, pids = _sleeping_ranks(tmp_path, fail='if [ "${MS_ROLE:-}" = MS_SCHED ]; then exit 1; fi; '
+                                                'if [ "$RANK_ID" = 1 ]; then exit 7; fi')
+    logs = tmp_path / "logs"
+    result = launcher("--cpu", "--workers", 4, "--master-port", 8255, "--grace-period", GRACE, "--log-dir", logs,
+                      micro_yaml(tmp_path), env=_env(stub), timeout=60)
+    assert result.returncode == 3, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert f"rank 1 exited with code 7 (see {logs}/worker_1.log)" in line
+    assert not any(f"rank {healthy} " in line for healthy in (0, 2, 3))
     started = [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]
-    assert wait_gone(started, 5) == []
+    assert [pid for pid in started if alive(pid)] == []

@@ -2,6 +2,10 @@
 
 import sys
 
-from mindformers_sigma.launcher.main import main
+from mindformers_sigma.launcher.stop_signals import StopSignals
 
-sys.exit(main(sys.argv[1:]))
+SIGNALS = StopSignals().install()  # first: a Ctrl-C while the rest is imported is recorded, not lost
+
+from mindformers_sigma.launcher.main import main  # noqa: E402
+
+sys.exit(main(sys.argv[1:], SIGNALS))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import yaml
 
 from mindformers_sigma.cli import add_train_arguments, train_config
-from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.config import SigmaConfig, parse_yaml
 from mindformers_sigma.errors import DataError, UserError
 from mindformers_sigma.one_line_parser import RaisingParser
 from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
@@ -100,10 +103,29 @@ def _as_arguments(parser: RaisingParser, namespace) -> List[str]:
     return argv
 
 
-def check_train_args(config_path: str, train_args: Sequence[str], mode_overrides: Sequence[str] = ()) -> TrainCommand:
-    """Parse the trainer's arguments as it will, load the config they describe, and make paths absolute."""
+def _refuse_conflicts(user_sets: Sequence[str], mode_settings: Mapping[str, object], mode: str) -> None:
+    """A TRAIN_ARGS ``--set`` may not change what the launch mode itself sets (e.g. the worker count)."""
+    for override in user_sets:
+        key, _, text = override.partition("=")
+        key = key.strip()
+        if key in mode_settings:
+            try:
+                same = parse_yaml(text) == mode_settings[key]
+            except (UserError, ValueError, yaml.YAMLError):
+                same = False
+            if not same:
+                raise UserError(f"TRAIN_ARGS --set {override} conflicts with {mode}, which sets "
+                                f"{key}={mode_settings[key]}; drop that --set")
+
+
+def check_train_args(config_path: str, train_args: Sequence[str],
+                     mode_settings: Optional[Mapping[str, object]] = None, mode: str = "") -> TrainCommand:
+    """Parse the trainer's arguments as it will, load the config they describe, and make paths absolute.
+    ``mode_settings`` are config values the launch mode sets (before the user's overrides)."""
+    mode_settings = mode_settings or {}
     parser = _train_parser()
-    overrides = [item for value in mode_overrides for item in ("--set", value)]
+    _refuse_conflicts(parser.parse_args(["--config", config_path, *train_args]).set, mode_settings, mode)
+    overrides = [item for key, value in mode_settings.items() for item in ("--set", f"{key}={value}")]
     namespace = parser.parse_args(["--config", config_path, *overrides, *train_args])
     if os.path.abspath(namespace.config) != config_path:
         raise UserError(f"TRAIN_ARGS hold --config {namespace.config}; give the config once, as CONFIG before `--`")
@@ -125,3 +147,15 @@ def check_device_count(command: TrainCommand, launched: int, what: str) -> None:
     if expected != launched:
         raise DataError(f"{command.config.source}: parallel.device_num = {expected} but {what} {launched}; make them "
                         f"agree (e.g. -- --set parallel.device_num={launched})")
+
+
+def check_port_free(port: int) -> None:
+    """msrun's scheduler will listen on ``port`` here: taken, msrun would fail only seconds later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As a server binds: a port left in TIME_WAIT by the previous launch is free, a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            raise DataError(f"--master-port {port} is in use on this machine (another launch?); stop it or pass "
+                            f"another --master-port") from None

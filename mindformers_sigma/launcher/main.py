@@ -9,27 +9,37 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 from mindformers_sigma.errors import run_reporting_errors
+from mindformers_sigma.launcher.checks import check_port_free
 from mindformers_sigma.launcher.options import PROG, parse_options
 from mindformers_sigma.launcher.plan import build_plan
+from mindformers_sigma.launcher.stop_signals import StopSignals
 from mindformers_sigma.launcher.supervisor import RankFailed, supervise
 
 
-def _launch(argv: Sequence[str]) -> int:
+def _launch(argv: Sequence[str], signals: StopSignals) -> int:
     options = parse_options(argv, os.environ)
     plan = build_plan(options, os.environ)
     if options.dry_run:
-        sys.stdout.write(plan.script())
+        try:
+            sys.stdout.write(plan.script())
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    signals.raise_if_any("before any rank was started")
+    if plan.scheduler_port is not None:
+        check_port_free(plan.scheduler_port)
     print(plan.summary, flush=True)
     try:
-        return supervise(plan, options.grace_seconds)
+        return supervise(plan, options.grace_seconds, signals)
     except RankFailed as failure:
         print(f"{PROG}: error: {failure}", file=sys.stderr)
         return failure.exit_code
 
 
-def main(argv: Sequence[str]) -> int:
-    return run_reporting_errors(PROG, lambda: _launch(argv))
+def main(argv: Sequence[str], signals: Optional[StopSignals] = None) -> int:
+    signals = signals or StopSignals().install()
+    return run_reporting_errors(PROG, lambda: _launch(argv, signals))

@@ -31,7 +31,7 @@ DEFAULT_MASTER_PORT = 8118
 DEFAULT_CLUSTER_TIME_OUT = 3600
 DEFAULT_GRACE_SECONDS = 30.0
 
-_MSRUN_ONLY = ("nnodes", "node_rank", "master_addr", "cluster_time_out", "bind_core")
+_MSRUN_ONLY = ("nnodes", "node_rank", "master_addr", "master_port", "cluster_time_out", "bind_core")
 _FLAG = {"nnodes": "--nnodes", "node_rank": "--node-rank", "master_addr": "--master-addr",
          "master_port": "--master-port", "cluster_time_out": "--cluster-time-out", "bind_core": "--bind-core",
          "devices": "--devices", "workers": "--workers", "server_id": "--server-id"}
@@ -92,40 +92,57 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _Once(argparse.Action):
+    """A value option given twice is a mistake (which one was meant?), not "the last one wins"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string} given twice; give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG, usage="%(prog)s (--cpu --workers N | --msrun | --rank-table FILE) [options] CONFIG [-- TRAIN_ARGS]",
         description="Start PanGu-Σ training on several devices or nodes and supervise the ranks: the first rank "
                     "to fail, or Ctrl-C/SIGTERM, stops them all.  TRAIN_ARGS go to `pangu-sigma train` and are "
-                    "checked before anything starts.")
+                    "checked before anything starts.",
+        epilog="exit codes: 0 every rank finished; 2 bad argument or failed check (nothing started); 3 a rank "
+               "failed (the others were stopped); 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP; 1 launcher bug. "
+               "Walk-throughs: docs/training.md, Launchers.")
     parser.add_argument("config", metavar="CONFIG", help="YAML config")
     modes = parser.add_argument_group("mode (exactly one; --msrun may also take --rank-table)")
     modes.add_argument("--cpu", action="store_true", help="data parallel over msrun workers on this machine (mccl)")
     modes.add_argument("--msrun", action="store_true", help="Ascend/GPU ranks started by msrun")
-    modes.add_argument("--rank-table", metavar="FILE",
+    modes.add_argument("--rank-table", action=_Once, metavar="FILE",
                        help="HCCL rank table: one process per NPU of this server (with --msrun: handed to msrun)")
     cpu = parser.add_argument_group("--cpu")
-    cpu.add_argument("--workers", type=_count, help="number of CPU workers")
+    cpu.add_argument("--workers", action=_Once, type=_count, help="number of CPU workers")
     ascend = parser.add_argument_group("--msrun and --rank-table")
-    ascend.add_argument("--devices", type=_count, help=f"devices on this node (default: the rank table's, else "
-                                                       f"{DEFAULT_DEVICES})")
-    ascend.add_argument("--server-id", metavar="IP", help="this server in a rank table of several servers")
+    ascend.add_argument("--devices", action=_Once, type=_count,
+                        help=f"devices on this node (default: the rank table's, else {DEFAULT_DEVICES})")
+    ascend.add_argument("--server-id", action=_Once, metavar="IP",
+                        help="this server in a rank table of several servers")
     msrun = parser.add_argument_group("--msrun (nodes come from the rank table when one is given)")
-    msrun.add_argument("--nnodes", type=_count, help="number of nodes (default 1)")
-    msrun.add_argument("--node-rank", "--node_rank", dest="node_rank", type=_node_rank,
+    msrun.add_argument("--nnodes", action=_Once, type=_count, help="number of nodes (default 1)")
+    msrun.add_argument("--node-rank", "--node_rank", action=_Once, dest="node_rank", type=_node_rank,
                        help="this node's index, 0..nnodes-1 (required with --nnodes > 1)")
-    msrun.add_argument("--master-addr", "--master_addr", dest="master_addr", metavar="ADDR",
+    msrun.add_argument("--master-addr", "--master_addr", action=_Once, dest="master_addr", metavar="ADDR",
                        help="address of node 0, reachable from every node (required with --nnodes > 1)")
-    msrun.add_argument("--master-port", "--master_port", dest="master_port", type=_port, default=DEFAULT_MASTER_PORT,
+    msrun.add_argument("--master-port", "--master_port", action=_Once, dest="master_port", type=_port,
                        help=f"port of msrun's scheduler on node 0 (default {DEFAULT_MASTER_PORT})")
-    msrun.add_argument("--cluster-time-out", "--cluster_time_out", dest="cluster_time_out", type=_count,
+    msrun.add_argument("--cluster-time-out", "--cluster_time_out", action=_Once, dest="cluster_time_out",
+                       type=_count,
                        help=f"seconds msrun waits for every rank to join (default {DEFAULT_CLUSTER_TIME_OUT})")
     msrun.add_argument("--bind-core", "--bind_core", dest="bind_core", action="store_true",
                        help="let msrun bind each rank to the CPU cores near its device")
     general = parser.add_argument_group("all modes")
-    general.add_argument("--log-dir", default=os.path.join("output", "logs"),
+    general.add_argument("--log-dir", action=_Once, default=os.path.join("output", "logs"),
                          help="logs and one working folder per rank (default output/logs)")
-    general.add_argument("--grace-period", dest="grace_seconds", type=_seconds, default=DEFAULT_GRACE_SECONDS,
+    general.add_argument("--grace-period", action=_Once, dest="grace_seconds", type=_seconds,
+                         default=DEFAULT_GRACE_SECONDS,
                          metavar="SECONDS", help=f"after SIGTERM to the ranks, wait this long before SIGKILL "
                                                  f"(default {DEFAULT_GRACE_SECONDS:g})")
     general.add_argument("--dry-run", action="store_true", help="print what would run, start nothing")
@@ -157,7 +174,9 @@ def check_master_addr(address: str, what: str = "--master-addr") -> None:
             resolved = ipaddress.ip_address(socket.getaddrinfo(bare, None)[0][4][0].split("%")[0])
         except (socket.gaierror, UnicodeError, ValueError, IndexError):
             raise UserError(f"{what} {address}: cannot be resolved here; give node 0's IP address") from None
-    if resolved.is_loopback or resolved.is_unspecified:
+    mapped = getattr(resolved, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    if resolved.is_loopback or resolved.is_unspecified or (mapped is not None and (mapped.is_loopback or
+                                                                                   mapped.is_unspecified)):
         raise UserError(f"{what} {address} is {resolved}, which other nodes cannot reach; give node 0's "
                         f"cluster IP address")
 
@@ -167,7 +186,7 @@ def _mode(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     if exported and not args.rank_table:
         raise UserError(f"RANK_TABLE_FILE={exported} is exported but --rank-table is not given: pass "
                         f"--rank-table {exported} to launch with it, or unset RANK_TABLE_FILE")
-    if exported and os.path.abspath(exported) != os.path.abspath(args.rank_table):
+    if exported and os.path.realpath(exported) != os.path.realpath(args.rank_table):
         raise UserError(f"--rank-table {args.rank_table} conflicts with the exported RANK_TABLE_FILE={exported}; "
                         f"unset RANK_TABLE_FILE or pass the same file")
     if args.cpu and (args.msrun or args.rank_table):
@@ -200,6 +219,25 @@ def _check_nodes(args: argparse.Namespace) -> None:
     check_master_addr(args.master_addr)
 
 
+def _check_input_file(what: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path}: no such file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: not a regular file; give the file itself")
+
+
+def _check_log_dir(path: str) -> None:
+    """The log folder must exist as a writable folder or be creatable: found now, not after the checks."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == os.path.abspath(path) else f"is inside {existing}, which is a file"
+        raise UserError(f"--log-dir {path} {what}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--log-dir {path}: {existing} is not writable; give a folder you can write to")
+
+
 def parse_options(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> LaunchOptions:
     """Parse and cross-check the launcher's arguments; everything after ``--`` is for `pangu-sigma train`."""
     argv = list(argv)
@@ -223,16 +261,15 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str] = os.environ) 
         _check_nodes(args)
     elif args.master_addr:
         check_master_addr(args.master_addr)
-    if os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
-        raise UserError(f"--log-dir {args.log_dir} is a file; give a folder")
-    if not os.path.isfile(args.config):
-        raise UserError(f"config {args.config}: no such file")
-    if args.rank_table and not os.path.isfile(args.rank_table):
-        raise UserError(f"rank table {args.rank_table}: no such file")
+    _check_log_dir(args.log_dir)
+    _check_input_file("config", args.config)
+    if args.rank_table:
+        _check_input_file("rank table", args.rank_table)
     return LaunchOptions(
         mode=mode, config=os.path.abspath(args.config), train_args=tuple(train_args),
         interpreter=choose_interpreter(environ), log_dir=os.path.abspath(args.log_dir),
         grace_seconds=args.grace_seconds, dry_run=args.dry_run, workers=args.workers, devices=args.devices,
         rank_table=os.path.abspath(args.rank_table) if args.rank_table else None, server_id=args.server_id,
-        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+        master_port=args.master_port or DEFAULT_MASTER_PORT,
         cluster_time_out=args.cluster_time_out or DEFAULT_CLUSTER_TIME_OUT, bind_core=args.bind_core)

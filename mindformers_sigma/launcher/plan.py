@@ -7,13 +7,14 @@ servers, this server's devices, the node rank) are taken from it; a flag that di
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-from mindformers_sigma.errors import UserError
+from mindformers_sigma.errors import UserError, one_line
 from mindformers_sigma.launcher.checks import (RankTableLayout, Server, TrainCommand, check_device_count,
                                                check_train_args, read_rank_table)
 from mindformers_sigma.launcher.options import DEFAULT_DEVICES, PROG, LaunchOptions, check_master_addr
@@ -57,6 +58,7 @@ class LaunchPlan:
     uses_msrun: bool
     local_ranks: Tuple[int, ...]
     log_dir: str
+    scheduler_port: Optional[int] = None  # msrun's scheduler listens here on this node
 
     def rank_log(self, rank: int) -> str:
         return os.path.join(self.log_dir, f"worker_{rank}.log" if self.uses_msrun else f"rank_{rank}.log")
@@ -90,7 +92,8 @@ def _rank_env(options: LaunchOptions) -> Tuple[Tuple[str, str], ...]:
 
 
 def _hccl_env(environ: Mapping[str, str]) -> Tuple[Tuple[str, str], ...]:
-    return tuple((name, environ.get(name, HCCL_TIMEOUT_DEFAULT)) for name in ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT"))
+    return tuple((name, environ.get(name, HCCL_TIMEOUT_DEFAULT))
+                 for name in ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT"))
 
 
 def _msrun_executable(options: LaunchOptions, environ: Mapping[str, str]) -> Tuple[str, str]:
@@ -128,13 +131,13 @@ def _agree(flag: str, given: Optional[int], derived: int, source: str) -> None:
 
 def _cpu_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
     workers = options.workers
-    command = check_train_args(options.config, options.train_args, (
-        "parallel.mode=data_parallel", f"parallel.device_num={workers}", f"parallel.data_parallel={workers}",
-        "context.device_target=CPU"))
+    command = check_train_args(options.config, options.train_args, {
+        "parallel.mode": "data_parallel", "parallel.device_num": workers, "parallel.data_parallel": workers,
+        "context.device_target": "CPU"}, "--cpu --workers")
     process = _msrun_process(options, environ, command, workers, workers, 0, "127.0.0.1")
     summary = (f"{PROG}: --cpu, {workers} msrun worker(s) on 127.0.0.1:{options.master_port}, data parallel; "
                f"{_interpreter_note(options)}")
-    return LaunchPlan(summary, (process,), True, tuple(range(workers)), options.log_dir)
+    return LaunchPlan(summary, (process,), True, tuple(range(workers)), options.log_dir, options.master_port)
 
 
 def _msrun_layout_from_table(options: LaunchOptions, layout: RankTableLayout, server: Server) -> Tuple[int, int, str]:
@@ -165,6 +168,9 @@ def _msrun_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPla
         for flag, given, derived in (("--devices", options.devices, devices), ("--nnodes", options.nnodes, nnodes),
                                      ("--node-rank", options.node_rank, node_rank)):
             _agree(flag, given, derived, options.rank_table)
+        if options.master_addr and nnodes > 1 and options.master_addr != table_master:
+            raise UserError(f"--master-addr {options.master_addr} disagrees with {options.rank_table}, whose rank 0 "
+                            f"is on {table_master}; drop --master-addr or fix it")
         master = options.master_addr or (table_master if nnodes > 1 else "127.0.0.1")
         if nnodes > 1 and not options.master_addr:
             check_master_addr(master, f"rank 0's server in {options.rank_table}")
@@ -182,7 +188,8 @@ def _msrun_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPla
     summary = (f"{PROG}: --msrun, {where}node {node_rank} of {nnodes} (ranks {_span(range(first, first + devices))} "
                f"of {total} on devices {_span(range(devices))}), master {master}:{options.master_port}; "
                f"{_interpreter_note(options)}")
-    return LaunchPlan(summary, (process,), True, tuple(range(first, first + devices)), options.log_dir)
+    return LaunchPlan(summary, (process,), True, tuple(range(first, first + devices)), options.log_dir,
+                      options.master_port if node_rank == 0 else None)
 
 
 def _rank_table_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
@@ -207,4 +214,5 @@ def _rank_table_plan(options: LaunchOptions, environ: Mapping[str, str]) -> Laun
 def build_plan(options: LaunchOptions, environ: Mapping[str, str] = os.environ) -> LaunchPlan:
     """Check the launch against the config and the rank table, and decide every process it starts."""
     builders = {"cpu": _cpu_plan, "msrun": _msrun_plan, "rank_table": _rank_table_plan}
-    return builders[options.mode](options, environ)
+    plan = builders[options.mode](options, environ)
+    return dataclasses.replace(plan, summary=one_line(plan.summary))  # a path may hold a line break

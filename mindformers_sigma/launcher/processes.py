@@ -109,3 +109,15 @@ def send(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def send_to_group(pid: int, signum: int) -> None:
+    """Signal a process and, if it leads its process group (a rank does), everything in that group:
+    the helper processes a rank starts stop with it."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+            return
+    except (ProcessLookupError, PermissionError):
+        pass
+    send(pid, signum)

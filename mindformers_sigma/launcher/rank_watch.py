@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from mindformers_sigma.launcher.processes import ProcessInfo, environment, exit_code
 
 _NAMING_WAIT_SECONDS = 3.0
-_MSRUN_FAILURE = re.compile(rb"Worker process (\d+) exit with exception\. Error code: (-?\d+)\.")
+_MSRUN_WORKER_FAILED = re.compile(rb"Worker process (\d+) exit with exception\. Error code: (-?\d+)\.")
+_MSRUN_SCHEDULER_FAILED = re.compile(rb"Scheduler process (\d+) exit with exception\.")
 
 
 def describe_exit(what: str, code: Optional[int], log: str) -> str:
@@ -39,17 +40,25 @@ def describe_exit(what: str, code: Optional[int], log: str) -> str:
 class RankProcess:
     pid: int
     start_time: int
-    rank: Optional[int]  # None: msrun's scheduler
+    role: str  # "rank", "scheduler" (msrun's) or "unknown" (died before it could be recognised)
+    rank: Optional[int]
     log: str
     exit_code: Optional[int] = None
     ended: bool = False
 
     @property
     def name(self) -> str:
-        return "msrun's scheduler" if self.rank is None else f"rank {self.rank}"
+        if self.role == "scheduler":
+            return "msrun's scheduler"
+        if self.rank is None:
+            return f"a process msrun started (pid {self.pid}; which rank is unknown)"
+        return f"rank {self.rank}"
 
     def end(self, code: Optional[int]) -> None:
         self.ended, self.exit_code = True, code
+
+    def describe(self) -> str:
+        return describe_exit(self.name, self.exit_code, self.log or "the worker_*.log files")
 
 
 class DirectRanks:
@@ -57,7 +66,7 @@ class DirectRanks:
 
     def __init__(self, started: Sequence[Tuple[int, "subprocess.Popen[bytes]", str]]):
         self._popens = {popen.pid: popen for _, popen, _ in started}
-        self.ranks = [RankProcess(popen.pid, 0, rank, log) for rank, popen, log in started]
+        self.ranks = [RankProcess(popen.pid, 0, "rank", rank, log) for rank, popen, log in started]
 
     @property
     def own_children(self) -> List[int]:
@@ -71,7 +80,7 @@ class DirectRanks:
                     rank.end(code)
 
     def failures(self) -> List[str]:
-        return [describe_process(rank) for rank in self.ranks if rank.ended and rank.exit_code != 0]
+        return [rank.describe() for rank in self.ranks if rank.ended and rank.exit_code != 0]
 
     def finished(self) -> bool:
         return all(rank.ended for rank in self.ranks)
@@ -87,15 +96,15 @@ class MsrunRanks:
     """msrun and the scheduler and ranks it starts (``--msrun`` and ``--cpu``)."""
 
     def __init__(self, msrun: "subprocess.Popen[bytes]", local_ranks: Sequence[int], log_of, scheduler_log: str,
-                 msrun_log: str):
+                 msrun_log: str, expects_scheduler: bool):
         self.msrun = msrun
+        self._expects_scheduler = expects_scheduler  # msrun starts one on the master node, before the ranks
         self.msrun_code: Optional[int] = None
         self._local_ranks = list(local_ranks)
         self._log_of = log_of
         self._scheduler_log = scheduler_log
         self._msrun_log = msrun_log
-        self.ranks: List[RankProcess] = []
-        self._unnamed: List[RankProcess] = []  # died before their environment could be read
+        self.processes: List[RankProcess] = []
         self._seen: set = set()
         self._first_failure_at: Optional[float] = None
 
@@ -103,18 +112,24 @@ class MsrunRanks:
     def own_children(self) -> List[int]:
         return [self.msrun.pid]
 
+    def _known(self, role: str, rank: Optional[int] = None) -> bool:
+        return any(p.role == role and p.rank == rank for p in self.processes)
+
     def _recognise(self, info: ProcessInfo) -> None:
-        env = environment(info.pid)
-        role = (env or {}).get("MS_ROLE")
-        if role == "MS_WORKER" and (env.get("RANK_ID") or "").isdigit():
+        env = environment(info.pid) or {}
+        role = env.get("MS_ROLE")
+        if not info.alive and not env:
+            self.processes.append(RankProcess(info.pid, info.start_time, "unknown", None, ""))
+        elif role == "MS_WORKER" and (env.get("RANK_ID") or "").isdigit():
             rank = int(env["RANK_ID"])
-            self.ranks.append(RankProcess(info.pid, info.start_time, rank, self._log_of(rank)))
-        elif role == "MS_SCHED":
-            self.ranks.append(RankProcess(info.pid, info.start_time, None, self._scheduler_log))
-        elif info.alive:
+            # One process per rank: a later child of msrun (its `grep` of the scheduler log) inherits
+            # the environment msrun set for its last worker.
+            if not self._known("rank", rank):
+                self.processes.append(RankProcess(info.pid, info.start_time, "rank", rank, self._log_of(rank)))
+        elif role == "MS_SCHED" and not self._known("scheduler"):
+            self.processes.append(RankProcess(info.pid, info.start_time, "scheduler", None, self._scheduler_log))
+        elif info.alive and role is None:
             return  # not exec'd yet (it still shows msrun's environment): look again next time
-        else:
-            self._unnamed.append(RankProcess(info.pid, info.start_time, None, ""))
         self._seen.add((info.pid, info.start_time))
 
     def update(self, table: Dict[int, ProcessInfo]) -> None:
@@ -124,7 +139,7 @@ class MsrunRanks:
                     self._recognise(info)
             self.msrun_code = self.msrun.poll()
         logged = None
-        for process in self.ranks + self._unnamed:
+        for process in self.processes:
             if process.ended:
                 continue
             info = table.get(process.pid)
@@ -133,53 +148,65 @@ class MsrunRanks:
             if info is not None and info.start_time == process.start_time:
                 process.end(exit_code(info.wait_status))  # a zombie: its status is still readable
                 continue
-            logged = self._logged_codes() if logged is None else logged
-            if process.pid in logged:
-                process.end(logged[process.pid])
+            logged = self._logged() if logged is None else logged
+            if process.pid in logged[0]:
+                process.end(logged[0][process.pid])
             elif self.msrun_code is not None:
                 process.end(0 if self.msrun_code == 0 else None)
 
-    def _logged_codes(self) -> Dict[int, int]:
+    def _logged(self) -> Tuple[Dict[int, int], set]:
+        """msrun's log: {pid: exit code} of failed workers, and the pids of failed schedulers."""
         try:
             with open(self._msrun_log, "rb") as handle:
-                return {int(pid): int(code) for pid, code in _MSRUN_FAILURE.findall(handle.read())}
+                text = handle.read()
         except OSError:
-            return {}
+            return {}, set()
+        return ({int(pid): int(code) for pid, code in _MSRUN_WORKER_FAILED.findall(text)},
+                {int(pid) for pid in _MSRUN_SCHEDULER_FAILED.findall(text)})
 
-    def _name_unnamed(self) -> bool:
-        """Name the ranks that died too fast to be recognised: msrun starts rank first+i as its i-th
-        worker, so by pid order they are the local ranks never seen, in order.  False while that is
-        not yet decidable (some other rank has not been seen yet either)."""
-        unnamed = sorted((p for p in self._unnamed if p.rank is None), key=lambda p: p.pid)
-        missing = sorted(set(self._local_ranks) - {p.rank for p in self.ranks + self._unnamed if p.rank is not None})
-        if not unnamed:
+    def _name_unknown(self, scheduler_pids: set) -> bool:
+        """Name the processes that died too fast to be recognised.  msrun starts the scheduler (on the
+        master node) and then rank first+i as its i-th worker, so in pid order the children are
+        [scheduler,] rank first, first+1, ...  False while that cannot be decided yet."""
+        for process in self.processes:
+            if process.role == "unknown" and process.pid in scheduler_pids:
+                process.role, process.log = "scheduler", self._scheduler_log
+        if not any(p.role == "unknown" and p.rank is None for p in self.processes):
             return True
-        if len(unnamed) != len(missing):
-            return False
-        for process, rank in zip(unnamed, missing):
-            process.rank, process.log = rank, self._log_of(rank)
+        children = sorted(self.processes, key=lambda p: p.pid)
+        if len(children) != len(self._local_ranks) + int(self._expects_scheduler):
+            return False  # some child not seen yet
+        if self._expects_scheduler and not self._known("scheduler"):
+            if children[0].role != "unknown":
+                return False
+            children[0].role, children[0].log = "scheduler", self._scheduler_log
+        workers = [p for p in children if p.role != "scheduler"]
+        for process, rank in zip(workers, self._local_ranks):
+            if process.role == "unknown":
+                process.rank, process.log = rank, self._log_of(rank)
         return True
 
     def failures(self) -> List[str]:
-        failed = [p for p in self.ranks + self._unnamed if p.ended and p.exit_code != 0]
+        failed = [p for p in self.processes if p.ended and p.exit_code != 0]
         if failed or self.msrun_code not in (None, 0):
             # msrun logs the first rank it finds failed, then SIGKILLs the others: once it has logged,
             # its line names the cause (even a rank that died before we could see it), not its kills.
-            logged = self._logged_codes()
-            known = {p.pid: p for p in self.ranks + self._unnamed}
-            for pid, code in logged.items():
+            codes, scheduler_pids = self._logged()
+            known = {p.pid: p for p in self.processes}
+            for pid, code in codes.items():
                 if pid not in known:
-                    self._unnamed.append(RankProcess(pid, 0, None, "", code, True))
+                    self.processes.append(RankProcess(pid, 0, "unknown", None, "", code, True))
                 elif not known[pid].ended:
                     known[pid].end(code)
-            if logged:
-                failed = [p for p in self.ranks + self._unnamed if p.pid in logged]
+            if codes:
+                failed = [p for p in self.processes if p.pid in codes]
             self._first_failure_at = self._first_failure_at or time.monotonic()
-            if not self._name_unnamed() and time.monotonic() - self._first_failure_at < _NAMING_WAIT_SECONDS:
+            if not self._name_unknown(scheduler_pids) and \
+                    time.monotonic() - self._first_failure_at < _NAMING_WAIT_SECONDS:
                 return []  # the other ranks are still starting: wait a moment to tell which rank this was
         if not failed and self.msrun_code not in (None, 0):
             return [describe_exit("msrun", self.msrun_code, self._msrun_log)]
-        return [describe_process(p) for p in by_rank(failed)]
+        return [p.describe() for p in by_rank(failed)]
 
     def finished(self) -> bool:
         return self.msrun_code == 0
@@ -189,14 +216,7 @@ class MsrunRanks:
         return [self.msrun.pid] if self.msrun_code is None else []
 
     def running(self) -> List[int]:
-        return [p.pid for p in self.ranks if not p.ended]
-
-
-def describe_process(process: RankProcess) -> str:
-    if process.rank is None and not process.log:
-        return describe_exit(f"a rank (pid {process.pid}; which one is unknown)", process.exit_code,
-                             "the worker_*.log files")
-    return describe_exit(process.name, process.exit_code, process.log)
+        return [p.pid for p in self.processes if not p.ended and p.role != "unknown"]
 
 
 def by_rank(processes: Sequence[RankProcess]) -> List[RankProcess]:

@@ -2,29 +2,33 @@
 
 - The first rank to fail stops the others at once (on hardware they would otherwise wait in a
   collective until HCCL_EXEC_TIMEOUT, 20 minutes), and the launcher exits 3 naming it.
-- SIGINT, SIGTERM and SIGHUP stop every rank: SIGTERM (the trainer finishes its step and saves a
-  checkpoint), then SIGKILL after the grace period or at a second signal; exit 128 + signal.
+- SIGINT, SIGTERM and SIGHUP stop every rank: SIGTERM to each rank's process group (the trainer
+  finishes its step and saves a checkpoint), then SIGKILL after the grace period or at a second
+  signal; exit 128 + signal.
 - The launcher adopts orphaned descendants (a child subreaper), so a rank whose msrun died is
   still found and stopped; each process it starts gets SIGTERM if the launcher itself is killed.
+- One launch per log folder at a time (a lock), so two launches never write into each other's logs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import BinaryIO, Dict, List, Optional, Union
+from typing import BinaryIO, List, Optional, Union
 
-from mindformers_sigma.errors import Interrupted
+from mindformers_sigma.errors import DataError, Interrupted
 from mindformers_sigma.launcher.plan import LaunchPlan
-from mindformers_sigma.launcher.processes import (ProcessInfo, become_subreaper, descendants, die_with_parent,
-                                                  process_table, send)
+from mindformers_sigma.launcher.processes import (become_subreaper, descendants, die_with_parent, process_table,
+                                                  send, send_to_group)
 from mindformers_sigma.launcher.rank_watch import DirectRanks, MsrunRanks
+from mindformers_sigma.launcher.stop_signals import StopSignals
 
 RANK_FAILED_EXIT = 3
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LOCK_NAME = ".launch.lock"
 
 
 class RankFailed(Exception):
@@ -34,9 +38,9 @@ class RankFailed(Exception):
 
 
 class LogFollower:
-    """Copies what a rank appends to its log onto our stdout, as `tail -f` would."""
+    """Copies what a rank appends to its log onto our stdout, as `tail -F` would."""
 
-    def __init__(self, path: str, out: BinaryIO):
+    def __init__(self, path: str, out: Optional[BinaryIO]):
         self.path, self.out = path, out
         self._handle: Optional[BinaryIO] = None
 
@@ -48,6 +52,11 @@ class LogFollower:
                 self._handle = open(self.path, "rb")
             except OSError:
                 return
+        try:
+            if os.fstat(self._handle.fileno()).st_size < self._handle.tell():
+                self._handle.seek(0)  # the file was truncated (msrun reopens it): start again
+        except OSError:
+            return
         chunk = self._handle.read()
         if chunk:
             try:
@@ -62,40 +71,47 @@ class LogFollower:
             self._handle.close()
 
 
+def _lock_log_dir(log_dir: str) -> int:
+    """Hold an exclusive lock on the log folder for the whole launch (released when the process ends)."""
+    os.makedirs(log_dir, exist_ok=True)
+    handle = os.open(os.path.join(log_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise DataError(f"--log-dir {log_dir} is used by another launch that is still running; wait for it or give "
+                        f"another --log-dir") from None
+    return handle
+
+
 class Supervisor:
-    def __init__(self, plan: LaunchPlan, grace_seconds: float, out: BinaryIO):
-        self.plan, self.grace_seconds, self.out = plan, grace_seconds, out
-        self.signals: List[int] = []
-        self.watch: Union[DirectRanks, MsrunRanks, None] = None
-
-    def _record_signal(self, signum, frame) -> None:
-        self.signals.append(signum)
-
-    def _install_handlers(self) -> None:
-        for signum in _STOP_SIGNALS:
-            # A background job of a non-interactive shell starts with SIGINT ignored: Ctrl-C must
-            # still stop the ranks.  Under nohup, SIGHUP stays ignored.
-            if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
-                signal.signal(signum, self._record_signal)
+    def __init__(self, plan: LaunchPlan, grace_seconds: float, signals: StopSignals, out: Optional[BinaryIO]):
+        self.plan, self.grace_seconds, self.signals, self.out = plan, grace_seconds, signals, out
+        self.watch: Union[DirectRanks, MsrunRanks] = DirectRanks([])
+        self.grace_cut_short = False
 
     def _start(self) -> None:
-        os.makedirs(self.plan.log_dir, exist_ok=True)
+        """Open every log first (a log that cannot be written stops the launch before any rank runs),
+        then start the processes."""
+        logs = [open(process.log, "wb") for process in self.plan.processes]
         started = []
         try:
-            for process in self.plan.processes:
-                with open(process.log, "wb") as log:
-                    popen = subprocess.Popen(process.argv, env=process.environment(os.environ),
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True, preexec_fn=die_with_parent)
+            for process, log in zip(self.plan.processes, logs):
+                popen = subprocess.Popen(process.argv, env=process.environment(os.environ),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=die_with_parent)
                 started.append((process.rank, popen, process.log))
         finally:
+            for log in logs:
+                log.close()
             if self.plan.uses_msrun and started:
                 self.watch = MsrunRanks(started[0][1], self.plan.local_ranks, self.plan.rank_log,
-                                        os.path.join(self.plan.log_dir, "scheduler.log"), self.plan.msrun_log)
+                                        os.path.join(self.plan.log_dir, "scheduler.log"), self.plan.msrun_log,
+                                        expects_scheduler=self.plan.scheduler_port is not None)
             else:
                 self.watch = DirectRanks(started)
 
-    def _poll(self) -> Dict[int, ProcessInfo]:
+    def _poll(self) -> None:
         """Look at every process once: update the ranks' states, reap adopted zombies."""
         table = process_table()
         self.watch.update(table)
@@ -106,23 +122,28 @@ class Supervisor:
                     os.waitpid(info.pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-        return table
 
     def _alive_descendants(self) -> List[int]:
         table = process_table()
         return [pid for pid in descendants(os.getpid(), table) if table[pid].alive]
 
-    def _stop_all(self, follower: LogFollower) -> List[int]:
-        """SIGTERM (msrun first), wait up to the grace period, then SIGKILL whatever is left.
-        Returns the pids that needed SIGKILL."""
+    def _stop_all(self, follower: LogFollower, everything: bool = False) -> List[int]:
+        """SIGTERM (msrun first, then each rank's process group; with ``everything``, every process
+        left), wait up to the grace period, then SIGKILL whatever is left.  Returns what needed SIGKILL."""
         for pid in self.watch.first_to_stop():
             send(pid, signal.SIGTERM)
-        signalled = set()
-        signals_before = len(self.signals)
-        deadline = time.monotonic() + self.grace_seconds
-        while time.monotonic() < deadline and len(self.signals) == signals_before:
-            for pid in set(self.watch.running()) - signalled:  # ranks recognised since are stopped too
+        if everything:
+            for pid in self._alive_descendants():
                 send(pid, signal.SIGTERM)
+        signalled = set()
+        signals_before = len(self.signals.received)
+        deadline = time.monotonic() + self.grace_seconds
+        while time.monotonic() < deadline:
+            if len(self.signals.received) > signals_before:
+                self.grace_cut_short = True
+                break
+            for pid in set(self.watch.running()) - signalled:  # ranks recognised since are stopped too
+                send_to_group(pid, signal.SIGTERM)
                 signalled.add(pid)
             self._poll()
             follower.pump()
@@ -145,11 +166,22 @@ class Supervisor:
                 pass
         return killed
 
+    def _stopped_by_signal(self, follower: LogFollower) -> Interrupted:
+        killed = self._stop_all(follower)
+        when = "at a second signal" if self.grace_cut_short else "after the grace period"
+        note = f"; {len(killed)} process(es) needed SIGKILL {when}" if killed else ""
+        signum = self.signals.received[0]
+        return Interrupted(f"stopped by {signal.Signals(signum).name}: every rank was stopped{note} (logs in "
+                           f"{self.plan.log_dir})", 128 + signum)
+
     def run(self) -> int:
         """Run the plan to the end; returns 0, or raises Interrupted / RankFailed after stopping every rank."""
+        lock = _lock_log_dir(self.plan.log_dir)
         become_subreaper()
-        self._install_handlers()
         follower = LogFollower(self.plan.rank_log(self.plan.local_ranks[0]), self.out)
+        if self.plan.uses_msrun:  # msrun truncates it, but the follower must not show a previous launch's lines
+            with open(follower.path, "wb"):
+                pass
         started = time.monotonic()
         try:
             try:
@@ -160,25 +192,22 @@ class Supervisor:
             while True:
                 self._poll()
                 follower.pump()
-                if self.signals:
-                    killed = self._stop_all(follower)
-                    name = signal.Signals(self.signals[0]).name
-                    note = f"; {len(killed)} process(es) needed SIGKILL after the grace period" if killed else ""
-                    raise Interrupted(f"stopped by {name}: every rank was stopped{note} (logs in "
-                                      f"{self.plan.log_dir})", 128 + self.signals[0])
+                if self.signals.received:
+                    raise self._stopped_by_signal(follower)
                 failures = self.watch.failures()
                 if failures:
                     self._stop_all(follower)
                     raise RankFailed("; ".join(failures) + "; the other ranks were stopped")
                 if self.watch.finished():
                     if self._alive_descendants():  # strays of a finished run (a rank's helper process)
-                        self._stop_all(follower)
+                        self._stop_all(follower, everything=True)
                     return 0
                 # Often while ranks start (one may fail within milliseconds), then twice a second.
                 time.sleep(0.05 if time.monotonic() - started < 10 else 0.5)
         finally:
             follower.close()
+            os.close(lock)
 
 
-def supervise(plan: LaunchPlan, grace_seconds: float, out: Optional[BinaryIO] = None) -> int:
-    return Supervisor(plan, grace_seconds, out if out is not None else sys.stdout.buffer).run()
+def supervise(plan: LaunchPlan, grace_seconds: float, signals: StopSignals, out: Optional[BinaryIO] = None) -> int:
+    return Supervisor(plan, grace_seconds, signals, out if out is not None else sys.stdout.buffer).run()
