@@ -4,8 +4,8 @@ ranks msrun starts.
 Ranks started directly are the launcher's children and their exit codes come from ``wait``.  msrun's
 ranks are msrun's children, in their own sessions: they are recognised by the environment msrun
 gives each (``MS_ROLE``, ``RANK_ID``), and an exit code is read from the zombie's /proc entry
-before msrun reaps it, else from the line msrun logs for it, else (a rank adopted by the launcher
-after msrun died) from the launcher's own ``wait``.
+before its parent (msrun, or the launcher once it has adopted the rank) reaps it, else from the
+line msrun logs for it.
 """
 
 from __future__ import annotations
