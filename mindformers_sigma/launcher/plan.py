@@ -140,7 +140,7 @@ def _cpu_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
     return LaunchPlan(summary, (process,), True, tuple(range(workers)), options.log_dir, options.master_port)
 
 
-def _msrun_layout_from_table(options: LaunchOptions, layout: RankTableLayout, server: Server) -> Tuple[int, int, str]:
+def _msrun_layout_from_table(layout: RankTableLayout, server: Server) -> Tuple[int, int, str]:
     """(devices per node, node rank, master address) of a rank table, in msrun's numbering."""
     devices = len(server.ranks)
     if any(len(other.ranks) != devices for other in layout.servers):
@@ -163,7 +163,7 @@ def _msrun_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPla
     if options.rank_table:
         layout = read_rank_table(options.rank_table)
         server = layout.server(options.server_id)
-        devices, node_rank, table_master = _msrun_layout_from_table(options, layout, server)
+        devices, node_rank, table_master = _msrun_layout_from_table(layout, server)
         nnodes = len(layout.servers)
         for flag, given, derived in (("--devices", options.devices, devices), ("--nnodes", options.nnodes, nnodes),
                                      ("--node-rank", options.node_rank, node_rank)):
