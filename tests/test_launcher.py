@@ -4,6 +4,7 @@ count with the trainer's overrides, rank tables, interpreter choice and the dry 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -130,6 +131,8 @@ def test_trainer_arguments_are_checked_and_their_paths_made_absolute(tmp_path, c
     raw = yaml.safe_load(config.read_text())
     raw["data"].update(source="mindrecord", path="prepared")  # relative to where the launcher starts
     config.write_text(yaml.safe_dump(raw))
+    (tmp_path / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoints" / "step_00000002.json").write_text("{}")
     code, out, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--dry-run", config.name, "--",
                               "--out", "runs/a", "--resume", "runs/a/checkpoints/step_00000002.json", "--steps", 5)
     assert code == 0, err
@@ -138,6 +141,18 @@ def test_trainer_arguments_are_checked_and_their_paths_made_absolute(tmp_path, c
     assert program[:8] == ["--config", str(config), "--steps", "5", "--out", str(tmp_path / "runs" / "a"),
                            "--resume", str(tmp_path / "runs" / "a" / "checkpoints" / "step_00000002.json")]
     assert program[-2:] == ["--set", f"data.path={json.dumps(str(tmp_path / 'prepared'))}"]
+    # `..` after a symlink means what the kernel says, as for a single process: not collapsed by text.
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "real" / "sub")
+    code, out, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--dry-run", config.name, "--",
+                              "--out", "lnk/../o")
+    (words,) = _commands(out)
+    shown = words[words.index("--out") + 1]
+    assert shown == str(tmp_path / "lnk" / ".." / "o") and os.path.realpath(shown) == str(tmp_path / "real" / "o")
+    for bad, message in [(["--resume", "missing.json"], "--resume"), (["--data", "missing"], "no such folder"),
+                         (["--out", config.name], "not a folder")]:
+        code, out, err = _dry_run(capsys, monkeypatch, "--cpu", "--workers", 2, "--dry-run", config.name, "--", *bad)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (bad, err)
 
 
 def _refusal(capsys, monkeypatch, args, environ=None):
@@ -195,6 +210,7 @@ def test_conflicting_or_silent_mode_choices_are_refused(tmp_path, capsys, monkey
         (["--cpu", "--workers", "x", config], {}, "expected a positive integer, got 'x'"),
         (["--bogus", config], {}, "unrecognized arguments: --bogus"),
         (["--rank-table", table, "--rank-table", other, config], {}, "--rank-table given twice; give it once"),
+        (["--cpu", "--cpu", "--workers", 2, config], {}, "--cpu given twice; give it once"),
         (["--rank-table", table, "--master-port", 9000, config], {}, "--master-port does not apply to a rank-table"),
         (["--cpu", "--workers", 2, "--log-dir", config / "logs", config], {}, "which is a file; give a folder"),
         (["--cpu", "--workers", 2, tmp_path, config], {}, "unrecognized arguments"),

@@ -19,6 +19,7 @@ import yaml
 from mindformers_sigma.cli import add_train_arguments, train_config
 from mindformers_sigma.config import SigmaConfig, parse_yaml
 from mindformers_sigma.errors import DataError, UserError
+from mindformers_sigma.launcher.options import absolute
 from mindformers_sigma.one_line_parser import RaisingParser
 from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
 from mindformers_sigma.rank_table.validate import validate_table
@@ -118,6 +119,16 @@ def _refuse_conflicts(user_sets: Sequence[str], mode_settings: Mapping[str, obje
                                 f"{key}={mode_settings[key]}; drop that --set")
 
 
+def _check_train_paths(namespace) -> None:
+    """What the ranks would only find missing after the cluster has formed."""
+    if namespace.resume not in (None, "auto") and not os.path.isfile(namespace.resume):
+        raise DataError(f"TRAIN_ARGS --resume {namespace.resume}: no such checkpoint file; give one, or auto")
+    if namespace.data is not None and not os.path.isdir(namespace.data):
+        raise DataError(f"TRAIN_ARGS --data {namespace.data}: no such folder; give a prepare-data output folder")
+    if namespace.out is not None and os.path.exists(namespace.out) and not os.path.isdir(namespace.out):
+        raise DataError(f"TRAIN_ARGS --out {namespace.out}: not a folder; give a run folder")
+
+
 def check_train_args(config_path: str, train_args: Sequence[str],
                      mode_settings: Optional[Mapping[str, object]] = None, mode: str = "") -> TrainCommand:
     """Parse the trainer's arguments as it will, load the config they describe, and make paths absolute.
@@ -127,16 +138,17 @@ def check_train_args(config_path: str, train_args: Sequence[str],
     _refuse_conflicts(parser.parse_args(["--config", config_path, *train_args]).set, mode_settings, mode)
     overrides = [item for key, value in mode_settings.items() for item in ("--set", f"{key}={value}")]
     namespace = parser.parse_args(["--config", config_path, *overrides, *train_args])
-    if os.path.abspath(namespace.config) != config_path:
+    if absolute(namespace.config) != config_path:
         raise UserError(f"TRAIN_ARGS hold --config {namespace.config}; give the config once, as CONFIG before `--`")
     for name in _PATH_OPTIONS:
         value = getattr(namespace, name)
         if value is not None and not (name == "resume" and value == "auto"):
-            setattr(namespace, name, os.path.abspath(value))
+            setattr(namespace, name, absolute(value))
+    _check_train_paths(namespace)
     config = train_config(namespace)
     if config.data.path is not None and not os.path.isabs(config.data.path):
         # Relative to where the launcher was started, as for a single process.
-        namespace.set.append(f"data.path={json.dumps(os.path.abspath(config.data.path))}")
+        namespace.set.append(f"data.path={json.dumps(absolute(config.data.path))}")
         config = train_config(namespace)
     return TrainCommand(config, tuple(_as_arguments(parser, namespace)))
 

@@ -16,23 +16,29 @@ from mindformers_sigma.launcher.checks import check_port_free
 from mindformers_sigma.launcher.options import PROG, parse_options
 from mindformers_sigma.launcher.plan import build_plan
 from mindformers_sigma.launcher.stop_signals import StopSignals
-from mindformers_sigma.launcher.supervisor import RankFailed, supervise
+from mindformers_sigma.launcher.supervisor import RankFailed, silence_stdout, supervise
+
+
+def _print(text: str) -> None:
+    """Print to stdout; a reader that went away (`| head`) is not an error of the launch."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
 
 
 def _launch(argv: Sequence[str], signals: StopSignals) -> int:
     options = parse_options(argv, os.environ)
     plan = build_plan(options, os.environ)
     if options.dry_run:
-        try:
-            sys.stdout.write(plan.script())
-            sys.stdout.flush()
-        except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _print(plan.script())
+        signals.raise_if_any("during the dry run")
         return 0
     signals.raise_if_any("before any rank was started")
     if plan.scheduler_port is not None:
         check_port_free(plan.scheduler_port)
-    print(plan.summary, flush=True)
+    _print(plan.summary + "\n")
     try:
         return supervise(plan, options.grace_seconds, signals)
     except RankFailed as failure:
@@ -42,4 +48,6 @@ def _launch(argv: Sequence[str], signals: StopSignals) -> int:
 
 def main(argv: Sequence[str], signals: Optional[StopSignals] = None) -> int:
     signals = signals or StopSignals().install()
+    if sys.stdout is None:  # started with stdout closed (`>&-`): run, showing nothing
+        sys.stdout = open(os.devnull, "w")
     return run_reporting_errors(PROG, lambda: _launch(argv, signals))

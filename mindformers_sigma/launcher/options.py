@@ -64,6 +64,12 @@ class LaunchOptions:
     bind_core: bool = False
 
 
+def absolute(path: str) -> str:
+    """``path`` made absolute as the kernel will resolve it: ``lnk/../x`` keeps its ``..`` after the
+    symlink (os.path.abspath would collapse it by text and name another file)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
 def _count(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -103,6 +109,16 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _OnceSwitch(_Once):
+    """A switch (no value) that may be given once."""
+
+    def __init__(self, option_strings, dest, default=False, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=default, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, True, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG, usage="%(prog)s (--cpu --workers N | --msrun | --rank-table FILE) [options] CONFIG [-- TRAIN_ARGS]",
@@ -114,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Walk-throughs: docs/training.md, Launchers.")
     parser.add_argument("config", metavar="CONFIG", help="YAML config")
     modes = parser.add_argument_group("mode (exactly one; --msrun may also take --rank-table)")
-    modes.add_argument("--cpu", action="store_true", help="data parallel over msrun workers on this machine (mccl)")
-    modes.add_argument("--msrun", action="store_true", help="Ascend/GPU ranks started by msrun")
+    modes.add_argument("--cpu", action=_OnceSwitch, help="data parallel over msrun workers on this machine (mccl)")
+    modes.add_argument("--msrun", action=_OnceSwitch, help="Ascend/GPU ranks started by msrun")
     modes.add_argument("--rank-table", action=_Once, metavar="FILE",
                        help="HCCL rank table: one process per NPU of this server (with --msrun: handed to msrun)")
     cpu = parser.add_argument_group("--cpu")
@@ -136,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     msrun.add_argument("--cluster-time-out", "--cluster_time_out", action=_Once, dest="cluster_time_out",
                        type=_count,
                        help=f"seconds msrun waits for every rank to join (default {DEFAULT_CLUSTER_TIME_OUT})")
-    msrun.add_argument("--bind-core", "--bind_core", dest="bind_core", action="store_true",
+    msrun.add_argument("--bind-core", "--bind_core", dest="bind_core", action=_OnceSwitch,
                        help="let msrun bind each rank to the CPU cores near its device")
     general = parser.add_argument_group("all modes")
     general.add_argument("--log-dir", action=_Once, default=os.path.join("output", "logs"),
@@ -145,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                          default=DEFAULT_GRACE_SECONDS,
                          metavar="SECONDS", help=f"after SIGTERM to the ranks, wait this long before SIGKILL "
                                                  f"(default {DEFAULT_GRACE_SECONDS:g})")
-    general.add_argument("--dry-run", action="store_true", help="print what would run, start nothing")
+    general.add_argument("--dry-run", action=_OnceSwitch, help="print what would run, start nothing")
     return parser
 
 
@@ -228,11 +244,11 @@ def _check_input_file(what: str, path: str) -> None:
 
 def _check_log_dir(path: str) -> None:
     """The log folder must exist as a writable folder or be creatable: found now, not after the checks."""
-    existing = os.path.abspath(path)
+    existing = absolute(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        what = "is a file" if existing == os.path.abspath(path) else f"is inside {existing}, which is a file"
+        what = "is a file" if existing == absolute(path) else f"is inside {existing}, which is a file"
         raise UserError(f"--log-dir {path} {what}; give a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--log-dir {path}: {existing} is not writable; give a folder you can write to")
@@ -266,10 +282,10 @@ def parse_options(argv: Sequence[str], environ: Mapping[str, str] = os.environ) 
     if args.rank_table:
         _check_input_file("rank table", args.rank_table)
     return LaunchOptions(
-        mode=mode, config=os.path.abspath(args.config), train_args=tuple(train_args),
-        interpreter=choose_interpreter(environ), log_dir=os.path.abspath(args.log_dir),
+        mode=mode, config=absolute(args.config), train_args=tuple(train_args),
+        interpreter=choose_interpreter(environ), log_dir=absolute(args.log_dir),
         grace_seconds=args.grace_seconds, dry_run=args.dry_run, workers=args.workers, devices=args.devices,
-        rank_table=os.path.abspath(args.rank_table) if args.rank_table else None, server_id=args.server_id,
+        rank_table=absolute(args.rank_table) if args.rank_table else None, server_id=args.server_id,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
         master_port=args.master_port or DEFAULT_MASTER_PORT,
         cluster_time_out=args.cluster_time_out or DEFAULT_CLUSTER_TIME_OUT, bind_core=args.bind_core)

@@ -64,11 +64,20 @@ class LogFollower:
                 self.out.flush()
             except OSError:  # our stdout went away (a closed pipe): keep supervising, stop echoing
                 self.out = None
+                silence_stdout()
 
     def close(self) -> None:
         self.pump()
         if self._handle is not None:
             self._handle.close()
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so that nothing later (a print, Python's
+    flush at exit) fails on it and changes the exit code."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 def _lock_log_dir(log_dir: str) -> int:
@@ -127,24 +136,29 @@ class Supervisor:
         table = process_table()
         return [pid for pid in descendants(os.getpid(), table) if table[pid].alive]
 
-    def _stop_all(self, follower: LogFollower, everything: bool = False) -> List[int]:
+    def _stop_all(self, follower: LogFollower, everything: bool = False, signals_allowed: Optional[int] = None
+                  ) -> List[int]:
         """SIGTERM (msrun first, then each rank's process group; with ``everything``, every process
-        left), wait up to the grace period, then SIGKILL whatever is left.  Returns what needed SIGKILL."""
+        left), wait up to the grace period, then SIGKILL whatever is left.  A stop signal beyond the
+        first ``signals_allowed`` (default: those already received) cuts the grace period short.
+        Returns what needed SIGKILL."""
         for pid in self.watch.first_to_stop():
             send(pid, signal.SIGTERM)
         if everything:
             for pid in self._alive_descendants():
                 send(pid, signal.SIGTERM)
-        signalled = set()
-        signals_before = len(self.signals.received)
+        signalled: set = set()
+        allowed = len(self.signals.received) if signals_allowed is None else signals_allowed
         deadline = time.monotonic() + self.grace_seconds
-        while time.monotonic() < deadline:
-            if len(self.signals.received) > signals_before:
-                self.grace_cut_short = True
-                break
+        while True:
             for pid in set(self.watch.running()) - signalled:  # ranks recognised since are stopped too
                 send_to_group(pid, signal.SIGTERM)
                 signalled.add(pid)
+            if len(self.signals.received) > allowed:
+                self.grace_cut_short = True
+                break
+            if time.monotonic() >= deadline:
+                break
             self._poll()
             follower.pump()
             if not self._alive_descendants():
@@ -166,13 +180,17 @@ class Supervisor:
                 pass
         return killed
 
-    def _stopped_by_signal(self, follower: LogFollower) -> Interrupted:
-        killed = self._stop_all(follower)
+    def _killed_note(self, killed: List[int]) -> str:
         when = "at a second signal" if self.grace_cut_short else "after the grace period"
-        note = f"; {len(killed)} process(es) needed SIGKILL {when}" if killed else ""
+        return f"; {len(killed)} process(es) needed SIGKILL {when}" if killed else ""
+
+    def _stopped_by_signal(self, follower: LogFollower) -> Interrupted:
+        failed_before = self.watch.failures()  # a rank that died by itself just before: say so too
+        killed = self._stop_all(follower, signals_allowed=1)  # a second signal, however quick, cuts it short
         signum = self.signals.received[0]
-        return Interrupted(f"stopped by {signal.Signals(signum).name}: every rank was stopped{note} (logs in "
-                           f"{self.plan.log_dir})", 128 + signum)
+        also = f"; before that, {'; '.join(failed_before)}" if failed_before else ""
+        return Interrupted(f"stopped by {signal.Signals(signum).name}: every rank was stopped"
+                           f"{self._killed_note(killed)}{also} (logs in {self.plan.log_dir})", 128 + signum)
 
     def run(self) -> int:
         """Run the plan to the end; returns 0, or raises Interrupted / RankFailed after stopping every rank."""
@@ -196,8 +214,8 @@ class Supervisor:
                     raise self._stopped_by_signal(follower)
                 failures = self.watch.failures()
                 if failures:
-                    self._stop_all(follower)
-                    raise RankFailed("; ".join(failures) + "; the other ranks were stopped")
+                    killed = self._stop_all(follower)
+                    raise RankFailed("; ".join(failures) + "; the other ranks were stopped" + self._killed_note(killed))
                 if self.watch.finished():
                     if self._alive_descendants():  # strays of a finished run (a rank's helper process)
                         self._stop_all(follower, everything=True)
@@ -209,5 +227,5 @@ class Supervisor:
             os.close(lock)
 
 
-def supervise(plan: LaunchPlan, grace_seconds: float, signals: StopSignals, out: Optional[BinaryIO] = None) -> int:
-    return Supervisor(plan, grace_seconds, signals, out if out is not None else sys.stdout.buffer).run()
+def supervise(plan: LaunchPlan, grace_seconds: float, signals: StopSignals) -> int:
+    return Supervisor(plan, grace_seconds, signals, sys.stdout.buffer).run()
