@@ -292,3 +292,20 @@ def test_a_step_whose_inputs_are_all_eod_is_harmless(pynative):
     moved = [np.abs(a - b).max() for a, b in zip(after, before)]
     lr = learning_rate_at(0, config.train)  # zero gradients: only weight decay may move a weight
     assert max(moved) <= lr * config.train.weight_decay * max(np.abs(b).max() for b in before) * 1.01 + 1e-12
+
+
+def test_a_rank_stops_with_the_signal_it_got_or_143_when_a_peer_got_it():
+    import signal
+
+    from mindformers_sigma.context import ParallelInfo
+    from mindformers_sigma.errors import Interrupted
+    from mindformers_sigma.training.interrupts import StopRequests
+
+    assert ParallelInfo().any_rank(True) is True and ParallelInfo().any_rank(False) is False
+    requests = StopRequests()
+    for signum, code, words in [(None, 143, "another rank received a stop signal"),
+                                (signal.SIGINT, 130, "stopped by SIGINT"), (signal.SIGTERM, 143, "stopped by SIGTERM")]:
+        requests.signum = signum
+        with pytest.raises(Interrupted) as stopped:
+            requests.raise_now("after step 3")
+        assert stopped.value.exit_code == code and words in str(stopped.value)
