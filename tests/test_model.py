@@ -129,3 +129,23 @@ def test_per_domain_nll_and_token_counts_skip_eod_inputs(pynative, real_corpus):
     np.testing.assert_array_equal(counted, want_counted)
     assert counted[1] == 0 and counted.sum() == (tokens[:, :-1] != EOD).sum()
     np.testing.assert_allclose(nll, want_nll, rtol=1e-5)
+
+
+def test_fast_gelu_composition_equals_the_fast_gelu_kernel_forward_and_backward(pynative):
+    # The model uses x * sigmoid(1.702 x) because it is ~5x faster on CPU than ops.fast_gelu
+    # (bench/kernels.py); both must give the same values and gradients, also where sigmoid saturates.
+    import mindspore as ms
+    from mindspore import ops
+
+    from mindformers_sigma.activations import fast_gelu
+
+    rng = np.random.default_rng(0)
+    x = Tensor(np.concatenate([np.linspace(-60, 60, 2001), rng.standard_normal(4000) * 3]).astype(np.float32))
+    weights = Tensor(rng.standard_normal(x.shape).astype(np.float32))
+    ours, kernel = fast_gelu(x).asnumpy(), ops.fast_gelu(x).asnumpy()
+    # float32: a few ulps of the output's own size (sigmoid and exp round differently).
+    assert np.all(np.abs(ours - kernel) <= 1e-6 * np.maximum(np.abs(kernel), 1.0))
+    grad_ours = ms.grad(lambda v: (fast_gelu(v) * weights).sum())(x).asnumpy()
+    grad_kernel = ms.grad(lambda v: (ops.fast_gelu(v) * weights).sum())(x).asnumpy()
+    assert np.all(np.abs(grad_ours - grad_kernel) <= 1e-5 * np.maximum(np.abs(grad_kernel), 1.0))
+

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
+from mindformers_sigma.activations import fast_gelu
 from mindformers_sigma.model.layers import Linear
 
 
@@ -17,4 +18,4 @@ class FeedForward(nn.Cell):
         self.projection = Linear(ffn_hidden_size, hidden_size, init_std, compute_dtype)
 
     def construct(self, hidden):
-        return self.projection(ops.fast_gelu(self.mapping(hidden)))
+        return self.projection(fast_gelu(self.mapping(hidden)))

@@ -6,6 +6,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from mindformers_sigma.activations import fast_gelu
+
 
 class BatchedExperts(nn.Cell):
     """``num_experts`` FFNs (H -> F -> H) stored as ``[E, H, F]`` / ``[E, F, H]`` tensors.
@@ -28,5 +30,5 @@ class BatchedExperts(nn.Cell):
         """buffers [E, C, H] -> [E, C, H]."""
         dtype = self.compute_dtype
         hidden = self.batch_matmul(buffers.astype(dtype), self.w1.astype(dtype)) + self.b1.astype(dtype)
-        hidden = ops.fast_gelu(hidden)
+        hidden = fast_gelu(hidden)
         return self.batch_matmul(hidden, self.w2.astype(dtype)) + self.b2.astype(dtype)
