@@ -6,6 +6,7 @@ parallel-specific is decided here from the config.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -34,10 +35,14 @@ class ParallelInfo:
         of every step (the trainer uses it to stop all ranks after the same step)."""
         if self.group_size == 1:
             return flag
-        from mindspore import Tensor, ops
-
-        votes = ops.AllReduce()(Tensor([float(flag)], ms.float32))  # sum: the only reduction on CPU
+        votes = _all_reduce_sum()(ms.Tensor([float(flag)], ms.float32))
         return bool(votes.asnumpy()[0] > 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _all_reduce_sum():
+    """One AllReduce primitive for the per-step vote (sum: the only reduction mccl has on CPU)."""
+    return ms.ops.AllReduce()
 
 
 def device_id(device_target: str, environ=os.environ) -> Optional[int]:

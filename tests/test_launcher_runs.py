@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from launcher_helpers import (SCRIPT, alive, ascend_yaml, kill_all, launcher, micro_yaml, python_stub, rank_table,
-                              start_launcher, wait_for_files, wait_gone)
+from launcher_helpers import (SCRIPT, alive, ascend_yaml, base_env, kill_all, launcher, micro_yaml, python_stub,
+                              rank_table, start_launcher, wait_for_files, wait_gone)
 
 GRACE = 1.5
 
@@ -179,8 +179,6 @@ def test_each_rank_table_rank_binds_its_own_device_and_works_in_its_own_folder(t
 
 
 def _env(stub):
-    from launcher_helpers import base_env
-
     return base_env(PYTHON=stub)
 
 

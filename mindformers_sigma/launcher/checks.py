@@ -135,9 +135,9 @@ def check_train_args(config_path: str, train_args: Sequence[str],
     ``mode_settings`` are config values the launch mode sets (before the user's overrides)."""
     mode_settings = mode_settings or {}
     parser = _train_parser()
-    _refuse_conflicts(parser.parse_args(["--config", config_path, *train_args]).set, mode_settings, mode)
     overrides = [item for key, value in mode_settings.items() for item in ("--set", f"{key}={value}")]
     namespace = parser.parse_args(["--config", config_path, *overrides, *train_args])
+    _refuse_conflicts(namespace.set[len(mode_settings):], mode_settings, mode)  # the user's, after the mode's
     if absolute(namespace.config) != config_path:
         raise UserError(f"TRAIN_ARGS hold --config {namespace.config}; give the config once, as CONFIG before `--`")
     for name in _PATH_OPTIONS:

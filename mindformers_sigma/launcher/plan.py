@@ -22,7 +22,13 @@ from mindformers_sigma.launcher.worker import RANK_FOLDERS_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_SCRIPT = os.path.join(REPO, "run", "train.py")
+MSRUN_LOG = "msrun.log"  # msrun's own output (the ranks' go to their own logs)
 HCCL_TIMEOUT_DEFAULT = "1200"  # seconds; HCCL's own defaults are too short for a large model's first step
+
+
+def rank_log(log_dir: str, rank: int, uses_msrun: bool) -> str:
+    """Where rank ``rank`` writes: msrun names its logs ``worker_N.log``, we name ours ``rank_N.log``."""
+    return os.path.join(log_dir, f"worker_{rank}.log" if uses_msrun else f"rank_{rank}.log")
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,15 @@ class LaunchPlan:
     scheduler_port: Optional[int] = None  # msrun's scheduler listens here on this node
 
     def rank_log(self, rank: int) -> str:
-        return os.path.join(self.log_dir, f"worker_{rank}.log" if self.uses_msrun else f"rank_{rank}.log")
+        return rank_log(self.log_dir, rank, self.uses_msrun)
 
     @property
     def msrun_log(self) -> str:
-        return os.path.join(self.log_dir, "msrun.log")
+        return os.path.join(self.log_dir, MSRUN_LOG)
+
+    @property
+    def scheduler_log(self) -> str:
+        return os.path.join(self.log_dir, "scheduler.log")  # msrun's name for it
 
     def script(self) -> str:
         """The dry run: a shell script doing what the launcher would start (without its supervision)."""
@@ -120,7 +130,7 @@ def _msrun_process(options: LaunchOptions, environ: Mapping[str, str], command: 
             # and msrun's tails outlive a killed msrun).
             f"--tail_worker_log={total}", *(["--bind_core=True"] if options.bind_core else []), *extra_args,
             TRAIN_SCRIPT, *command.args]
-    return Process(tuple(argv), tuple(extra_env) + _rank_env(options), os.path.join(options.log_dir, "msrun.log"),
+    return Process(tuple(argv), tuple(extra_env) + _rank_env(options), os.path.join(options.log_dir, MSRUN_LOG),
                    path_prefix=folder)
 
 
@@ -203,7 +213,7 @@ def _rank_table_plan(options: LaunchOptions, environ: Mapping[str, str]) -> Laun
         env = (("RANK_TABLE_FILE", options.rank_table), ("RANK_ID", str(rank)), ("DEVICE_ID", str(device)),
                ("RANK_SIZE", str(layout.size))) + _hccl_env(environ) + _rank_env(options)
         processes.append(Process((options.interpreter.path, TRAIN_SCRIPT, *command.args), env,
-                                 os.path.join(options.log_dir, f"rank_{rank}.log"), rank))
+                                 rank_log(options.log_dir, rank, uses_msrun=False), rank))
     ranks = [rank for rank, _ in server.ranks]
     summary = (f"{PROG}: --rank-table {options.rank_table}, server {server.server_id} (ranks {_span(ranks)} of "
                f"{layout.size} on devices {_span([device for _, device in server.ranks])}); "

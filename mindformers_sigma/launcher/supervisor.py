@@ -12,18 +12,18 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import BinaryIO, List, Optional, Union
+from typing import BinaryIO, Dict, List, Optional, TextIO, Union
 
 from mindformers_sigma.errors import DataError, Interrupted
+from mindformers_sigma.folder_lock import FolderBusy, lock_folder
 from mindformers_sigma.launcher.plan import LaunchPlan
-from mindformers_sigma.launcher.processes import (become_subreaper, descendants, die_with_parent, process_table,
-                                                  send, send_to_group)
+from mindformers_sigma.launcher.processes import (ProcessInfo, become_subreaper, descendants, die_with_parent,
+                                                  process_table, send, send_to_group)
 from mindformers_sigma.launcher.rank_watch import DirectRanks, MsrunRanks
 from mindformers_sigma.launcher.stop_signals import StopSignals
 
@@ -80,17 +80,14 @@ def silence_stdout() -> None:
     os.close(devnull)
 
 
-def _lock_log_dir(log_dir: str) -> int:
+def _lock_log_dir(log_dir: str) -> TextIO:
     """Hold an exclusive lock on the log folder for the whole launch (released when the process ends)."""
     os.makedirs(log_dir, exist_ok=True)
-    handle = os.open(os.path.join(log_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(handle)
+        return lock_folder(log_dir, LOCK_NAME)
+    except FolderBusy:
         raise DataError(f"--log-dir {log_dir} is used by another launch that is still running; wait for it or give "
                         f"another --log-dir") from None
-    return handle
 
 
 class Supervisor:
@@ -115,13 +112,13 @@ class Supervisor:
                 log.close()
             if self.plan.uses_msrun and started:
                 self.watch = MsrunRanks(started[0][1], self.plan.local_ranks, self.plan.rank_log,
-                                        os.path.join(self.plan.log_dir, "scheduler.log"), self.plan.msrun_log,
+                                        self.plan.scheduler_log, self.plan.msrun_log,
                                         expects_scheduler=self.plan.scheduler_port is not None)
             else:
                 self.watch = DirectRanks(started)
 
-    def _poll(self) -> None:
-        """Look at every process once: update the ranks' states, reap adopted zombies."""
+    def _poll(self) -> Dict[int, ProcessInfo]:
+        """Look at every process once: update the ranks' states, reap adopted zombies; returns what it saw."""
         table = process_table()
         self.watch.update(table)
         me, own = os.getpid(), set(self.watch.own_children)
@@ -131,9 +128,10 @@ class Supervisor:
                     os.waitpid(info.pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
+        return table
 
-    def _alive_descendants(self) -> List[int]:
-        table = process_table()
+    def _alive_descendants(self, table: Optional[Dict[int, ProcessInfo]] = None) -> List[int]:
+        table = process_table() if table is None else table
         return [pid for pid in descendants(os.getpid(), table) if table[pid].alive]
 
     def _stop_all(self, follower: LogFollower, everything: bool = False, signals_allowed: Optional[int] = None
@@ -159,20 +157,19 @@ class Supervisor:
                 break
             if time.monotonic() >= deadline:
                 break
-            self._poll()
+            table = self._poll()
             follower.pump()
-            if not self._alive_descendants():
+            if not self._alive_descendants(table):
                 return []
             time.sleep(0.05)
-        killed = self._alive_descendants()
+        killed = left = self._alive_descendants()
         for _ in range(100):
-            left = self._alive_descendants()
             if not left:
                 break
             for pid in left:
                 send(pid, signal.SIGKILL)
             time.sleep(0.05)
-            self._poll()
+            left = self._alive_descendants(self._poll())
         for popen_pid in self.watch.own_children:
             try:
                 os.waitpid(popen_pid, os.WNOHANG)
@@ -224,7 +221,7 @@ class Supervisor:
                 time.sleep(0.05 if time.monotonic() - started < 10 else 0.5)
         finally:
             follower.close()
-            os.close(lock)
+            lock.close()
 
 
 def supervise(plan: LaunchPlan, grace_seconds: float, signals: StopSignals) -> int:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import sys
 from typing import List, Optional
 
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.folder_lock import FolderBusy, lock_folder
 from mindformers_sigma.training.checkpoint import file_step, remove_uncommitted_weights
 
 CHECKPOINTS = "checkpoints"
@@ -49,22 +49,12 @@ class RunFolder:
     def _create_and_lock(self) -> None:
         try:
             os.makedirs(self.checkpoints, exist_ok=True)
-            handle = open(os.path.join(self.path, LOCK), "a+", encoding="utf-8")
+            self._lock_handle = lock_folder(self.path, LOCK)
+        except FolderBusy as busy:
+            raise DataError(f"--out {self.path}: another training run (pid {busy.holder}) is writing there; "
+                            f"wait for it to finish or choose another --out") from None
         except OSError as err:
             raise _cannot_write(self.path, err) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
-            raise DataError(f"--out {self.path}: another training run (pid {holder}) is writing there; "
-                            f"wait for it to finish or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock_handle = handle
         for directory in (self.path, self.checkpoints):
             for entry in os.listdir(directory):
                 if _TEMPORARY.match(entry):
