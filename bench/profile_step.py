@@ -22,7 +22,8 @@ from mindformers_sigma.context import configure_context
 from mindformers_sigma.data.synthetic import SyntheticSource
 from mindformers_sigma.training.global_batch import predicted_tokens
 from mindformers_sigma.training.metrics import flops_per_token, measure_matmul_peak
-from mindformers_sigma.training.trainer import build_train_step, capacity_planner
+from mindformers_sigma.moe.expert_plan import padding_ratio
+from mindformers_sigma.training.trainer import build_train_step, expert_planner
 
 
 class _GradOf(nn.Cell):
@@ -74,26 +75,27 @@ def main() -> int:
     tokens, domains = SyntheticSource(m.vocab_size, m.seq_length, config.moe.num_domains, m.eod_token_id, 0).read(
         0, config.train.batch_size)
     tokens_t, domains_t = Tensor(tokens), Tensor(domains)
-    planner = capacity_planner(config, step)
-    hint = Tensor(planner.capacity_hint(tokens[:, :-1], domains)) if planner else None
+    planner = expert_planner(config, step)
+    plan = planner.plan(tokens[:, :-1], domains) if planner else None
     token_total = Tensor(float(predicted_tokens(tokens, m.eod_token_id)), ms.float32)
-    step_inputs = (tokens_t, domains_t, token_total) + ((hint,) if planner else ())
+    step_inputs = (tokens_t, domains_t, token_total) + ((Tensor(plan),) if planner else ())
     input_ids = Tensor(tokens[:, :-1])
     position_ids, bias = backbone.eod_reset(input_ids)
     hidden = backbone.embedding(input_ids, position_ids)
     query_hidden = backbone.top_query_embedding(position_ids)
 
     class Layer(nn.Cell):
-        def __init__(self, layer, query):
+        def __init__(self, layer, query, sparse_index=None):
             super().__init__(auto_prefix=False)
             self.layer = layer
             self.query = query
+            self.plan = Tensor(plan[sparse_index]) if plan is not None and sparse_index is not None else None
 
         def construct(self, x):
             if self.query:
-                out = self.layer(x, bias, input_ids, domains_t, query_hidden, hint)
+                out = self.layer(x, bias, input_ids, domains_t, query_hidden, self.plan)
             else:
-                out = self.layer(x, bias, input_ids, domains_t, None, hint)
+                out = self.layer(x, bias, input_ids, domains_t, None, self.plan)
             return out[0].sum()
 
     class Head(nn.Cell):
@@ -115,8 +117,8 @@ def main() -> int:
 
     parts = {}
     dense = Layer(backbone.layers[0], False)
-    sparse = Layer(backbone.layers[m.dense_layers], False) if m.sparse_layers > 1 else None
-    query = Layer(backbone.top_query_layer, True)
+    sparse = Layer(backbone.layers[m.dense_layers], False, 0) if m.sparse_layers > 1 else None
+    query = Layer(backbone.top_query_layer, True, m.sparse_layers - 1 if m.sparse_layers else None)
     parts["embedding"] = (_GradOf(Embed(), Embed()), (input_ids,), 1)
     parts["dense_layer"] = (_GradOf(dense, dense), (hidden,), m.dense_layers)
     if sparse is not None:
@@ -127,7 +129,7 @@ def main() -> int:
     parts["optimizer_update"] = (step.apply_gradients, (grads,), 1)
 
     record = {"benchmark": "profile_step", "config": args.config, "overrides": args.set, "parts": {},
-              "expert_capacity": int(hint.shape[0]) if planner else None}
+              "expert_rows_per_token": padding_ratio(plan, tokens[:, :-1].size) if planner else None}
     total_parts = 0.0
     for name, (cell, inputs, count) in parts.items():
         seconds = _time(cell, inputs, args.repeats)

@@ -60,7 +60,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"{summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, MFU {summary.mfu:.3f} "
           f"(peak {summary.peak_flops / 1e9:.1f} GFLOP/s), {summary.compiled_graphs} graph(s) compiled in "
           f"{summary.compile_seconds:.1f}s (excluded from tokens/s), "
-          f"{summary.skipped_steps} overflow-skipped steps, {summary.dropped_assignments} dropped expert assignments"
+          f"{summary.skipped_steps} overflow-skipped steps, {summary.dropped_assignments} dropped expert assignments, "
+          f"peak RSS {summary.peak_rss_mb:,.0f} MB"
           + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
     return 0
 

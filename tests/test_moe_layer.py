@@ -158,43 +158,64 @@ def test_auxiliary_loss_is_higher_for_skewed_routing():
     assert high > 5 * low
 
 
-def test_host_planned_capacity_is_exact_and_smaller(pynative):
-    from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner, routing_tables_of
-
-    config, layer, tables = _layer(pynative)
-    hidden, tokens, domains = _inputs(config, seed=3)
-    planner = ExpertCapacityPlanner(routing_tables_of(layer), config.moe.num_experts)
-    assert [t.tolist() for t in planner.tables] == [tables[0].tolist()]
-    loads = np.bincount(tables[0][np.repeat(domains, SEQ), tokens.reshape(-1)], minlength=config.moe.num_experts)
-    assert planner.busiest_expert_load(tokens, domains) == loads.max()
-    hint = planner.capacity_hint(tokens, domains)
-    assert loads.max() <= hint.shape[0] < BATCH * SEQ  # enough for the busiest expert, smaller than "every token"
-    exact, _, dropped_none = layer(Tensor(hidden), Tensor(tokens), Tensor(domains))
-    planned, _, dropped = layer(Tensor(hidden), Tensor(tokens), Tensor(domains), Tensor(hint))
-    np.testing.assert_allclose(planned.asnumpy(), exact.asnumpy(), atol=1e-6)
-    assert int(dropped.asnumpy()) == int(dropped_none.asnumpy()) == 0
-    short = np.zeros(int(loads.max()) - 1, np.int32)
-    _, _, dropped_short = layer(Tensor(hidden), Tensor(tokens), Tensor(domains), Tensor(short))
-    assert int(dropped_short.asnumpy()) == int((loads == loads.max()).sum())  # one token lost per busiest expert
+def _uneven_batch(config, seed):
+    """An uneven domain mix: domains 1 and 3 absent, domain 0's samples all one token (a hot expert)."""
+    _, tokens, _ = _inputs(config, seed)
+    tokens = np.concatenate([tokens, np.full((3, SEQ), 7, np.int32)])
+    return tokens, np.array([2, 2, 2, 0, 0, 0], np.int32)
 
 
-def test_capacity_ladder():
-    from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner
-
-    planner = ExpertCapacityPlanner([], 16)
-    assert [planner.ladder_size(load, 2048) for load in (1, 128, 129, 256, 300, 1500, 2048)] == \
-        [128, 128, 256, 256, 512, 2048, 2048]
-    assert planner.capacity_hint(np.zeros((2, 4), np.int32), np.zeros(2, np.int32)) is None
-
-
-def test_data_parallel_ranks_agree_on_capacity(pynative):
-    from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner
+def test_expert_plan_places_every_token_once_with_its_expert(pynative):
+    from mindformers_sigma.moe.expert_plan import ExpertPlanner, padding_ratio
 
     config, _, tables = _layer(pynative)
-    planner = ExpertCapacityPlanner(tables, config.moe.num_experts)
-    _, tokens, _ = _inputs(config, seed=4)
-    tokens = np.concatenate([tokens[:2], np.full((2, SEQ), 7, np.int32)])  # rank 1: one token, one expert
-    domains = np.array([0, 1, 2, 2], np.int32)
-    shared = planner.capacity_hint(tokens, domains, shards=2).shape[0]
-    per_rank = [planner.capacity_hint(tokens[r * 2:(r + 1) * 2], domains[r * 2:(r + 1) * 2]).shape[0] for r in range(2)]
-    assert shared == max(per_rank) and per_rank[0] != per_rank[1]
+    tokens, domains = _uneven_batch(config, seed=3)
+    num_tokens = tokens.size
+    plan = ExpertPlanner(tables, config.moe.num_experts).plan(tokens, domains)
+    assert plan.dtype == np.int32 and plan.shape[0] == len(tables)
+    for table, layer_plan in zip(tables, plan):
+        experts = table[np.repeat(domains, SEQ), tokens.reshape(-1)]
+        rows = layer_plan[:, 1:]
+        placed = rows[rows < num_tokens]
+        np.testing.assert_array_equal(np.sort(placed), np.arange(num_tokens))  # each token exactly once
+        slot, _ = np.nonzero(rows < num_tokens)
+        np.testing.assert_array_equal(layer_plan[slot, 0], experts[rows[rows < num_tokens]])
+        used_slots = layer_plan[:, 0][(rows < num_tokens).any(1)]
+        assert set(used_slots) == set(experts)  # the experts of absent domains get no slot
+        assert np.bincount(used_slots).max() >= 2  # the hot expert fills several slots
+        # never more rows than one slot per active expert sized for the busiest would compute
+        loads = np.bincount(experts)
+        assert rows.size <= len(set(experts)) * (8 * -(-loads.max() // 8) + 16)
+    assert padding_ratio(plan, num_tokens) == plan.shape[1] * (plan.shape[2] - 1) / num_tokens
+
+
+def test_planned_layer_equals_in_graph_dispatch_values_and_gradients(pynative):
+    from mindformers_sigma.moe.expert_plan import ExpertPlanner
+
+    config, layer, tables = _layer(pynative)
+    hidden, _, _ = _inputs(config, seed=5)
+    tokens, domains = _uneven_batch(config, seed=5)
+    hidden = np.concatenate([hidden, hidden])
+    plan = Tensor(ExpertPlanner(tables, config.moe.num_experts).plan(tokens, domains)[0])
+    probe = np.random.default_rng(1).standard_normal(hidden.shape).astype(np.float32)
+
+    class Objective(nn.Cell):
+        def __init__(self, with_plan):
+            super().__init__()
+            self.layer = layer
+            self.with_plan = with_plan
+
+        def construct(self, x):
+            out, _, _ = self.layer(x, Tensor(tokens), Tensor(domains), plan if self.with_plan else None)
+            return (out * Tensor(probe)).sum()
+
+    weights = layer.experts.trainable_params()
+    results = []
+    for with_plan in (False, True):
+        objective = Objective(with_plan)
+        value, (input_grad, weight_grads) = ms.value_and_grad(objective, 0, weights)(Tensor(hidden))
+        results.append([value.asnumpy(), input_grad.asnumpy()] + [g.asnumpy() for g in weight_grads])
+    for in_graph, planned in zip(*results):
+        np.testing.assert_allclose(planned, in_graph, rtol=1e-5, atol=1e-6 * np.abs(in_graph).max())
+    idle = ~np.isin(np.arange(config.moe.num_experts), tables[0][domains].reshape(-1))
+    assert idle.any() and not np.abs(results[1][2][idle]).any()  # experts no token reached get zero gradient

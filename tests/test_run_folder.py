@@ -202,7 +202,7 @@ def test_resume_refuses_a_different_experiment(two_step_run, tmp_path, section, 
 
 
 def test_a_resumed_run_plans_capacity_with_the_checkpoints_routing_tables(two_step_run, tmp_path):
-    from mindformers_sigma.moe.capacity_planner import routing_tables_of
+    from mindformers_sigma.moe.expert_plan import routing_tables_of
     from mindformers_sigma.training.resume import choose_start
     from mindformers_sigma.training.trainer import build_or_restore
     from mindformers_sigma.training.training_data import open_training_data

@@ -45,13 +45,13 @@ class DecoderLayer(nn.Cell):
         self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)
         self.ffn_dropout = SeededDropout(model.dropout_rate, first_site + 2)
 
-    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, capacity_hint=None,
+    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, expert_plan=None,
                   dropout_seed=None):
         attended = self.attention(self.attention_norm(hidden), attention_bias, query_hidden, dropout_seed)
         hidden = hidden + self.attention_dropout(attended, dropout_seed).astype(hidden.dtype)
         normed = self.ffn_norm(hidden)
         if self.sparse:
-            update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids, capacity_hint)
+            update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids, expert_plan)
         else:
             update = self.ffn(normed)
             aux_loss = ops.zeros((), ms.float32)

@@ -55,21 +55,30 @@ class PanGuSigmaModel(nn.Cell):
         self.final_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
         self.top_query_embedding = LookupTable(model.seq_length, model.hidden_size, model.init_std)
         self.top_query_layer = layers[-1]
+        self.dense_layers = model.dense_layers
 
-    def construct(self, input_ids, domain_ids, capacity_hint=None, dropout_seed=None):
+    def _layer_plan(self, expert_plan, index: int):
+        """Layer ``index``'s slice of the stacked RRE plan (None for dense layers or without a plan)."""
+        if expert_plan is None or index < self.dense_layers:
+            return None
+        return expert_plan[index - self.dense_layers]
+
+    def construct(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
+        """``expert_plan`` [sparse_layers, K, C + 1]: the host's RRE dispatch (``moe/expert_plan.py``)."""
         position_ids, attention_bias = self.eod_reset(input_ids)
         hidden = self.embedding(input_ids, position_ids, dropout_seed)
         aux_loss = ops.zeros((), ms.float32)
         dropped = ops.zeros((), ms.int32)
-        for layer in self.layers:
-            hidden, layer_aux, layer_dropped = layer(hidden, attention_bias, input_ids, domain_ids, None, capacity_hint,
-                                                     dropout_seed)
+        for index, layer in enumerate(self.layers):
+            hidden, layer_aux, layer_dropped = layer(hidden, attention_bias, input_ids, domain_ids, None,
+                                                     self._layer_plan(expert_plan, index), dropout_seed)
             aux_loss += layer_aux
             dropped += layer_dropped
         hidden = self.final_norm(hidden)
         query_hidden = self.top_query_embedding(position_ids)
+        top_plan = self._layer_plan(expert_plan, len(self.layers))
         hidden, layer_aux, layer_dropped = self.top_query_layer(
-            hidden, attention_bias, input_ids, domain_ids, query_hidden, capacity_hint, dropout_seed
+            hidden, attention_bias, input_ids, domain_ids, query_hidden, top_plan, dropout_seed
         )
         return hidden, aux_loss + layer_aux, dropped + layer_dropped
 
@@ -90,19 +99,19 @@ class PanGuSigmaForCausalLM(nn.Cell):
         self.eod_token_id = config.model.eod_token_id
         self.num_domains = config.moe.num_domains
 
-    def logits(self, input_ids, domain_ids, capacity_hint=None, dropout_seed=None):
+    def logits(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
         """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
-        hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, capacity_hint, dropout_seed)
+        hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, expert_plan, dropout_seed)
         batch, seq, width = hidden.shape
         word_table = self.backbone.embedding.word.embedding_table
         logits = ops.matmul(hidden.reshape((batch * seq, width)).astype(ms.float32),
                             word_table.transpose(1, 0))
         return logits.reshape((batch, seq, -1)), aux_loss, dropped
 
-    def construct(self, tokens, domain_ids, capacity_hint=None, dropout_seed=None):
+    def construct(self, tokens, domain_ids, expert_plan=None, dropout_seed=None):
         input_ids = tokens[:, :-1]
         labels = tokens[:, 1:]
-        logits, aux_loss, dropped = self.logits(input_ids, domain_ids, capacity_hint, dropout_seed)
+        logits, aux_loss, dropped = self.logits(input_ids, domain_ids, expert_plan, dropout_seed)
         batch, seq, vocab = logits.shape
         log_probs = ops.log_softmax(logits.reshape((-1, vocab)), -1)
         token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((batch, seq))

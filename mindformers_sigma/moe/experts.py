@@ -26,9 +26,19 @@ class BatchedExperts(nn.Cell):
         self.b2 = Parameter(initializer("zeros", (num_experts, 1, hidden_size), ms.float32), name="b2")
         self.batch_matmul = ops.BatchMatMul()
 
-    def construct(self, buffers):
-        """buffers [E, C, H] -> [E, C, H]."""
+    def construct(self, buffers, slot_expert=None):
+        """buffers [E, C, H] -> [E, C, H]; or, with ``slot_expert`` [K], buffers [K, C, H] -> [K, C, H].
+
+        With ``slot_expert`` slot ``k`` is computed with expert ``slot_expert[k]``'s weights
+        (gathered, so an expert may fill several slots and an idle one none).
+        """
         dtype = self.compute_dtype
-        hidden = self.batch_matmul(buffers.astype(dtype), self.w1.astype(dtype)) + self.b1.astype(dtype)
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if slot_expert is not None:
+            w1 = ops.gather(w1, slot_expert, 0)
+            b1 = ops.gather(b1, slot_expert, 0)
+            w2 = ops.gather(w2, slot_expert, 0)
+            b2 = ops.gather(b2, slot_expert, 0)
+        hidden = self.batch_matmul(buffers.astype(dtype), w1.astype(dtype)) + b1.astype(dtype)
         hidden = fast_gelu(hidden)
-        return self.batch_matmul(hidden, self.w2.astype(dtype)) + self.b2.astype(dtype)
+        return self.batch_matmul(hidden, w2.astype(dtype)) + b2.astype(dtype)

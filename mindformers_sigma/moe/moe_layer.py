@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
@@ -9,7 +10,7 @@ from mindformers_sigma.config import MoEConfig, ModelConfig
 from mindformers_sigma.dtypes import dtype_of
 from mindformers_sigma.moe.experts import BatchedExperts
 from mindformers_sigma.moe.router import LearnedTopKRouter, RandomRoutedRouter
-from mindformers_sigma.moe.token_dispatcher import TokenDispatcher
+from mindformers_sigma.moe.token_dispatcher import TokenDispatcher, gather_planned, scatter_planned
 
 
 class MoELayer(nn.Cell):
@@ -28,15 +29,21 @@ class MoELayer(nn.Cell):
             moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std, dtype_of(model.compute_dtype)
         )
 
-    def construct(self, hidden, token_ids, domain_ids, capacity_hint=None):
+    def construct(self, hidden, token_ids, domain_ids, expert_plan=None):
         """hidden [B, S, H], token_ids [B, S], domain_ids [B] -> ([B, S, H], aux_loss, dropped).
 
-        ``capacity_hint``: optional tensor whose length is the expert buffer size (see the dispatcher).
+        ``expert_plan`` [K, C + 1] (RRE only): this layer's host-made dispatch plan
+        (``moe/expert_plan.py``); it replaces the router and the in-graph dispatch.
         """
         batch, seq, width = hidden.shape
         flat = hidden.reshape((batch * seq, width))
+        if expert_plan is not None:
+            token_rows = expert_plan[:, 1:]
+            slot_output = self.experts(gather_planned(flat, token_rows), expert_plan[:, 0])
+            output = scatter_planned(slot_output, token_rows, batch * seq)
+            return output.reshape((batch, seq, width)), ops.zeros((), ms.float32), ops.zeros((), ms.int32)
         token_domains = ops.broadcast_to(domain_ids.reshape((batch, 1)), (batch, seq)).reshape((-1,))
         expert_index, gates, aux_loss = self.router(flat, token_ids.reshape((-1,)), token_domains)
-        buffers, slots, dropped = self.dispatcher.dispatch(flat, expert_index, capacity_hint)
+        buffers, slots, dropped = self.dispatcher.dispatch(flat, expert_index)
         output = self.dispatcher.combine(self.experts(buffers), slots, gates)
         return output.reshape((batch, seq, width)), aux_loss, dropped

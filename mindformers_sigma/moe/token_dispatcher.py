@@ -10,10 +10,9 @@ come back with ``gather``.  Shapes are static, so every expert has a buffer of
 * otherwise ``capacity = ceil(capacity_factor * assignments / num_experts)``; assignments
   past an expert's capacity are dropped (their output is zero, so the residual carries the
   token), and the number dropped is returned so that training reports it;
-* or the caller passes ``capacity_hint``, a tensor whose *length* is the capacity: for RRE the
-  trainer knows every expert's load before the step (``moe/capacity_planner.py``), so the
-  buffers can be just big enough and nothing is dropped.  Each distinct length compiles
-  its own graph, which is why the planner rounds lengths up to a few sizes.
+* or, for RRE, the host has planned the dispatch before the step (``moe/expert_plan.py``):
+  :func:`gather_planned` and :func:`scatter_planned` then just move rows by the plan's token
+  indices, into slots of the plan's size; nothing is sorted or dropped in the graph.
 
 Priority is first choices before second choices, then token order, as in GShard.
 """
@@ -43,14 +42,11 @@ class TokenDispatcher(nn.Cell):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
 
-    def dispatch(self, hidden, expert_index, capacity_hint=None):
+    def dispatch(self, hidden, expert_index):
         """hidden [N, H], expert_index [N, k] -> (buffers [E, C, H], slots [N, k], dropped count)."""
         num_tokens, hidden_size = hidden.shape
         num_assignments = num_tokens * self.top_k
-        if capacity_hint is None:
-            capacity = expert_capacity(num_assignments, self.num_experts, self.capacity_factor)
-        else:
-            capacity = capacity_hint.shape[0]
+        capacity = expert_capacity(num_assignments, self.num_experts, self.capacity_factor)
         trash_slot = self.num_experts * capacity
         # Choice-major order: all first choices, then all second choices (GShard priority).
         experts = expert_index.transpose(1, 0).reshape((-1,)).astype(ms.int32)
@@ -79,3 +75,18 @@ class TokenDispatcher(nn.Cell):
         )
         picked = ops.gather(rows, slots.reshape((-1,)), 0).reshape((slots.shape[0], self.top_k, hidden_size))
         return (picked * gates.astype(picked.dtype).expand_dims(-1)).sum(1)
+
+
+def gather_planned(hidden, token_rows):
+    """hidden [N, H], token_rows [K, C] (N marks an empty row) -> slot buffers [K, C, H]."""
+    num_tokens, hidden_size = hidden.shape
+    padded = ops.concat((hidden, ops.zeros((1, hidden_size), hidden.dtype)), 0)
+    buffers = ops.gather(padded, token_rows.reshape((-1,)), 0)
+    return buffers.reshape((token_rows.shape[0], token_rows.shape[1], hidden_size))
+
+
+def scatter_planned(slot_output, token_rows, num_tokens: int):
+    """slot_output [K, C, H] -> [N, H]: each token's row back in place (empty rows are dropped)."""
+    hidden_size = slot_output.shape[-1]
+    rows = slot_output.reshape((-1, hidden_size))
+    return ops.unsorted_segment_sum(rows, token_rows.reshape((-1,)), num_tokens + 1)[:num_tokens]

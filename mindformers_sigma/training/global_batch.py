@@ -7,9 +7,10 @@ what ``G`` data-parallel ranks read).  Every rank reads the whole global batch, 
 (token ids only), so that all ranks agree, without communicating, on:
 
 * the loss normaliser: the number of predicted (non-EOD input) tokens of the global batch;
-* the expert capacity (RRE): the busiest expert of any part, so all ranks compile the same
-  graphs at the same steps;
 * each part's dropout seed, a pure function of ``(context.seed, step, k)``.
+
+Each part's RRE dispatch plan (``moe/expert_plan.py``) is made for that part alone: the
+graph declares its sizes dynamic, so ranks need not agree on them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner
+from mindformers_sigma.moe.expert_plan import ExpertPlanner
 
 
 @dataclass
@@ -33,8 +34,14 @@ class StepBatch:
     next_position: int
 
     @property
-    def shapes(self) -> tuple:
-        return tuple(None if t is None else tuple(t.shape) for inputs in self.micro_batches for t in inputs)
+    def graph_key(self) -> tuple:
+        """What decides whether a step compiles a new graph: the input shapes, except the
+        RRE plan's (input 3), whose slot and row dimensions are declared dynamic."""
+        return tuple(None if t is None else (len(t.shape) if i == PLAN_INPUT else tuple(t.shape))
+                     for inputs in self.micro_batches for i, t in enumerate(inputs))
+
+
+PLAN_INPUT = 3  # (tokens, domain_ids, token_total, expert_plan, dropout_seed)
 
 
 def dropout_seed(base_seed: int, step: int, part: int) -> int:
@@ -51,7 +58,7 @@ class GlobalBatchReader:
     """Reads each step's global batch from ``source`` and cuts out this rank's micro-batches."""
 
     def __init__(self, source, batch_size: int, data_parallel: int, rank: int, accumulation_steps: int,
-                 eod_token_id: int, planner: Optional[ExpertCapacityPlanner], base_seed: int, dropout: bool):
+                 eod_token_id: int, planner: Optional[ExpertPlanner], base_seed: int, dropout: bool):
         self.source = source
         self.batch_size = batch_size
         self.data_parallel = data_parallel
@@ -67,17 +74,14 @@ class GlobalBatchReader:
         tokens, domains = self.source.read(position, self.batch_size)
         total = predicted_tokens(tokens, self.eod_token_id)
         normaliser = Tensor(float(total), ms.float32)
-        parts = self.data_parallel * self.accumulation_steps
-        hint = None
-        if self.planner is not None:
-            hint = self.planner.capacity_hint(tokens[:, :-1], domains, parts)
         micro_batches = []
         for micro in range(self.accumulation_steps):
             part = micro * self.data_parallel + self.rank
             rows = slice(part * self.part_size, (part + 1) * self.part_size)
             inputs = [Tensor(tokens[rows]), Tensor(domains[rows]), normaliser]
-            if hint is not None or self.dropout:
-                inputs.append(None if hint is None else Tensor(hint))
+            if self.planner is not None or self.dropout:
+                plan = None if self.planner is None else self.planner.plan(tokens[rows, :-1], domains[rows])
+                inputs.append(None if plan is None else Tensor(plan))
             if self.dropout:
                 inputs.append(Tensor(dropout_seed(self.base_seed, step, part), ms.int64))
             micro_batches.append(tuple(inputs))

@@ -15,7 +15,7 @@ from mindspore import nn, ops
 
 
 class TrainingLoss(nn.Cell):
-    """(tokens, domain_ids, loss_scale, token_total, capacity_hint, dropout_seed)
+    """(tokens, domain_ids, loss_scale, token_total, expert_plan, dropout_seed)
     -> (scaled loss, nll/domain, tokens/domain, aux, dropped).
 
     The first output is what is differentiated; the rest are this micro-batch's statistics,
@@ -29,8 +29,8 @@ class TrainingLoss(nn.Cell):
         self.aux_weight = aux_loss_coef / (data_parallel * accumulation_steps)
         self.all_reduce = ops.AllReduce() if data_parallel > 1 else None
 
-    def construct(self, tokens, domain_ids, loss_scale, token_total, capacity_hint=None, dropout_seed=None):
-        nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, capacity_hint, dropout_seed)
+    def construct(self, tokens, domain_ids, loss_scale, token_total, expert_plan=None, dropout_seed=None):
+        nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, expert_plan, dropout_seed)
         loss = nll.sum() / ops.maximum(token_total, 1.0) + self.aux_weight * aux_loss  # a batch may be all EOD
         if self.all_reduce is not None:
             nll = self.all_reduce(nll)

@@ -61,8 +61,8 @@ class ForwardBackward(nn.Cell):
         self.value_and_grad = ops.value_and_grad(loss_cell, None, weights, has_aux=True)
         self.grad_reducer = nn.DistributedGradReducer(weights, mean=False) if data_parallel > 1 else None
 
-    def construct(self, tokens, domain_ids, loss_scale, token_total, capacity_hint=None, dropout_seed=None):
-        outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale, token_total, capacity_hint, dropout_seed)
+    def construct(self, tokens, domain_ids, loss_scale, token_total, expert_plan=None, dropout_seed=None):
+        outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale, token_total, expert_plan, dropout_seed)
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
         return outputs[1:], grads
@@ -96,11 +96,28 @@ class TrainOneStepCell(nn.Cell):
         self.forward_backward = forward_backward
         self.apply_gradients = apply_gradients
 
-    def construct(self, tokens, domain_ids, token_total, capacity_hint=None, dropout_seed=None):
+    def construct(self, tokens, domain_ids, token_total, expert_plan=None, dropout_seed=None):
         scale = self.apply_gradients.loss_scale.scale * 1.0
-        stats, grads = self.forward_backward(tokens, domain_ids, scale, token_total, capacity_hint, dropout_seed)
+        stats, grads = self.forward_backward(tokens, domain_ids, scale, token_total, expert_plan, dropout_seed)
         finite = self.apply_gradients(grads)
         return stats + (finite, scale)
+
+
+def declare_dynamic_plan(step_cell: TrainOneStepCell, rows: int, seq_length: int, sparse_layers: int,
+                         dropout: bool) -> None:
+    """Declare the RRE plan's slot and row counts dynamic, so one graph serves every batch.
+
+    Without this every new plan size would compile a graph (15-70 s each), and each compiled
+    graph keeps its own memory.  Both entry points are declared: the fused step and the
+    forward/backward that gradient accumulation calls on its own.
+    """
+    tokens = Tensor(shape=[rows, seq_length + 1], dtype=ms.int32)
+    domains = Tensor(shape=[rows], dtype=ms.int32)
+    scalar = Tensor(shape=[], dtype=ms.float32)
+    plan = Tensor(shape=[sparse_layers, None, None], dtype=ms.int32)
+    seed = (Tensor(shape=[], dtype=ms.int64),) if dropout else ()
+    step_cell.set_inputs(tokens, domains, scalar, plan, *seed)
+    step_cell.forward_backward.set_inputs(tokens, domains, scalar, scalar, plan, *seed)
 
 
 @dataclass

@@ -11,6 +11,7 @@ their own modules: ``resume`` (which checkpoint, same experiment?), ``run_folder
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -20,7 +21,7 @@ from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
-from mindformers_sigma.moe.capacity_planner import ExpertCapacityPlanner, routing_tables_of
+from mindformers_sigma.moe.expert_plan import ExpertPlanner, routing_tables_of
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import GlobalBatchReader
 from mindformers_sigma.training.interrupts import stop_requests
@@ -34,7 +35,7 @@ from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_expe
                                                restore)
 from mindformers_sigma.training.run_folder import RunFolder
 from mindformers_sigma.training.train_step import (ApplyGradients, DynamicLossScale, ForwardBackward,
-                                                   TrainOneStepCell, run_step)
+                                                   TrainOneStepCell, declare_dynamic_plan, run_step)
 from mindformers_sigma.training.training_data import TrainingData, open_training_data
 
 
@@ -52,6 +53,7 @@ class TrainSummary:
     skipped_steps: int
     resumed_from: Optional[int]
     checkpoint: Optional[str]
+    peak_rss_mb: float
 
 
 def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_parallel: int) -> TrainOneStepCell:
@@ -69,6 +71,11 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_
     return TrainOneStepCell(forward_backward, apply_gradients)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (on CPU the model's memory is host memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def aux_loss_coef(config: SigmaConfig) -> float:
     """Weight of the load-balancing loss: learned routers only (RRE has nothing to balance)."""
     return config.moe.aux_loss_coef if config.moe.router != "rre" else 0.0
@@ -82,11 +89,11 @@ def checkpointed_parameters(step_cell: TrainOneStepCell) -> dict:
     return {name: param for name, param in step_cell.parameters_dict().items() if name not in NOT_CHECKPOINTED}
 
 
-def capacity_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Optional[ExpertCapacityPlanner]:
-    """Exact, host-sized expert buffers for RRE unless the config caps capacity itself."""
+def expert_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Optional[ExpertPlanner]:
+    """Host-planned, dropless RRE dispatch unless the config caps capacity itself."""
     if config.moe.router != "rre" or config.moe.capacity_factor is not None or config.model.sparse_layers == 0:
         return None
-    return ExpertCapacityPlanner(routing_tables_of(step_cell), config.moe.num_experts)
+    return ExpertPlanner(routing_tables_of(step_cell), config.moe.num_experts)
 
 
 def print_now(line: str) -> None:
@@ -96,18 +103,23 @@ def print_now(line: str) -> None:
 
 def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int,
                      info: Optional[ckpt.CheckpointInfo], allow_config_change: bool,
-                     say: Callable[[str], None]) -> Tuple[TrainOneStepCell, Optional[ExpertCapacityPlanner]]:
-    """The train step, with the checkpoint's state when resuming, and its capacity planner.
+                     say: Callable[[str], None]) -> Tuple[TrainOneStepCell, Optional[ExpertPlanner]]:
+    """The train step, with the checkpoint's state when resuming, and its RRE dispatch planner.
 
     The planner reads the routing tables from the built (and restored) cell, so a resumed run
-    plans expert capacity with the tables it really routes with, not the config's.
+    plans dispatch with the tables it really routes with, not the config's.
     """
     step_cell = build_train_step(config, data.token_frequency, data_parallel)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
         restore(step_cell, info, NOT_CHECKPOINTED)
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
-    return step_cell, capacity_planner(config, step_cell)
+    planner = expert_planner(config, step_cell)
+    if planner is not None:
+        rows = config.train.batch_size // (data_parallel * config.train.grad_accumulation_steps)
+        declare_dynamic_plan(step_cell, rows, config.model.seq_length, config.model.sparse_layers,
+                             config.model.dropout_rate > 0)
+    return step_cell, planner
 
 
 def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[str] = None,
@@ -167,7 +179,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
         f"{model.seq_length} tokens on {parallel.group_size} worker(s); {flops_token / 1e6:.1f} MFLOP/token, "
         f"peak {peak / 1e9:.1f} GFLOP/s per worker")
 
-    # Steps that meet a new input shape (the first, or a new expert capacity) compile a graph;
+    # Steps that meet a new input shape (in practice only the first) compile a graph;
     # their time is reported as compile time, not as throughput.
     losses, run_seconds, compile_seconds, compiled_shapes = [], [], [], set()
     dropped_total, skipped, saved = 0, 0, None
@@ -176,8 +188,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             stop.arm()  # again each step: MindSpore replaces the handlers while a graph runs
             batch = reader.read(step, position)
             position = batch.next_position
-            compiling = batch.shapes not in compiled_shapes
-            compiled_shapes.add(batch.shapes)
+            compiling = batch.graph_key not in compiled_shapes
+            compiled_shapes.add(batch.graph_key)
             started = time.perf_counter()
             result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
             (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
@@ -224,7 +236,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
         tokens_per_second=tokens_per_second, mfu=tokens_per_second * flops_token / (peak * parallel.group_size),
         peak_flops=peak, compile_seconds=float(np.sum(compile_seconds)), compiled_graphs=len(compiled_shapes),
         dropped_assignments=dropped_total,
-        skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved)
+        skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved,
+        peak_rss_mb=peak_rss_mb())
     if folder and parallel.is_main and plot_losses(folder.metrics, folder.loss_plot):
         say(f"loss curve: {folder.loss_plot}")
     return summary

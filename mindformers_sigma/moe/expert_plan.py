@@ -1,0 +1,100 @@
+"""Host-side dispatch plans for RRE: which token fills which row of which expert slot.
+
+RRE routing is a pure function of (domain id, token id), so the host knows, before the step,
+every token's expert in every sparse layer.  Instead of one ``[E, C, H]`` buffer sized for the
+busiest expert (which computes 2-4x the real rows when a batch's domain mix is uneven and
+leaves the experts of absent domains idle), the host cuts each *active* expert's tokens into
+slots of ``C`` rows; a busy expert takes several slots, an absent one none.  The plan of one
+sparse layer is a ``[K, C + 1]`` int32 array:
+
+* column 0: the expert whose weights slot ``k`` uses;
+* columns 1..C: the (flattened ``[B*S]``) index of the token in each row, or ``B*S`` for an
+  empty row (the model gathers a zero row there and scatters its output nowhere).
+
+A step's plans are stacked to ``[L, K, C + 1]`` (unused slots of a layer are all-empty), and
+``K`` and ``C`` change from batch to batch: the training graph declares both dimensions
+dynamic, so it compiles once whatever the batch.  ``C`` is chosen per batch to minimise the
+rows computed plus a per-slot cost (the slot's weight gather), so padding stays near 1.
+The plan is a pure function of the batch, so a resumed run plans alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+from mindspore import nn
+
+from mindformers_sigma.moe.router import RandomRoutedRouter
+
+# What one slot's weight gather (and its gradient's scatter) costs, in rows of expert compute.
+SLOT_COST_ROWS = 16
+ROW_ALIGN = 8
+
+
+def routing_tables_of(network: nn.Cell) -> List[np.ndarray]:
+    """The RRE tables of a built model, in layer order (empty for learned routers)."""
+    return [cell.routing_table.asnumpy() for _, cell in network.cells_and_names()
+            if isinstance(cell, RandomRoutedRouter)]
+
+
+def _slots_needed(loads: np.ndarray, rows: int) -> int:
+    return int(np.sum(-(-loads // rows)))
+
+
+def slot_rows(layer_loads: List[np.ndarray]) -> int:
+    """Rows per slot that minimise ``K * (C + SLOT_COST_ROWS)`` over the step's layers.
+
+    Candidates are each active expert's load divided into 1-4 equal slots, rounded up to a
+    multiple of 8; ``K`` is the largest slot count of any layer (the stacked plan's height).
+    """
+    active = np.concatenate([loads[loads > 0] for loads in layer_loads])
+    if active.size == 0:
+        return ROW_ALIGN
+    candidates = {ROW_ALIGN * math.ceil(load / parts / ROW_ALIGN) for load in active.tolist() for parts in (1, 2, 3, 4)}
+
+    def cost(rows: int) -> int:
+        return max(_slots_needed(loads, rows) for loads in layer_loads) * (rows + SLOT_COST_ROWS)
+
+    return min(sorted(candidates), key=cost)
+
+
+class ExpertPlanner:
+    """Dispatch plans for the RRE layers of a model, from its routing tables."""
+
+    def __init__(self, routing_tables: List[np.ndarray], num_experts: int):
+        self.tables = routing_tables
+        self.num_experts = num_experts
+
+    def token_experts(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> List[np.ndarray]:
+        """Each layer's expert of every token, flattened ``[B*S]``."""
+        token_domains = np.repeat(domain_ids, input_ids.shape[1])
+        flat = input_ids.reshape(-1)
+        return [table[token_domains, flat] for table in self.tables]
+
+    def plan(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> np.ndarray:
+        """input_ids [B, S], domain_ids [B] -> the stacked plan ``[L, K, C + 1]`` int32."""
+        num_tokens = input_ids.size
+        experts = self.token_experts(input_ids, domain_ids)
+        loads = [np.bincount(e, minlength=self.num_experts) for e in experts]
+        rows = slot_rows(loads)
+        height = max(1, max(_slots_needed(layer, rows) for layer in loads))
+        plan = np.full((len(experts), height, rows + 1), num_tokens, dtype=np.int32)
+        plan[:, :, 0] = 0
+        for layer, (token_expert, layer_loads) in enumerate(zip(experts, loads)):
+            order = np.argsort(token_expert, kind="stable")
+            slot_of_expert = np.repeat(np.arange(self.num_experts), -(-layer_loads // rows))
+            plan[layer, :slot_of_expert.size, 0] = slot_of_expert
+            # Token j of expert e (in token order) goes to that expert's slot j // C, row j % C.
+            first = np.cumsum(layer_loads) - layer_loads
+            rank = np.arange(num_tokens) - np.repeat(first, layer_loads)
+            first_slot = np.cumsum(-(-layer_loads // rows)) - (-(-layer_loads // rows))
+            sorted_experts = token_expert[order]
+            plan[layer, first_slot[sorted_experts] + rank // rows, 1 + rank % rows] = order
+        return plan
+
+
+def padding_ratio(plan: np.ndarray, num_tokens: int) -> float:
+    """Expert rows computed per real token (1.0 = no padding), averaged over the layers."""
+    return plan.shape[1] * (plan.shape[2] - 1) / num_tokens
