@@ -42,7 +42,7 @@ class LayerObjective(nn.Cell):
 
 
 def build_variant(config, router: str, capacity_factor, probe: Tensor):
-    moe = [f"moe.router={router}", f"moe.capacity_factor={capacity_factor}"]
+    moe = [f"moe.router={router}", f"moe.capacity_factor={'null' if capacity_factor is None else capacity_factor}"]
     variant = apply_overrides(config, moe)
     table = build_routing_tables(variant)[0] if router == "rre" else None
     layer = MoELayer(variant.model, variant.moe, table)
