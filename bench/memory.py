@@ -5,8 +5,8 @@ Usage: python bench/memory.py --config ascend_configs/bench_t4_cpu.yaml --out be
 Every case runs in a fresh process (peak RSS only grows), three steps of forward + backward
 + update in GRAPH mode.  Layer cases take the config's shapes (hidden, FFN, experts) for a
 dense FFN, the RRE layer (host-planned) and learned top-1/top-2 layers (capacity factor
-1.25), at 512..4096 tokens per step; ``growth_mb`` is the peak minus the RSS before the first
-step (weights and optimizer state included).  Whole-config cases train ``--train-steps``
+1.25), at 512..4096 tokens per step; ``growth_mb`` is the peak minus the peak RSS before the
+first step (weights and optimizer state included).  Whole-config cases train ``--train-steps``
 steps through the trainer and report its peak RSS.
 """
 

@@ -39,8 +39,12 @@ def routing_tables_of(network: nn.Cell) -> List[np.ndarray]:
             if isinstance(cell, RandomRoutedRouter)]
 
 
+def _slots_per_expert(loads: np.ndarray, rows: int) -> np.ndarray:
+    return -(-loads // rows)
+
+
 def _slots_needed(loads: np.ndarray, rows: int) -> int:
-    return int(np.sum(-(-loads // rows)))
+    return int(np.sum(_slots_per_expert(loads, rows)))
 
 
 def slot_rows(layer_loads: List[np.ndarray]) -> int:
@@ -83,18 +87,16 @@ class ExpertPlanner:
         plan = np.full((len(experts), height, rows + 1), num_tokens, dtype=np.int32)
         plan[:, :, 0] = 0
         for layer, (token_expert, layer_loads) in enumerate(zip(experts, loads)):
-            order = np.argsort(token_expert, kind="stable")
-            slot_of_expert = np.repeat(np.arange(self.num_experts), -(-layer_loads // rows))
-            plan[layer, :slot_of_expert.size, 0] = slot_of_expert
+            slots = _slots_per_expert(layer_loads, rows)
+            plan[layer, :slots.sum(), 0] = np.repeat(np.arange(self.num_experts), slots)
             # Token j of expert e (in token order) goes to that expert's slot j // C, row j % C.
-            first = np.cumsum(layer_loads) - layer_loads
-            rank = np.arange(num_tokens) - np.repeat(first, layer_loads)
-            first_slot = np.cumsum(-(-layer_loads // rows)) - (-(-layer_loads // rows))
-            sorted_experts = token_expert[order]
-            plan[layer, first_slot[sorted_experts] + rank // rows, 1 + rank % rows] = order
+            order = np.argsort(token_expert, kind="stable")
+            rank = np.arange(num_tokens) - np.repeat(np.cumsum(layer_loads) - layer_loads, layer_loads)
+            first_slot = np.cumsum(slots) - slots
+            plan[layer, first_slot[token_expert[order]] + rank // rows, 1 + rank % rows] = order
         return plan
 
 
 def padding_ratio(plan: np.ndarray, num_tokens: int) -> float:
-    """Expert rows computed per real token (1.0 = no padding), averaged over the layers."""
+    """Expert rows each sparse layer computes per real token (1.0 = no padding)."""
     return plan.shape[1] * (plan.shape[2] - 1) / num_tokens

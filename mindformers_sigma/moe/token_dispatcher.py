@@ -79,7 +79,7 @@ class TokenDispatcher(nn.Cell):
 
 def gather_planned(hidden, token_rows):
     """hidden [N, H], token_rows [K, C] (N marks an empty row) -> slot buffers [K, C, H]."""
-    num_tokens, hidden_size = hidden.shape
+    hidden_size = hidden.shape[1]
     padded = ops.concat((hidden, ops.zeros((1, hidden_size), hidden.dtype)), 0)
     buffers = ops.gather(padded, token_rows.reshape((-1,)), 0)
     return buffers.reshape((token_rows.shape[0], token_rows.shape[1], hidden_size))

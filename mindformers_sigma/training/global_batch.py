@@ -25,6 +25,9 @@ from mindspore import Tensor
 from mindformers_sigma.moe.expert_plan import ExpertPlanner
 
 
+PLAN_INPUT = 3  # (tokens, domain_ids, token_total, expert_plan, dropout_seed)
+
+
 @dataclass
 class StepBatch:
     """This rank's micro-batch inputs for one step, and where the next step reads."""
@@ -40,8 +43,6 @@ class StepBatch:
         return tuple(None if t is None else (len(t.shape) if i == PLAN_INPUT else tuple(t.shape))
                      for inputs in self.micro_batches for i, t in enumerate(inputs))
 
-
-PLAN_INPUT = 3  # (tokens, domain_ids, token_total, expert_plan, dropout_seed)
 
 
 def dropout_seed(base_seed: int, step: int, part: int) -> int:
@@ -80,7 +81,7 @@ class GlobalBatchReader:
             rows = slice(part * self.part_size, (part + 1) * self.part_size)
             inputs = [Tensor(tokens[rows]), Tensor(domains[rows]), normaliser]
             if self.planner is not None or self.dropout:
-                plan = None if self.planner is None else self.planner.plan(tokens[rows, :-1], domains[rows])
+                plan = self.planner.plan(tokens[rows, :-1], domains[rows]) if self.planner is not None else None
                 inputs.append(None if plan is None else Tensor(plan))
             if self.dropout:
                 inputs.append(Tensor(dropout_seed(self.base_seed, step, part), ms.int64))

@@ -181,15 +181,15 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
 
     # Steps that meet a new input shape (in practice only the first) compile a graph;
     # their time is reported as compile time, not as throughput.
-    losses, run_seconds, compile_seconds, compiled_shapes = [], [], [], set()
+    losses, run_seconds, compile_seconds, compiled_graph_keys = [], [], [], set()
     dropped_total, skipped, saved = 0, 0, None
     with stop_requests() as stop:
         for step in range(start_step, train_cfg.steps):
             stop.arm()  # again each step: MindSpore replaces the handlers while a graph runs
             batch = reader.read(step, position)
             position = batch.next_position
-            compiling = batch.graph_key not in compiled_shapes
-            compiled_shapes.add(batch.graph_key)
+            compiling = batch.graph_key not in compiled_graph_keys
+            compiled_graph_keys.add(batch.graph_key)
             started = time.perf_counter()
             result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
             (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
@@ -234,7 +234,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     summary = TrainSummary(
         steps=train_cfg.steps, first_loss=losses[0], final_loss=float(np.mean(losses[-tail:])),
         tokens_per_second=tokens_per_second, mfu=tokens_per_second * flops_token / (peak * parallel.group_size),
-        peak_flops=peak, compile_seconds=float(np.sum(compile_seconds)), compiled_graphs=len(compiled_shapes),
+        peak_flops=peak, compile_seconds=float(np.sum(compile_seconds)), compiled_graphs=len(compiled_graph_keys),
         dropped_assignments=dropped_total,
         skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved,
         peak_rss_mb=peak_rss_mb())
