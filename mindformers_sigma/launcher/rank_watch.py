@@ -10,6 +10,7 @@ line msrun logs for it.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -17,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mindformers_sigma.launcher.processes import ProcessInfo, environment, exit_code
+from mindformers_sigma.launcher.processes import ProcessInfo, environment, exit_code, process_table
 
-_NAMING_WAIT_SECONDS = 3.0
+_NAMING_WAIT_SECONDS = 8.0  # at most; once msrun has exited, every child it had is known
 _MSRUN_WORKER_FAILED = re.compile(rb"Worker process (\d+) exit with exception\. Error code: (-?\d+)\.")
 _MSRUN_SCHEDULER_FAILED = re.compile(rb"Scheduler process (\d+) exit with exception\.")
 
@@ -40,7 +41,7 @@ def describe_exit(what: str, code: Optional[int], log: str) -> str:
 class RankProcess:
     pid: int
     start_time: int
-    role: str  # "rank", "scheduler" (msrun's) or "unknown" (died before it could be recognised)
+    role: str  # "rank", "scheduler" (msrun's), "helper" (msrun's own later child, not a rank) or "unknown"
     rank: Optional[int]
     log: str
     exit_code: Optional[int] = None
@@ -132,12 +133,19 @@ class MsrunRanks:
             return  # not exec'd yet (it still shows msrun's environment): look again next time
         self._seen.add((info.pid, info.start_time))
 
+    def _recognise_children(self, table: Dict[int, ProcessInfo], parents: Sequence[int]) -> None:
+        for info in table.values():
+            if info.ppid in parents and info.pid != self.msrun.pid and (info.pid, info.start_time) not in self._seen:
+                self._recognise(info)
+
     def update(self, table: Dict[int, ProcessInfo]) -> None:
         if self.msrun_code is None:
-            for info in table.values():
-                if info.ppid == self.msrun.pid and (info.pid, info.start_time) not in self._seen:
-                    self._recognise(info)
+            self._recognise_children(table, (self.msrun.pid,))
             self.msrun_code = self.msrun.poll()
+            if self.msrun_code is not None:
+                # The children msrun left (zombies it never reaped) were re-parented to the launcher, a
+                # subreaper, when it exited: look at them once, before the launcher reaps them.
+                self._recognise_children(process_table(), (self.msrun.pid, os.getpid()))
         logged = None
         for process in self.processes:
             if process.ended:
@@ -173,9 +181,14 @@ class MsrunRanks:
                 process.role, process.log = "scheduler", self._scheduler_log
         if not any(p.role == "unknown" and p.rank is None for p in self.processes):
             return True
+        expected = len(self._local_ranks) + int(self._expects_scheduler)
         children = sorted(self.processes, key=lambda p: p.pid)
-        if len(children) != len(self._local_ranks) + int(self._expects_scheduler):
+        if len(children) < expected:
             return False  # some child not seen yet
+        for later in children[expected:]:  # started after every rank: msrun's `grep` of the scheduler log
+            if later.role == "unknown":
+                later.role = "helper"
+        children = children[:expected]
         if self._expects_scheduler and not self._known("scheduler"):
             if children[0].role != "unknown":
                 return False
@@ -187,7 +200,7 @@ class MsrunRanks:
         return True
 
     def failures(self) -> List[str]:
-        failed = [p for p in self.processes if p.ended and p.exit_code != 0]
+        failed = [p for p in self.processes if p.ended and p.exit_code != 0 and p.role != "helper"]
         if failed or self.msrun_code not in (None, 0):
             # msrun logs the first rank it finds failed, then SIGKILLs the others: once it has logged,
             # its line names the cause (even a rank that died before we could see it), not its kills.
@@ -198,12 +211,14 @@ class MsrunRanks:
                     self.processes.append(RankProcess(pid, 0, "unknown", None, "", code, True))
                 elif not known[pid].ended:
                     known[pid].end(code)
-            if codes:
-                failed = [p for p in self.processes if p.pid in codes]
+            for pid in scheduler_pids - set(known):  # reaped by msrun before we saw it
+                self.processes.append(RankProcess(pid, 0, "scheduler", None, self._scheduler_log, None, True))
             self._first_failure_at = self._first_failure_at or time.monotonic()
-            if not self._name_unknown(scheduler_pids) and \
+            if not self._name_unknown(scheduler_pids) and self.msrun_code is None and \
                     time.monotonic() - self._first_failure_at < _NAMING_WAIT_SECONDS:
                 return []  # the other ranks are still starting: wait a moment to tell which rank this was
+            failed = [p for p in self.processes if p.pid in codes] if codes else \
+                [p for p in failed if p.role != "helper"]
         if not failed and self.msrun_code not in (None, 0):
             return [describe_exit("msrun", self.msrun_code, self._msrun_log)]
         return [p.describe() for p in by_rank(failed)]
