@@ -120,6 +120,7 @@ def cases() -> List[Case]:
     labels = Tensor(np.random.default_rng(2).integers(0, VOCAB, (TOKENS, 1)).astype(np.int32))
     buffers, w1, w2 = _rand(EXPERTS, CAPACITY, HIDDEN), _rand(EXPERTS, HIDDEN, FFN, scale=0.02), \
         _rand(EXPERTS, FFN, HIDDEN, scale=0.02)
+    expert_grad = _rand(EXPERTS, FFN, HIDDEN)
     slots, slot_token = _dispatch_inputs()
     zero_row = Tensor(np.zeros((1, HIDDEN), np.float32))
     batch_matmul = ops.BatchMatMul()
@@ -171,6 +172,24 @@ def cases() -> List[Case]:
     def experts_loop(b, a, c):
         return ops.stack([ops.matmul(ops.fast_gelu(ops.matmul(b[e], a[e])), c[e]) for e in range(EXPERTS)])
 
+    def sum_of_squares_all_axes(g):
+        return (g * g).sum()
+
+    def sum_of_squares_last_axis_first(g):
+        return (g * g).reshape((-1, g.shape[-1])).sum(1).sum()
+
+    def finite_all(g):
+        return ops.isfinite(g).all().astype(ms.float32)
+
+    def finite_of_sum_of_squares(g):
+        return ops.isfinite(sum_of_squares_last_axis_first(g)).astype(ms.float32)
+
+    def unscale_divide(g):
+        return g / 1024.0
+
+    def unscale_multiply(g):
+        return g * (1.0 / 1024.0)
+
     def dispatch_segment_sum(h):
         return ops.unsorted_segment_sum(h, slots, EXPERTS * CAPACITY + 1)[:EXPERTS * CAPACITY]
 
@@ -207,6 +226,17 @@ def cases() -> List[Case]:
         Case("token NLL [2048,8000]", "SparseSoftmaxCrossEntropyWithLogits (mean)", nll_sparse_ce, (logits,)),
         Case("experts [16,256,256]->1024->256", "BatchMatMul", experts_batched, (buffers, w1, w2), baseline=True),
         Case("experts [16,256,256]->1024->256", "loop of 16 matmuls", experts_loop, (buffers, w1, w2)),
+        Case("gradient sum of squares [16,1024,256]", "(g * g).sum() over all axes", sum_of_squares_all_axes,
+             (expert_grad,), baseline=True, backward=False),
+        Case("gradient sum of squares [16,1024,256]", "last axis first, then the rest",
+             sum_of_squares_last_axis_first, (expert_grad,), backward=False),
+        Case("gradient finiteness [16,1024,256]", "isfinite(g).all()", finite_all, (expert_grad,), baseline=True,
+             backward=False),
+        Case("gradient finiteness [16,1024,256]", "isfinite(sum of squares)", finite_of_sum_of_squares,
+             (expert_grad,), backward=False),
+        Case("gradient unscale [16,1024,256]", "g / scale", unscale_divide, (expert_grad,), baseline=True,
+             backward=False),
+        Case("gradient unscale [16,1024,256]", "g * (1 / scale)", unscale_multiply, (expert_grad,), backward=False),
         Case("dispatch 2048 tokens -> [16x256, 256]", "unsorted_segment_sum", dispatch_segment_sum, (x_hidden,),
              baseline=True),
         Case("dispatch 2048 tokens -> [16x256, 256]", "gather by slot -> token", dispatch_gather, (x_hidden,)),

@@ -2,14 +2,20 @@
 
 Usage: python bench/profile_step.py --config ascend_configs/bench_t1_cpu.yaml --out bench/results/profile_t1.json
 Parts: embedding, one dense layer, one sparse (RRE) layer, the top query layer, the tied head
-with the loss, and the optimizer update; plus the whole fused step for comparison.
+with the loss, and the optimizer update; plus the whole fused step for comparison, and the
+whole step's kernel time by op type (MindSpore's CPU profiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import os
 import sys
+import tempfile
 import time
+from typing import List
 
 import mindspore as ms
 import numpy as np
@@ -57,6 +63,25 @@ def _time(cell, inputs, repeats):
         out = cell(*inputs)
     _wait(out)
     return (time.perf_counter() - start) / repeats
+
+
+def op_type_profile(cell: nn.Cell, inputs, repeats: int) -> List[dict]:
+    """MindSpore's CPU profiler over ``repeats`` calls of the whole step: milliseconds per step and
+    share of all kernel time for each op type, largest first."""
+    with tempfile.TemporaryDirectory() as folder:
+        profiler = ms.Profiler(output_path=folder)
+        for _ in range(repeats):
+            out = cell(*inputs)
+        _wait(out)
+        profiler.analyse()
+        (table,) = glob.glob(os.path.join(folder, "**", "cpu_op_type_info_*.csv"), recursive=True)
+        with open(table, encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    total = sum(float(row["total_compute_time"]) for row in rows)
+    found = [{"op_type": row["op_type"], "ms_per_step": float(row["total_compute_time"]) / repeats,
+              "calls_per_step": int(row["execution_frequency(per-step)"]),
+              "share": float(row["total_compute_time"]) / total} for row in rows]
+    return sorted(found, key=lambda row: -row["share"])
 
 
 def main() -> int:
@@ -142,6 +167,7 @@ def main() -> int:
                   peak_flops=peak, mfu=tokens_per_second * flops_per_token(config) / peak)
     for part in record["parts"].values():
         part["share_of_sum"] = part["seconds_total"] / total_parts
+    record["op_types"] = op_type_profile(step, step_inputs, args.repeats)
     write_record(args.out, record)
     return 0
 

@@ -19,7 +19,7 @@ from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import predicted_tokens
 from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
-from mindformers_sigma.training.train_step import run_step
+from mindformers_sigma.training.train_step import run_step, unscale_and_clip
 from mindformers_sigma.training.trainer import build_train_step
 
 from conftest import EOD, REAL_VOCAB, REPO, assert_close_to_scale, micro_config, real_batch, tiny_raw
@@ -92,6 +92,38 @@ def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
         assert bool(out[4].asnumpy())
     assert float(step.apply_gradients.loss_scale.scale.asnumpy()) == 1024.0
     assert any(not np.array_equal(w.asnumpy(), b) for w, b in zip(weights, before))
+
+
+class _UnscaleAndClip(nn.Cell):
+    def __init__(self, clip_norm):
+        super().__init__()
+        self.clip_norm = clip_norm
+
+    def construct(self, grads, inverse_scale):
+        return unscale_and_clip(grads, inverse_scale, self.clip_norm)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_unscale_and_clip_matches_numpy_and_flags_inf_and_nan(mode):
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(3)
+    scale = 1024.0
+    grads = [rng.standard_normal(shape).astype(np.float32) * scale for shape in ((4, 8, 16), (8, 16), (16,))]
+    true = [g.astype(np.float64) / scale for g in grads]
+    norm = np.sqrt(sum(float((t * t).sum()) for t in true))
+    for clip in (0.0, norm / 3, norm * 2):  # off, binding, not binding
+        out, finite = _UnscaleAndClip(clip)(tuple(Tensor(g) for g in grads), Tensor(1.0 / scale, ms.float32))
+        factor = min(1.0, clip / norm) if clip else 1.0
+        assert bool(finite.asnumpy())
+        for got, want in zip(out, true):
+            # float32 rounding of the scaled values, the product and the norm's sum: a few eps.
+            np.testing.assert_allclose(got.asnumpy(), want * factor, rtol=1e-5, atol=0)
+    for poison in (np.inf, -np.inf, np.nan):
+        bad = [g.copy() for g in grads]
+        bad[1][3, 5] = poison
+        _, finite = _UnscaleAndClip(1.0)(tuple(Tensor(g) for g in bad), Tensor(1.0 / scale, ms.float32))
+        assert not bool(finite.asnumpy()), poison
+    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def test_overflowing_loss_scale_is_skipped_then_recovers(pynative):

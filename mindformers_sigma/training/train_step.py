@@ -17,12 +17,41 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from mindformers_sigma.config import TrainConfig
 
-_unscale = ops.MultitypeFuncGraph("unscale")
+_hyper_map = ops.HyperMap()
+_scale_by = ops.MultitypeFuncGraph("scale_by")
+_sum_of_squares = ops.MultitypeFuncGraph("sum_of_squares")
 
 
-@_unscale.register("Tensor", "Tensor")
-def _unscale_grad(inverse_scale, grad):
-    return grad * ops.cast(inverse_scale, grad.dtype)
+@_scale_by.register("Tensor", "Tensor")
+def _scale_grad(factor, grad):
+    return grad * ops.cast(factor, grad.dtype)
+
+
+@_sum_of_squares.register("Tensor")
+def _grad_sum_of_squares(grad):
+    """Reduced along the last axis first: on CPU that is 4-7x faster than one all-axes ReduceSum
+    (2.0 against 17.6 ms for a [16, 1024, 256] expert gradient, bench/kernels.py)."""
+    squared = ops.square(grad.astype(ms.float32))
+    if squared.ndim > 1:
+        squared = squared.reshape((-1, squared.shape[-1])).sum(1)
+    return squared.sum()
+
+
+def unscale_and_clip(grads, inverse_scale, clip_norm: float):
+    """Unscaled gradients, clipped to global norm ``clip_norm`` (0: no clipping), and whether all are finite.
+
+    One sum of squares per gradient serves both the finiteness check and the norm, and the
+    unscale and the clip are one multiplication: an inf or nan anywhere makes the sum non-finite.
+    So does a finite gradient whose squared norm overflows float32 (above 1.8e19): it is skipped
+    like an overflow, and a dynamic loss scale lowers the scale.
+    """
+    squares = ops.stack(_hyper_map(_sum_of_squares, grads)).sum()
+    finite = ops.isfinite(squares)
+    factor = inverse_scale
+    if clip_norm > 0:
+        norm = ops.sqrt(squares) * inverse_scale
+        factor = inverse_scale * clip_norm / ops.maximum(norm, clip_norm)
+    return _hyper_map(ops.partial(_scale_by, factor), grads), finite
 
 
 class DynamicLossScale(nn.Cell):
@@ -76,13 +105,9 @@ class ApplyGradients(nn.Cell):
         self.optimizer = optimizer
         self.loss_scale = loss_scale
         self.grad_clip_norm = grad_clip_norm
-        self.hyper_map = ops.HyperMap()
 
     def construct(self, grads):
-        grads = self.hyper_map(ops.partial(_unscale, 1.0 / self.loss_scale.scale), grads)
-        finite = ops.stack([ops.isfinite(grad).all() for grad in grads]).all()
-        if self.grad_clip_norm > 0:
-            grads = ops.clip_by_global_norm(grads, self.grad_clip_norm)
+        grads, finite = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm)
         if finite:
             self.optimizer(grads)
         return self.loss_scale.update(finite)
