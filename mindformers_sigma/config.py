@@ -242,6 +242,22 @@ class DataConfig:
 
 
 @dataclass
+class EcssConfig:
+    """Expert Computation and Storage Separation: every expert's weights and AdamW moments live on
+    the host; each sparse layer's device copy is a slab of ``slab_experts`` slots into which the
+    host loads the experts the step activates, and the host updates them (``ecss/``)."""
+
+    enabled: bool = False
+    slab_experts: int = 0  # 0: the most experts a step can activate (see ecss.slab.smallest_safe_slab)
+    # ram: numpy arrays; mmap: memory-mapped files under OUT/ecss_store, for stores larger than RAM
+    host_store: Literal["ram", "mmap"] = "ram"
+
+    def validate(self) -> None:
+        _require(self.slab_experts >= 0, "ecss.slab_experts", self.slab_experts,
+                 "must be >= 0 (0: the most experts one step can activate)")
+
+
+@dataclass
 class SigmaConfig:
     """The whole run: one object per YAML section."""
 
@@ -251,6 +267,7 @@ class SigmaConfig:
     context: ContextConfig = field(default_factory=ContextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ecss: EcssConfig = field(default_factory=EcssConfig)
     source: str = "<config>"
 
     def validate(self) -> None:
@@ -273,14 +290,28 @@ class SigmaConfig:
             self.train.batch_size % per_step == 0, "train.batch_size", self.train.batch_size,
             f"(the global batch) must be divisible by data_parallel * grad_accumulation_steps ({per_step})",
         )
+        if self.ecss.enabled:
+            self._validate_ecss()
         _require(
             not (self.parallel.mode == "semi_auto_parallel" and self.context.device_target == "CPU"),
             "parallel.mode", self.parallel.mode,
             "MindSpore refuses semi_auto_parallel on CPU; use stand_alone or data_parallel there",
         )
 
+    def _validate_ecss(self) -> None:
+        _require(self.moe.router == "rre", "ecss.enabled", True,
+                 f"needs moe.router: rre: the host must know each step's experts before the step, and a "
+                 f"learned router ({self.moe.router}) only chooses them inside it")
+        _require(self.moe.capacity_factor is None, "ecss.enabled", True,
+                 "needs moe.capacity_factor: null (ECSS loads the experts of the host-made dropless plan)")
+        _require(self.parallel.device_num == 1 and self.parallel.data_parallel == 1, "ecss.enabled", True,
+                 "runs on one device for now: data-parallel ranks would need one slab layout for all ranks "
+                 "(not built); set parallel.device_num and parallel.data_parallel to 1")
+        _require(self.ecss.slab_experts <= self.moe.num_experts, "ecss.slab_experts", self.ecss.slab_experts,
+                 f"must be <= moe.num_experts ({self.moe.num_experts})")
 
-_SECTIONS = ("model", "moe", "parallel", "context", "train", "data")
+
+_SECTIONS = ("model", "moe", "parallel", "context", "train", "data", "ecss")
 
 
 def _require(ok: bool, field_path: str, value: Any, rule: str) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mindspore as ms
@@ -29,7 +33,7 @@ def micro_config(**sections) -> SigmaConfig:
     raw["model"].update(vocab_size=64, hidden_size=32, num_heads=4, ffn_hidden_size=48,
                         num_layers=3, dense_layers=1, sparse_layers=2, seq_length=16)
     for name, values in sections.items():
-        raw[name].update(values)
+        raw.setdefault(name, {}).update(values)
     return config_from_dict(copy.deepcopy(raw), source="<test>")
 
 
@@ -92,3 +96,21 @@ def assert_close_to_scale(actual, expected, rel, what=""):
         tolerance = rel * (float(np.abs(e).max()) + overall * 0.1)
         diff = float(np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64)).max())
         assert diff <= tolerance, f"{what}[{index}]: max |diff| {diff:.3g} > {tolerance:.3g}"
+
+
+def train_cmd(config, out, *extra):
+    return [sys.executable, "-m", "mindformers_sigma", "train", "--config", str(config), "--out", str(out), *extra]
+
+
+def stop_after_checkpoint(config, out, at_least, extra=(), sig=signal.SIGKILL):
+    """Start a run, send ``sig`` once checkpoint ``at_least`` exists; returns (newest step, exit code, stderr)."""
+    from mindformers_sigma.training import checkpoint as ckpt
+
+    process = subprocess.Popen(train_cmd(config, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and ckpt.list_checkpoints(str(out / "checkpoints"))[-1:] < [at_least]:
+        time.sleep(0.02)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    return ckpt.list_checkpoints(str(out / "checkpoints"))[-1], process.returncode, stderr

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mindspore as ms
 import numpy as np
@@ -22,7 +21,8 @@ from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
 from mindformers_sigma.training.train_step import run_step, unscale_and_clip
 from mindformers_sigma.training.trainer import build_train_step
 
-from conftest import EOD, REAL_VOCAB, REPO, assert_close_to_scale, micro_config, real_batch, tiny_raw
+from conftest import (EOD, REAL_VOCAB, REPO, assert_close_to_scale, micro_config, real_batch, stop_after_checkpoint,
+                      tiny_raw, train_cmd)
 
 
 class _Two(nn.Cell):
@@ -79,7 +79,7 @@ def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
     before = [w.asnumpy().copy() for w in weights]
     poisoned = [np.zeros(w.shape, np.float32) for w in weights]
     poisoned[3][0] = np.inf  # one inf entry in one gradient
-    finite = step.apply_gradients(tuple(Tensor(g) for g in poisoned))
+    (finite,) = step.apply_gradients(tuple(Tensor(g) for g in poisoned))
     assert not bool(finite.asnumpy())
     for w, b in zip(weights, before):
         np.testing.assert_array_equal(w.asnumpy(), b)
@@ -214,25 +214,9 @@ def _write_config(tmp_path, dropout=0.0, **train):
     return path
 
 
-def _train_cmd(config, out, *extra):
-    return [sys.executable, "-m", "mindformers_sigma", "train", "--config", str(config), "--out", str(out), *extra]
-
-
 def _losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as handle:
         return [json.loads(line)["loss"] for line in handle]
-
-
-def _stop_after_checkpoint(config, out, at_least, extra=(), sig=signal.SIGKILL):
-    """Start a run, send ``sig`` once checkpoint ``at_least`` exists; returns (newest step, exit code, stderr)."""
-    process = subprocess.Popen(_train_cmd(config, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline and ckpt.list_checkpoints(str(out / "checkpoints"))[-1:] < [at_least]:
-        time.sleep(0.02)
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
-    return ckpt.list_checkpoints(str(out / "checkpoints"))[-1], process.returncode, stderr
 
 
 @pytest.mark.slow
@@ -241,15 +225,15 @@ def test_killed_then_interrupted_then_resumed_gives_the_same_run_with_dropout(tm
     # very masks the uninterrupted one drew.  (The .ckpt format is resumed in test_run_folder.py.)
     config = _write_config(tmp_path, dropout=0.1, checkpoint_format="safetensors", grad_accumulation_steps=2)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    subprocess.run(_train_cmd(config, straight), check=True, capture_output=True, cwd=REPO)
-    first, _, _ = _stop_after_checkpoint(config, crashed, 3)
+    subprocess.run(train_cmd(config, straight), check=True, capture_output=True, cwd=REPO)
+    first, _, _ = stop_after_checkpoint(config, crashed, 3)
     # Ctrl-C: the step in flight finishes, a checkpoint of it is saved, one line, exit 130 (143 when
     # the signal lands inside a running graph: MindSpore's own handler re-raises it as SIGTERM).
-    second, code, stderr = _stop_after_checkpoint(config, crashed, first + 3, ("--resume", "auto"), signal.SIGINT)
+    second, code, stderr = stop_after_checkpoint(config, crashed, first + 3, ("--resume", "auto"), signal.SIGINT)
     assert code in (130, 143) and len(stderr.strip().splitlines()) == 1, stderr[-1500:]
     assert f"after step {second}: checkpoint saved" in stderr and "--resume auto" in stderr
     assert 3 <= first < second < 12, "both stops must land partway"
-    result = subprocess.run(_train_cmd(config, crashed, "--resume", "auto"), capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(train_cmd(config, crashed, "--resume", "auto"), capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"continuing from step {second}" in result.stdout
     assert _losses(crashed) == _losses(straight)  # bitwise: the same float values

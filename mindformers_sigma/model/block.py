@@ -28,7 +28,8 @@ class DecoderLayer(nn.Cell):
     Returns ``(hidden, aux_loss, dropped)``; dense layers give zeros for the last two.
     """
 
-    def __init__(self, config: SigmaConfig, layer_index: int, sparse: bool, routing_table: Optional[np.ndarray] = None):
+    def __init__(self, config: SigmaConfig, layer_index: int, sparse: bool, routing_table: Optional[np.ndarray] = None,
+                 expert_slots: Optional[int] = None):
         super().__init__()
         model = config.model
         dtype = dtype_of(model.compute_dtype)
@@ -39,7 +40,7 @@ class DecoderLayer(nn.Cell):
                                        first_site, dtype)
         self.ffn_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
         if sparse:
-            self.ffn = MoELayer(model, config.moe, routing_table)
+            self.ffn = MoELayer(model, config.moe, routing_table, expert_slots)
         else:
             self.ffn = FeedForward(model.hidden_size, model.ffn_hidden_size, model.init_std, dtype)
         self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)

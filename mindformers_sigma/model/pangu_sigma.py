@@ -37,7 +37,8 @@ def build_routing_tables(config: SigmaConfig, token_frequency: Optional[np.ndarr
 class PanGuSigmaModel(nn.Cell):
     """input_ids [B, S], domain_ids [B] -> (hidden [B, S, H], aux_loss, dropped assignments)."""
 
-    def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None):
+    def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None,
+                 expert_slots: Optional[int] = None):
         super().__init__()
         model = config.model
         if routing_tables is None:
@@ -47,7 +48,7 @@ class PanGuSigmaModel(nn.Cell):
             sparse_index = index - model.dense_layers
             sparse = sparse_index >= 0
             table = routing_tables[sparse_index] if sparse and config.moe.router == "rre" else None
-            layers.append(DecoderLayer(config, index, sparse, table))
+            layers.append(DecoderLayer(config, index, sparse, table, expert_slots))
         self.embedding = Embedding(model.vocab_size, model.seq_length, model.hidden_size, model.init_std,
                                    model.dropout_rate, dropout_site=0)
         self.eod_reset = EodResetMask(model.seq_length, model.eod_token_id)
@@ -93,9 +94,11 @@ class PanGuSigmaForCausalLM(nn.Cell):
     next document has no context.
     """
 
-    def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None):
+    def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None,
+                 expert_slots: Optional[int] = None):
+        """``expert_slots``: sparse layers hold only that many experts (the ECSS slab, ``ecss/``)."""
         super().__init__()
-        self.backbone = PanGuSigmaModel(config, routing_tables)
+        self.backbone = PanGuSigmaModel(config, routing_tables, expert_slots)
         self.eod_token_id = config.model.eod_token_id
         self.num_domains = config.moe.num_domains
 

@@ -16,7 +16,10 @@ from mindformers_sigma.moe.token_dispatcher import TokenDispatcher, gather_plann
 class MoELayer(nn.Cell):
     """Replaces the dense FFN in a sparse layer; returns (output, aux_loss, dropped assignments)."""
 
-    def __init__(self, model: ModelConfig, moe: MoEConfig, routing_table: np.ndarray | None = None):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, routing_table: np.ndarray | None = None,
+                 expert_slots: int | None = None):
+        """``expert_slots``: hold only that many experts' weights (the ECSS device slab, ``ecss/``);
+        the host then loads the active experts into slots and the plans name slots, not experts."""
         super().__init__()
         if moe.router == "rre":
             if routing_table is None:
@@ -26,7 +29,7 @@ class MoELayer(nn.Cell):
             self.router = LearnedTopKRouter(model.hidden_size, moe.num_experts, moe.top_k, model.init_std)
         self.dispatcher = TokenDispatcher(moe.num_experts, moe.top_k, moe.capacity_factor)
         self.experts = BatchedExperts(
-            moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std, dtype_of(model.compute_dtype)
+            expert_slots or moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std, dtype_of(model.compute_dtype)
         )
 
     def construct(self, hidden, token_ids, domain_ids, expert_plan=None):

@@ -16,7 +16,7 @@ graph declares its sizes dynamic, so ranks need not agree on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -59,7 +59,10 @@ class GlobalBatchReader:
     """Reads each step's global batch from ``source`` and cuts out this rank's micro-batches."""
 
     def __init__(self, source, batch_size: int, data_parallel: int, rank: int, accumulation_steps: int,
-                 eod_token_id: int, planner: Optional[ExpertPlanner], base_seed: int, dropout: bool):
+                 eod_token_id: int, planner: Optional[ExpertPlanner], base_seed: int, dropout: bool,
+                 stage_plans: Optional[Callable[[List[np.ndarray], int], List[np.ndarray]]] = None):
+        """``stage_plans(plans, tokens_per_plan)``: called with each step's micro-batch plans before
+        they become inputs; returns the plans to use (ECSS loads the slab and renames experts to slots)."""
         self.source = source
         self.batch_size = batch_size
         self.data_parallel = data_parallel
@@ -70,19 +73,22 @@ class GlobalBatchReader:
         self.planner = planner
         self.base_seed = base_seed
         self.dropout = dropout
+        self.stage_plans = stage_plans
 
     def read(self, step: int, position: int) -> StepBatch:
         tokens, domains = self.source.read(position, self.batch_size)
         total = predicted_tokens(tokens, self.eod_token_id)
         normaliser = Tensor(float(total), ms.float32)
+        parts = [micro * self.data_parallel + self.rank for micro in range(self.accumulation_steps)]
+        rows = [slice(part * self.part_size, (part + 1) * self.part_size) for part in parts]
+        plans = [self.planner.plan(tokens[r, :-1], domains[r]) for r in rows] if self.planner is not None else None
+        if plans is not None and self.stage_plans is not None:
+            plans = self.stage_plans(plans, tokens[rows[0], :-1].size)
         micro_batches = []
-        for micro in range(self.accumulation_steps):
-            part = micro * self.data_parallel + self.rank
-            rows = slice(part * self.part_size, (part + 1) * self.part_size)
-            inputs = [Tensor(tokens[rows]), Tensor(domains[rows]), normaliser]
+        for micro, part in enumerate(parts):
+            inputs = [Tensor(tokens[rows[micro]]), Tensor(domains[rows[micro]]), normaliser]
             if self.planner is not None or self.dropout:
-                plan = self.planner.plan(tokens[rows, :-1], domains[rows]) if self.planner is not None else None
-                inputs.append(None if plan is None else Tensor(plan))
+                inputs.append(None if plans is None else Tensor(plans[micro]))
             if self.dropout:
                 inputs.append(Tensor(dropout_seed(self.base_seed, step, part), ms.int64))
             micro_batches.append(tuple(inputs))

@@ -60,7 +60,9 @@ class HybridAdamWeightDecay(nn.Optimizer):
                               self.param_decay, self._parameters, self.moments1, self.moments2, grads)
 
 
-def build_optimizer(network: nn.Cell, train: TrainConfig) -> HybridAdamWeightDecay:
-    """Optimizer over the network's trainable parameters with the warmup+cosine schedule."""
-    return HybridAdamWeightDecay(network.trainable_params(), learning_rates(train), train.beta1, train.beta2,
+def build_optimizer(network: nn.Cell, train: TrainConfig, without_experts: bool = False) -> HybridAdamWeightDecay:
+    """Optimizer over the network's trainable parameters with the warmup+cosine schedule;
+    ``without_experts``: the experts are updated on the host (ECSS, ``ecss/``)."""
+    params = [p for p in network.trainable_params() if not (without_experts and is_expert_parameter(p.name))]
+    return HybridAdamWeightDecay(params, learning_rates(train), train.beta1, train.beta2,
                                  train.eps, train.expert_eps, train.weight_decay)

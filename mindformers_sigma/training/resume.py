@@ -17,7 +17,7 @@ import mindspore as ms
 from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.training import checkpoint as ckpt
-from mindformers_sigma.training.run_folder import CHECKPOINTS, LOCK
+from mindformers_sigma.training.run_folder import CHECKPOINTS, ECSS_STORE, LOCK
 
 # Keys whose change makes a different experiment: the model's function, the routing, the data order.
 EXPERIMENT_KEYS = (
@@ -56,7 +56,7 @@ def used_entries(out_dir: str) -> List[str]:
     entries = []
     for entry in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, entry)
-        if entry == LOCK or (entry == CHECKPOINTS and os.path.isdir(path) and not os.listdir(path)):
+        if entry in (LOCK, ECSS_STORE) or (entry == CHECKPOINTS and os.path.isdir(path) and not os.listdir(path)):
             continue
         entries.append(entry)
     return entries
@@ -130,11 +130,19 @@ def check_same_experiment(info: ckpt.CheckpointInfo, config: SigmaConfig, data_f
         f"are the checkpoint's")
 
 
-def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple) -> None:
-    """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale)."""
+def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple,
+            take_host: Optional[Callable[[Dict[str, ms.Parameter]], Dict[str, ms.Parameter]]] = None) -> None:
+    """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale).
+
+    ``take_host`` (ECSS) loads the entries kept in host memory and returns the others.
+    """
     wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed}
     stored: Dict[str, ms.Parameter] = {name: p for name, p in ckpt.load_parameters(info).items()
                                        if name not in not_checkpointed}
+    if take_host is not None:
+        kept = take_host(stored)
+        wanted -= set(stored) - set(kept)
+        stored = kept
     try:
         missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)
     except (RuntimeError, ValueError, TypeError) as err:

@@ -24,6 +24,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 LOCK = ".lock"
+ECSS_STORE = "ecss_store"  # the memory-mapped expert store (ecss.host_store: mmap): scratch, never an output
 # Temporaries written beside run outputs (atomic.py's names, and the names older versions used).
 _TEMPORARY = re.compile(r"^\.(step_\d{8}\.\w+|metrics\.jsonl|loss\.png)\.(tmp|old)-|^metrics\.jsonl\.tmp$|"
                         r"^loss\.png\.tmp\.png$")
@@ -67,8 +68,9 @@ class RunFolder:
         failed before its first step leaves no empty folder behind)."""
         if self._lock_handle is None or not self._created:
             return
-        if os.listdir(self.checkpoints) or set(os.listdir(self.path)) != {LOCK, CHECKPOINTS}:
+        if os.listdir(self.checkpoints) or set(os.listdir(self.path)) - {ECSS_STORE} != {LOCK, CHECKPOINTS}:
             return
+        shutil.rmtree(os.path.join(self.path, ECSS_STORE), ignore_errors=True)
         os.rmdir(self.checkpoints)
         os.unlink(os.path.join(self.path, LOCK))
         self._lock_handle.close()

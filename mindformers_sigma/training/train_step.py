@@ -98,19 +98,27 @@ class ForwardBackward(nn.Cell):
 
 
 class ApplyGradients(nn.Cell):
-    """Unscale, check for inf/nan, clip by global norm, update (skipped on overflow), adjust scale."""
+    """Unscale, check for inf/nan, clip by global norm, update (skipped on overflow), adjust scale.
 
-    def __init__(self, optimizer: nn.Optimizer, loss_scale: DynamicLossScale, grad_clip_norm: float):
+    ``host_updated``: parameters whose gradients follow the optimizer's in ``grads`` and are
+    updated elsewhere (the ECSS slab, ``ecss/``): they count in the clip and the overflow check,
+    and their clipped gradients are returned after the finite flag.
+    """
+
+    def __init__(self, optimizer: nn.Optimizer, loss_scale: DynamicLossScale, grad_clip_norm: float,
+                 host_updated: Sequence[Parameter] = ()):
         super().__init__(auto_prefix=False)
         self.optimizer = optimizer
         self.loss_scale = loss_scale
         self.grad_clip_norm = grad_clip_norm
+        self.host_updated = tuple(host_updated)
+        self.device_count = len(optimizer.parameters)
 
     def construct(self, grads):
         grads, finite = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm)
         if finite:
-            self.optimizer(grads)
-        return self.loss_scale.update(finite)
+            self.optimizer(grads[:self.device_count])
+        return (self.loss_scale.update(finite),) + grads[self.device_count:]
 
 
 class TrainOneStepCell(nn.Cell):
@@ -124,8 +132,8 @@ class TrainOneStepCell(nn.Cell):
     def construct(self, tokens, domain_ids, token_total, expert_plan=None, dropout_seed=None):
         scale = self.apply_gradients.loss_scale.scale * 1.0
         stats, grads = self.forward_backward(tokens, domain_ids, scale, token_total, expert_plan, dropout_seed)
-        finite = self.apply_gradients(grads)
-        return stats + (finite, scale)
+        applied = self.apply_gradients(grads)
+        return stats + (applied[0], scale) + applied[1:]
 
 
 def declare_dynamic_plan(step_cell: TrainOneStepCell, rows: int, seq_length: int, sparse_layers: int,
@@ -156,6 +164,7 @@ class StepResult:
     dropped: int
     finite: bool
     loss_scale: float
+    host_grads: Tuple[Tensor, ...] = ()  # the clipped gradients of ApplyGradients.host_updated, on the device
 
 
 def run_step(step_cell: TrainOneStepCell, micro_batches: Sequence[Tuple], token_total: int, aux_loss_coef: float,
@@ -168,7 +177,7 @@ def run_step(step_cell: TrainOneStepCell, micro_batches: Sequence[Tuple], token_
     float64, from the summed per-domain NLL, so every way of splitting a batch reports it alike.
     """
     if len(micro_batches) == 1:
-        outputs = [o.asnumpy() for o in step_cell(*micro_batches[0])]
+        outputs = step_cell(*micro_batches[0])
     else:
         scale = step_cell.apply_gradients.loss_scale.scale * 1.0
         total_grads, totals = None, None
@@ -177,9 +186,10 @@ def run_step(step_cell: TrainOneStepCell, micro_batches: Sequence[Tuple], token_
             total_grads = grads if total_grads is None else tuple(a + b for a, b in zip(total_grads, grads))
             stats = [s.asnumpy() for s in stats]
             totals = stats if totals is None else [a + b for a, b in zip(totals, stats)]
-        finite = step_cell.apply_gradients(total_grads)
-        outputs = totals + [finite.asnumpy(), scale.asnumpy()]
-    nll, counted, aux_sum, dropped, finite, scale = outputs
+        applied = step_cell.apply_gradients(total_grads)
+        outputs = totals + [applied[0], scale] + list(applied[1:])
+    nll, counted, aux_sum, dropped, finite, scale = (np.asarray(o.asnumpy() if isinstance(o, Tensor) else o)
+                                                     for o in outputs[:6])
     aux_loss = float(aux_sum) / parts
     loss = float(np.sum(nll, dtype=np.float64)) / max(token_total, 1) + aux_loss_coef * aux_loss
-    return StepResult(loss, nll, counted, aux_loss, int(dropped), bool(finite), float(scale))
+    return StepResult(loss, nll, counted, aux_loss, int(dropped), bool(finite), float(scale), tuple(outputs[6:]))

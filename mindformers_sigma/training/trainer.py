@@ -11,14 +11,18 @@ their own modules: ``resume`` (which checkpoint, same experiment?), ``run_folder
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from typing import Callable, List, Optional, Tuple
 
+import mindspore as ms
 import numpy as np
 
 from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.context import ParallelInfo, configure_context
+from mindformers_sigma.ecss.offload import ExpertOffload
+from mindformers_sigma.ecss.slab import slab_size
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
 from mindformers_sigma.moe.expert_plan import ExpertPlanner, routing_tables_of
@@ -30,10 +34,10 @@ from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.memory_check import check_fits_in_memory
 from mindformers_sigma.training.metrics import (MetricsLog, domain_losses, flops_per_token, measure_matmul_peak,
                                                 plot_losses, progress_line)
-from mindformers_sigma.training.optimizer import build_optimizer
+from mindformers_sigma.training.optimizer import build_optimizer, is_expert_parameter
 from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, choose_start, is_in_folder,
                                                restore)
-from mindformers_sigma.training.run_folder import RunFolder
+from mindformers_sigma.training.run_folder import ECSS_STORE, RunFolder
 from mindformers_sigma.training.train_step import (ApplyGradients, DynamicLossScale, ForwardBackward,
                                                    TrainOneStepCell, declare_dynamic_plan, run_step)
 from mindformers_sigma.training.training_data import TrainingData, open_training_data
@@ -54,20 +58,23 @@ class TrainSummary:
     resumed_from: Optional[int]
     checkpoint: Optional[str]
     peak_rss_mb: float
+    ecss: Optional[dict] = None  # totals of ExpertOffload (bytes moved, seconds) when ECSS is on
 
 
 def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_parallel: int) -> TrainOneStepCell:
     """Model, loss, optimizer and loss scale, wired into one cell that owns every trainable state."""
     if config.moe.table_balance == "uniform":
         frequency = None
-    network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency))
+    ecss = config.ecss.enabled  # experts on the host: the network holds a slab, the host updates them
+    network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency), slab_size(config) if ecss else None)
     if config.parallel.recompute:  # keep only layer inputs; recompute activations in the backward pass
         for layer in (*network.backbone.layers, network.backbone.top_query_layer):
             layer.recompute()
     loss_cell = TrainingLoss(network, aux_loss_coef(config), data_parallel, config.train.grad_accumulation_steps)
-    optimizer = build_optimizer(network, config.train)
-    forward_backward = ForwardBackward(loss_cell, optimizer.parameters, data_parallel)
-    apply_gradients = ApplyGradients(optimizer, DynamicLossScale(config.train), config.train.grad_clip_norm)
+    optimizer = build_optimizer(network, config.train, without_experts=ecss)
+    slab = [p for p in network.trainable_params() if is_expert_parameter(p.name)] if ecss else []
+    forward_backward = ForwardBackward(loss_cell, ms.ParameterTuple(list(optimizer.parameters) + slab), data_parallel)
+    apply_gradients = ApplyGradients(optimizer, DynamicLossScale(config.train), config.train.grad_clip_norm, slab)
     return TrainOneStepCell(forward_backward, apply_gradients)
 
 
@@ -102,24 +109,36 @@ def print_now(line: str) -> None:
 
 
 def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int,
-                     info: Optional[ckpt.CheckpointInfo], allow_config_change: bool,
-                     say: Callable[[str], None]) -> Tuple[TrainOneStepCell, Optional[ExpertPlanner]]:
-    """The train step, with the checkpoint's state when resuming, and its RRE dispatch planner.
+                     info: Optional[ckpt.CheckpointInfo], allow_config_change: bool, say: Callable[[str], None],
+                     folder: Optional[RunFolder] = None
+                     ) -> Tuple[TrainOneStepCell, Optional[ExpertPlanner], Optional[ExpertOffload]]:
+    """The train step, with the checkpoint's state when resuming, its RRE dispatch planner and,
+    with ECSS, the host side of the experts.
 
     The planner reads the routing tables from the built (and restored) cell, so a resumed run
     plans dispatch with the tables it really routes with, not the config's.
     """
     step_cell = build_train_step(config, data.token_frequency, data_parallel)
+    offload = None
+    if config.ecss.enabled:
+        store = os.path.join(folder.path, ECSS_STORE) if folder else None
+        offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated, store)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
-        restore(step_cell, info, NOT_CHECKPOINTED)
+        take_host = None if offload is None else (
+            lambda stored: offload.take_from_checkpoint(stored, f"--resume {info.weights_path}"))
+        restore(step_cell, info, NOT_CHECKPOINTED, take_host)
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
+    if offload is not None:
+        offload.device_resident_bytes = sum(p.nbytes for p in step_cell.get_parameters())
+        say(f"ecss: {offload.store.nbytes / 2 ** 20:.1f} MiB of experts and moments on the host, a slab of "
+            f"{offload.slab_experts} experts per sparse layer on the device")
     planner = expert_planner(config, step_cell)
     if planner is not None:
         rows = config.train.batch_size // (data_parallel * config.train.grad_accumulation_steps)
         declare_dynamic_plan(step_cell, rows, config.model.seq_length, config.model.sparse_layers,
                              config.model.dropout_rate > 0)
-    return step_cell, planner
+    return step_cell, planner, offload
 
 
 def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[str] = None,
@@ -160,7 +179,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     """The part of :func:`train` that runs with the run folder open."""
     train_cfg, model = config.train, config.model
     parts = parallel.group_size * train_cfg.grad_accumulation_steps
-    step_cell, planner = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say)
+    step_cell, planner, offload = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say,
+                                                   folder)
     if folder is not None and parallel.is_main and overwrite:  # only once the resume is known to be sound
         continued_here = info is not None and is_in_folder(info.weights_path, folder.checkpoints)
         removed = folder.remove_outputs(newer_than=info.step if continued_here else None)
@@ -170,7 +190,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     start_step, position = (info.step, info.data_position) if info else (0, 0)
     reader = GlobalBatchReader(data.source, train_cfg.batch_size, parallel.group_size, parallel.rank,
                                train_cfg.grad_accumulation_steps,
-                               model.eod_token_id, planner, config.context.seed, model.dropout_rate > 0)
+                               model.eod_token_id, planner, config.context.seed, model.dropout_rate > 0,
+                               offload.stage if offload else None)
     peak = train_cfg.peak_flops or measure_matmul_peak()
     flops_token = flops_per_token(config)
     tokens_per_step = train_cfg.batch_size * model.seq_length
@@ -186,12 +207,15 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     with stop_requests() as stop:
         for step in range(start_step, train_cfg.steps):
             stop.arm()  # again each step: MindSpore replaces the handlers while a graph runs
+            started = time.perf_counter()  # a step's time includes reading and planning (and ECSS's loading)
             batch = reader.read(step, position)
             position = batch.next_position
             compiling = batch.graph_key not in compiled_graph_keys
             compiled_graph_keys.add(batch.graph_key)
-            started = time.perf_counter()
+            updates_before = int(optimizer_step.asnumpy()) if offload else 0  # the host uses the same rate
             result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
+            if offload:
+                offload.update(result.host_grads, result.finite, learning_rate_at(updates_before, train_cfg))
             (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
             losses.append(result.loss)
             dropped_total += result.dropped
@@ -209,6 +233,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                 "eta_seconds": (float(np.mean(run_seconds[-train_cfg.log_interval:])) * (train_cfg.steps - step - 1)
                                 if run_seconds else None),
                 "data_position": position,
+                **(offload.last if offload else {}),
             }
             metrics.write(record)
             if step == start_step or (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.steps:
@@ -221,7 +246,10 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                 meta = {"data_position": position,
                         "loss_scale": float(step_cell.apply_gradients.loss_scale.scale.asnumpy()),
                         "config": config_to_dict(config), DATA_FINGERPRINT: data.fingerprint}
-                saved = ckpt.save_checkpoint(folder.checkpoints, step + 1, checkpointed_parameters(step_cell), meta,
+                parameters = checkpointed_parameters(step_cell)
+                if offload:
+                    parameters = offload.checkpoint_parameters(parameters)
+                saved = ckpt.save_checkpoint(folder.checkpoints, step + 1, parameters, meta,
                                              train_cfg.checkpoint_format, train_cfg.keep_checkpoints)
             if stopping:
                 stop.raise_now(f"after step {step + 1}: " + (
@@ -237,7 +265,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
         peak_flops=peak, compile_seconds=float(np.sum(compile_seconds)), compiled_graphs=len(compiled_graph_keys),
         dropped_assignments=dropped_total,
         skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved,
-        peak_rss_mb=peak_rss_mb())
+        peak_rss_mb=peak_rss_mb(), ecss=dict(offload.totals) if offload else None)
     if folder and parallel.is_main and plot_losses(folder.metrics, folder.loss_plot):
         say(f"loss curve: {folder.loss_plot}")
     return summary

@@ -1,0 +1,155 @@
+"""ECSS around each training step: load the step's experts into the device slab before it,
+bring their gradients back and update them on the host after it.
+
+The device graph sees only the slab (``[slab_experts, ...]`` per expert tensor and layer) and
+plans that name slots, so it compiles once whatever the number of experts.  The dense
+parameters keep the device optimizer; the global-norm clip and the overflow skip are computed
+on the device over dense and slab gradients together (``training/train_step.py``), and the host
+applies the same clipped gradients, or skips the same steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
+from mindformers_sigma.ecss.host_store import EXPERT_TENSORS, HostExpertStore
+from mindformers_sigma.ecss.slab import SlabAssignment, assign_slots, slab_size
+from mindformers_sigma.errors import DataError
+
+
+class SlabWriter(nn.Cell):
+    """Host -> device: write expert rows into slots of one layer's slab parameters, in one graph
+    whose row count is dynamic (so only the active experts' bytes move)."""
+
+    def __init__(self, slab: Sequence[Parameter]):
+        super().__init__(auto_prefix=False)
+        self.slab = ms.ParameterTuple(slab)
+        self.set_inputs(Tensor(shape=[None], dtype=ms.int32),
+                        *(Tensor(shape=[None, *p.shape[1:]], dtype=p.dtype) for p in slab))
+
+    def construct(self, slots, w1, b1, w2, b2):
+        done = ops.scatter_update(self.slab[0], slots, w1)
+        done = ops.depend(ops.scatter_update(self.slab[1], slots, b1), done)
+        done = ops.depend(ops.scatter_update(self.slab[2], slots, w2), done)
+        return ops.depend(ops.scatter_update(self.slab[3], slots, b2), done)
+
+
+class ExpertOffload:
+    """The host side of ECSS for one training run.
+
+    ``dense_semantics`` (tests only) updates every expert each step, with zero gradients for the
+    untouched ones, as the device AdamW does; ECSS's own rule leaves untouched experts alone.
+    """
+
+    dense_semantics = False
+
+    def __init__(self, slab_params: Sequence[Parameter], store: HostExpertStore, slab_experts: int,
+                 settings: AdamWSettings):
+        self.store = store
+        self.slab_experts = slab_experts
+        self.settings = settings
+        prefixes = [layer.prefix for layer in store.layers]
+        # host_grads come in slab_params order: remember each one's (layer, tensor)
+        self.grad_order = [(prefixes.index(p.name.rsplit(".", 1)[0]), p.name.rsplit(".", 1)[1]) for p in slab_params]
+        by_name = {p.name: p for p in slab_params}
+        self.writers = [SlabWriter([by_name[f"{prefix}.{t}"] for t in EXPERT_TENSORS]) for prefix in prefixes]
+        self.assignment: Optional[SlabAssignment] = None
+        self.device_resident_bytes = 0
+        self.last: Dict[str, object] = {}
+        self.totals = {"h2d_bytes": 0, "d2h_bytes": 0, "transfer_seconds": 0.0, "host_update_seconds": 0.0}
+
+    @classmethod
+    def build(cls, config: SigmaConfig, slab_params: Sequence[Parameter],
+              store_directory: Optional[str] = None) -> "ExpertOffload":
+        """A fresh store: every expert drawn as ``BatchedExperts`` draws its weights (normal
+        ``init_std`` matrices, zero biases), from ``context.seed`` and the layer; memory-mapped
+        under ``store_directory`` with ``ecss.host_store: mmap``."""
+        if config.ecss.host_store == "mmap" and store_directory is None:
+            raise DataError("ecss.host_store: mmap keeps the expert store in files under --out; pass --out, or "
+                            "set ecss.host_store: ram")
+        model, moe, train = config.model, config.moe, config.train
+        prefixes = list(dict.fromkeys(p.name.rsplit(".", 1)[0] for p in slab_params))
+        shapes = {"w1": (model.hidden_size, model.ffn_hidden_size), "b1": (1, model.ffn_hidden_size),
+                  "w2": (model.ffn_hidden_size, model.hidden_size), "b2": (1, model.hidden_size)}
+        weights = []
+        for layer, _ in enumerate(prefixes):
+            rng = np.random.default_rng([config.context.seed, layer])
+            weights.append({name: (rng.normal(0.0, model.init_std, (moe.num_experts, *shape)) if name[0] == "w"
+                                   else np.zeros((moe.num_experts, *shape))) for name, shape in shapes.items()})
+        settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
+                                 {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
+        directory = store_directory if config.ecss.host_store == "mmap" else None
+        return cls(slab_params, HostExpertStore.from_weights(prefixes, weights, directory), slab_size(config),
+                   settings)
+
+    def stage(self, plans: List[np.ndarray], num_tokens: int) -> List[np.ndarray]:
+        """Load the step's experts into the slab; returns the plans with experts replaced by slots."""
+        started = time.perf_counter()
+        self.assignment = assign_slots(plans, num_tokens, self.slab_experts)
+        moved = 0
+        for writer, layer, experts in zip(self.writers, self.store.layers, self.assignment.active):
+            rows = [layer.weights[t][experts] for t in EXPERT_TENSORS]
+            writer(Tensor(np.arange(len(experts), dtype=np.int32)), *(Tensor(r) for r in rows))
+            moved += sum(r.nbytes for r in rows)
+        seconds = time.perf_counter() - started
+        self.last = {"ecss_h2d_bytes": moved, "ecss_active_experts": [int(e.size) for e in self.assignment.active],
+                     "ecss_transfer_seconds": seconds}
+        self.totals["h2d_bytes"] += moved
+        self.totals["transfer_seconds"] += seconds
+        return [self.assignment.remap(plan, num_tokens) for plan in plans]
+
+    def update(self, host_grads: Sequence[Tensor], finite: bool, lr: float) -> None:
+        """Bring the active slots' (clipped, unscaled) gradients back and update those experts;
+        an overflow step, skipped on the device, is skipped here too."""
+        started = time.perf_counter()
+        active = self.assignment.active
+        grads: List[Dict[str, np.ndarray]] = [{} for _ in active]
+        moved = 0
+        for grad, (layer, tensor) in zip(host_grads, self.grad_order):
+            rows = grad[:len(active[layer])].asnumpy() if len(active[layer]) else np.zeros((0,), np.float32)
+            grads[layer][tensor] = rows
+            moved += rows.nbytes
+        fetched = time.perf_counter()
+        if finite:
+            for layer, experts, layer_grads in zip(self.store.layers, active, grads):
+                if self.dense_semantics:
+                    experts, layer_grads = _every_expert(layer.weights, experts, layer_grads)
+                if experts.size:
+                    adamw_rows(layer, experts, layer_grads, lr, self.settings)
+        done = time.perf_counter()
+        self.last.update(ecss_d2h_bytes=moved, ecss_host_update_seconds=done - fetched,
+                         ecss_transfer_seconds=self.last["ecss_transfer_seconds"] + fetched - started,
+                         ecss_device_resident_bytes=self.device_resident_bytes,
+                         ecss_host_resident_bytes=self.store.nbytes)
+        self.totals["d2h_bytes"] += moved
+        self.totals["transfer_seconds"] += fetched - started
+        self.totals["host_update_seconds"] += done - fetched
+
+    def checkpoint_parameters(self, parameters: Dict[str, object]) -> Dict[str, object]:
+        """A plain checkpoint's entries: the slab's names carry the whole store instead."""
+        self.store.flush()
+        entries = dict(parameters)
+        entries.update({name: Tensor(array) for name, array in self.store.entries().items()})
+        return entries
+
+    def take_from_checkpoint(self, stored: Dict[str, Parameter], source: str) -> Dict[str, Parameter]:
+        """Load the store from checkpoint entries; returns the entries left for the device cell."""
+        names = set(self.store.entries())
+        self.store.load({name: stored[name].asnumpy() for name in names if name in stored}, source)
+        return {name: value for name, value in stored.items() if name not in names}
+
+
+def _every_expert(weights: Dict[str, np.ndarray], experts: np.ndarray, grads: Dict[str, np.ndarray]):
+    """All experts, with zero gradients for those outside ``experts``."""
+    full = {}
+    for tensor, array in weights.items():
+        full[tensor] = np.zeros_like(array)
+        full[tensor][experts] = grads[tensor]
+    return np.arange(len(next(iter(weights.values())))), full
