@@ -62,7 +62,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"{summary.compile_seconds:.1f}s (excluded from tokens/s), "
           f"{summary.skipped_steps} overflow-skipped steps, {summary.dropped_assignments} dropped expert assignments, "
           f"peak RSS {summary.peak_rss_mb:,.0f} MB"
+          + (f"; ECSS moved {summary.ecss['h2d_bytes'] / 2 ** 20:,.1f} MiB to and "
+             f"{summary.ecss['d2h_bytes'] / 2 ** 20:,.1f} MiB from the device, transfers "
+             f"{summary.ecss['transfer_seconds']:.1f}s, host updates {summary.ecss['host_update_seconds']:.1f}s"
+             if summary.ecss else "")
           + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mindformers_sigma.benchmarks import ecss
+
+    ecss.run(args.quick, args.out)
     return 0
 
 
@@ -154,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (replaced atomically)")
     demo.add_argument("--cache", help="download cache (default: $PANGU_SIGMA_CACHE or ~/.cache/mindformers_sigma)")
     demo.set_defaults(handler=_cmd_demo_corpus)
+
+    bench = commands.add_parser("bench", help="run a benchmark on this machine; writes OUT/NAME.json and a table")
+    bench.add_argument("name", choices=["ecss"], help="ecss: expert scaling and the 640-expert MoE comparison")
+    bench.add_argument("--quick", action="store_true", help="a small model and few steps (checks it runs, not speed)")
+    bench.add_argument("--out", required=True, help="output folder")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -209,3 +210,25 @@ def test_mmap_store_without_out_is_one_error_line(tmp_path):
     config = micro_config(ecss={"enabled": True, "host_store": "mmap"})
     with pytest.raises(DataError, match="ecss.host_store: mmap keeps the expert store in files under --out"):
         train(config, steps=1)
+
+
+@pytest.mark.slow
+def test_bench_ecss_quick_runs_and_its_record_is_consistent(tmp_path):
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "ecss", "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "ecss.json").read_text())
+    scaling = record["scaling"]
+    assert [row["experts"] for row in scaling] == [16, 64]
+    # The slab is the same size in every case: device memory grows only by the RRE routing tables
+    # ([domains, vocab] int32 per sparse layer; the quick model: vocab 512, 2 sparse layers, 4 experts
+    # per domain); the host store (weights and two moments per expert) grows in proportion.
+    tables = 2 * (64 // 4 - 16 // 4) * 512 * 4
+    assert scaling[1]["device_resident_bytes"] - scaling[0]["device_resident_bytes"] == tables
+    assert scaling[1]["host_resident_bytes"] == 4 * scaling[0]["host_resident_bytes"]
+    comparison = record["comparison"]
+    assert comparison["moe"]["device_resident_bytes"] > comparison["ecss"]["device_resident_bytes"]
+    assert record["speedup_vs_moe"] == comparison["ecss"]["tokens_per_s"] / comparison["moe"]["tokens_per_s"]
+    assert record["machine"]["mindspore"] and "| 64 |" in done.stdout

@@ -52,14 +52,14 @@ class HostExpertStore:
     @classmethod
     def from_weights(cls, prefixes: List[str], weights: List[Dict[str, np.ndarray]],
                      directory: Optional[str] = None) -> "HostExpertStore":
-        """A store holding ``weights`` (as float32) with zero moments, as a fresh optimizer has;
+        """A store taking over ``weights`` (as float32) with zero moments, as a fresh optimizer has;
         in memory-mapped files under ``directory`` when given."""
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
 
         def array(name: str, values: np.ndarray) -> np.ndarray:
             if directory is None:
-                return np.array(values, dtype=np.float32)
+                return np.require(values, np.float32, "C")  # no copy when it is already float32
             mapped = np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+",
                                                dtype=np.float32, shape=values.shape)
             mapped[...] = values
@@ -67,7 +67,8 @@ class HostExpertStore:
 
         layers = []
         for prefix, tensors in zip(prefixes, weights):
-            kinds = [{t: array(f"{kind}{prefix}.{t}", tensors[t] if kind == "" else np.zeros(tensors[t].shape))
+            kinds = [{t: array(f"{kind}{prefix}.{t}",
+                               tensors[t] if kind == "" else np.zeros(tensors[t].shape, np.float32))
                       for t in EXPERT_TENSORS} for kind in ("",) + MOMENT_PREFIXES]
             layers.append(LayerExperts(prefix, *kinds))
         return cls(layers)

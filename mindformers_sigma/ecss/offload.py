@@ -61,9 +61,12 @@ class ExpertOffload:
         by_name = {p.name: p for p in slab_params}
         self.writers = [SlabWriter([by_name[f"{prefix}.{t}"] for t in EXPERT_TENSORS]) for prefix in prefixes]
         self.assignment: Optional[SlabAssignment] = None
+        self._staged: List[List[np.ndarray]] = []
         self.device_resident_bytes = 0
         self.last: Dict[str, object] = {}
-        self.totals = {"h2d_bytes": 0, "d2h_bytes": 0, "transfer_seconds": 0.0, "host_update_seconds": 0.0}
+        # bytes over every step; seconds over the timed steps (those that compiled nothing), as tokens/s
+        self.totals = {"h2d_bytes": 0, "d2h_bytes": 0, "timed_steps": 0, "transfer_seconds": 0.0,
+                       "host_update_seconds": 0.0}
 
     @classmethod
     def build(cls, config: SigmaConfig, slab_params: Sequence[Parameter],
@@ -81,8 +84,10 @@ class ExpertOffload:
         weights = []
         for layer, _ in enumerate(prefixes):
             rng = np.random.default_rng([config.context.seed, layer])
-            weights.append({name: (rng.normal(0.0, model.init_std, (moe.num_experts, *shape)) if name[0] == "w"
-                                   else np.zeros((moe.num_experts, *shape))) for name, shape in shapes.items()})
+            weights.append({name: (rng.standard_normal((moe.num_experts, *shape), dtype=np.float32)
+                                   * np.float32(model.init_std) if name[0] == "w"
+                                   else np.zeros((moe.num_experts, *shape), np.float32))
+                            for name, shape in shapes.items()})
         settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
                                  {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
         directory = store_directory if config.ecss.host_store == "mmap" else None
@@ -94,20 +99,22 @@ class ExpertOffload:
         started = time.perf_counter()
         self.assignment = assign_slots(plans, num_tokens, self.slab_experts)
         moved = 0
+        self._staged = []  # the writers read these arrays without a copy (from_numpy): keep them alive
         for writer, layer, experts in zip(self.writers, self.store.layers, self.assignment.active):
             rows = [layer.weights[t][experts] for t in EXPERT_TENSORS]
-            writer(Tensor(np.arange(len(experts), dtype=np.int32)), *(Tensor(r) for r in rows))
+            writer(Tensor(np.arange(len(experts), dtype=np.int32)), *(Tensor.from_numpy(r) for r in rows))
+            self._staged.append(rows)
             moved += sum(r.nbytes for r in rows)
         seconds = time.perf_counter() - started
         self.last = {"ecss_h2d_bytes": moved, "ecss_active_experts": [int(e.size) for e in self.assignment.active],
                      "ecss_transfer_seconds": seconds}
         self.totals["h2d_bytes"] += moved
-        self.totals["transfer_seconds"] += seconds
         return [self.assignment.remap(plan, num_tokens) for plan in plans]
 
-    def update(self, host_grads: Sequence[Tensor], finite: bool, lr: float) -> None:
+    def update(self, host_grads: Sequence[Tensor], finite: bool, lr: float, timed: bool = True) -> None:
         """Bring the active slots' (clipped, unscaled) gradients back and update those experts;
-        an overflow step, skipped on the device, is skipped here too."""
+        an overflow step, skipped on the device, is skipped here too.  ``timed``: the step's
+        seconds count in the totals (not when it compiled a graph)."""
         started = time.perf_counter()
         active = self.assignment.active
         grads: List[Dict[str, np.ndarray]] = [{} for _ in active]
@@ -129,8 +136,10 @@ class ExpertOffload:
                          ecss_device_resident_bytes=self.device_resident_bytes,
                          ecss_host_resident_bytes=self.store.nbytes)
         self.totals["d2h_bytes"] += moved
-        self.totals["transfer_seconds"] += fetched - started
-        self.totals["host_update_seconds"] += done - fetched
+        if timed:
+            self.totals["timed_steps"] += 1
+            self.totals["transfer_seconds"] += self.last["ecss_transfer_seconds"]
+            self.totals["host_update_seconds"] += done - fetched
 
     def checkpoint_parameters(self, parameters: Dict[str, object]) -> Dict[str, object]:
         """A plain checkpoint's entries: the slab's names carry the whole store instead."""

@@ -58,6 +58,7 @@ class TrainSummary:
     resumed_from: Optional[int]
     checkpoint: Optional[str]
     peak_rss_mb: float
+    device_resident_bytes: int = 0  # every MindSpore Parameter of the step: weights, moments, scale
     ecss: Optional[dict] = None  # totals of ExpertOffload (bytes moved, seconds) when ECSS is on
 
 
@@ -76,6 +77,10 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_
     forward_backward = ForwardBackward(loss_cell, ms.ParameterTuple(list(optimizer.parameters) + slab), data_parallel)
     apply_gradients = ApplyGradients(optimizer, DynamicLossScale(config.train), config.train.grad_clip_norm, slab)
     return TrainOneStepCell(forward_backward, apply_gradients)
+
+
+def device_resident_bytes(step_cell: TrainOneStepCell) -> int:
+    return sum(p.nbytes for p in step_cell.get_parameters())
 
 
 def peak_rss_mb() -> float:
@@ -130,7 +135,7 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
         restore(step_cell, info, NOT_CHECKPOINTED, take_host)
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
     if offload is not None:
-        offload.device_resident_bytes = sum(p.nbytes for p in step_cell.get_parameters())
+        offload.device_resident_bytes = device_resident_bytes(step_cell)
         say(f"ecss: {offload.store.nbytes / 2 ** 20:.1f} MiB of experts and moments on the host, a slab of "
             f"{offload.slab_experts} experts per sparse layer on the device")
     planner = expert_planner(config, step_cell)
@@ -215,7 +220,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             updates_before = int(optimizer_step.asnumpy()) if offload else 0  # the host uses the same rate
             result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
             if offload:
-                offload.update(result.host_grads, result.finite, learning_rate_at(updates_before, train_cfg))
+                offload.update(result.host_grads, result.finite, learning_rate_at(updates_before, train_cfg),
+                               timed=not compiling)
             (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
             losses.append(result.loss)
             dropped_total += result.dropped
@@ -265,7 +271,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
         peak_flops=peak, compile_seconds=float(np.sum(compile_seconds)), compiled_graphs=len(compiled_graph_keys),
         dropped_assignments=dropped_total,
         skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved,
-        peak_rss_mb=peak_rss_mb(), ecss=dict(offload.totals) if offload else None)
+        peak_rss_mb=peak_rss_mb(), device_resident_bytes=device_resident_bytes(step_cell),
+        ecss=dict(offload.totals, host_resident_bytes=offload.store.nbytes) if offload else None)
     if folder and parallel.is_main and plot_losses(folder.metrics, folder.loss_plot):
         say(f"loss curve: {folder.loss_plot}")
     return summary

@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package (``pangu-sigma bench ...``); every record carries the machine."""

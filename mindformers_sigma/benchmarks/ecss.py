@@ -1,0 +1,158 @@
+"""``pangu-sigma bench ecss``: ECSS against the number of experts, and against a learned-gate MoE.
+
+* scaling: experts per sparse layer 16 -> 64 -> 256 -> 1024 (more domains, 4 experts each), the
+  T1 shapes otherwise, batch 4 x 256 so a step activates at most 16 experts per layer and the
+  slab holds 16 in every case: tokens/s, device- and host-resident bytes, bytes loaded per step;
+* speedup_vs_moe: 640 experts per sparse layer (40 domains x 16) at the T1 shapes, RRE with ECSS
+  against the learned top-1 gate (capacity factor 1.25) with every expert resident and updated by
+  the device optimizer; plus that optimizer's time alone, which explains most of the gap.
+
+Every case runs in a fresh process (``python -m mindformers_sigma.benchmarks.ecss --case ...``)
+so each one's memory is its own.  ``--quick`` shrinks the model and the steps (a CI smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from mindformers_sigma.benchmarks.record import write_record
+from mindformers_sigma.errors import UserError
+
+T1 = Path(__file__).resolve().parents[2] / "ascend_configs" / "bench_t1_cpu.yaml"
+QUICK = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=256", "model.seq_length=64"]
+
+
+def _experts(total: int, per_domain: int) -> List[str]:
+    return [f"moe.num_experts={total}", f"moe.num_domains={total // per_domain}",
+            f"moe.experts_per_domain={per_domain}"]
+
+
+def scaling_cases(quick: bool) -> List[tuple]:
+    sizes = (16, 64) if quick else (16, 64, 256, 1024)
+    return [(experts, _experts(experts, 4) + ["ecss.enabled=true", "ecss.slab_experts=16", "train.batch_size=4"])
+            for experts in sizes]
+
+
+def comparison_cases(quick: bool) -> dict:
+    experts = 64 if quick else 640
+    common = _experts(experts, 16)
+    return {"ecss": common + ["ecss.enabled=true"],
+            "moe": common + ["moe.router=switch", "moe.capacity_factor=1.25"]}
+
+
+def run_case(overrides: Sequence[str], steps: int, quick: bool, optimizer_only: bool = False) -> dict:
+    """One case in a child process; its last stdout line is the JSON result."""
+    command = [sys.executable, "-m", "mindformers_sigma.benchmarks.ecss", "--case",
+               json.dumps(list(overrides) + (QUICK if quick else [])), "--steps", str(steps)]
+    if optimizer_only:
+        command.append("--optimizer-only")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"bench ecss: case {' '.join(overrides)} failed: "
+                        f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _case_result(overrides: List[str], steps: int) -> dict:
+    from mindformers_sigma.config import apply_overrides, load_config
+    from mindformers_sigma.training.trainer import train
+
+    config = apply_overrides(load_config(T1), overrides)
+    summary = train(config, steps=steps, log=lambda line: print(line, file=sys.stderr))
+    step_seconds = config.train.batch_size * config.model.seq_length / summary.tokens_per_second
+    result = {"tokens_per_s": summary.tokens_per_second, "step_seconds": step_seconds,
+              "device_resident_bytes": summary.device_resident_bytes, "peak_rss_mb": summary.peak_rss_mb,
+              "compile_seconds": summary.compile_seconds}
+    if summary.ecss:
+        result.update(host_resident_bytes=summary.ecss["host_resident_bytes"],
+                      h2d_bytes_per_step=summary.ecss["h2d_bytes"] / steps,
+                      transfer_seconds_per_step=summary.ecss["transfer_seconds"] / summary.ecss["timed_steps"],
+                      host_update_seconds_per_step=summary.ecss["host_update_seconds"] / summary.ecss["timed_steps"])
+    return result
+
+
+def _optimizer_only(overrides: List[str], repeats: int = 3) -> dict:
+    """The device optimizer's update alone (unscale, clip, AdamW) over every parameter of the config."""
+    import numpy as np
+    from mindspore import Tensor
+
+    from mindformers_sigma.config import apply_overrides, load_config
+    from mindformers_sigma.context import configure_context
+    from mindformers_sigma.training.trainer import build_train_step
+
+    config = apply_overrides(load_config(T1), overrides)
+    configure_context(config)
+    step = build_train_step(config, None, 1)
+    grads = tuple(Tensor(np.zeros(p.shape, np.float32)) for p in step.apply_gradients.optimizer.parameters)
+    step.apply_gradients(grads)[0].asnumpy()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        out = step.apply_gradients(grads)
+    out[0].asnumpy()
+    return {"optimizer_seconds": (time.perf_counter() - started) / repeats}
+
+
+def run(quick: bool, out_dir: str) -> dict:
+    steps = 3 if quick else 8
+    scaling = []
+    for experts, overrides in scaling_cases(quick):
+        print(f"bench ecss: scaling, {experts} experts per sparse layer", file=sys.stderr, flush=True)
+        scaling.append(dict(experts=experts, **run_case(overrides, steps, quick)))
+    cases = comparison_cases(quick)
+    print("bench ecss: 640-expert comparison (ECSS, then the learned gate)", file=sys.stderr, flush=True)
+    ecss = run_case(cases["ecss"], steps, quick)
+    moe = run_case(cases["moe"], steps, quick)
+    moe.update(run_case(cases["moe"], steps, quick, optimizer_only=True))
+    record = {"benchmark": "ecss", "quick": quick, "config": str(T1), "steps": steps, "scaling": scaling,
+              "comparison": {"experts": 64 if quick else 640, "ecss": ecss, "moe": moe},
+              "speedup_vs_moe": ecss["tokens_per_s"] / moe["tokens_per_s"]}
+    write_record(os.path.join(out_dir, "ecss.json"), record, echo=False)
+    print(table(record))
+    return record
+
+
+def table(record: dict) -> str:
+    lines = ["| experts | tokens/s | vs 16 | device-resident MiB | host-resident MiB | loaded per step MiB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    base = record["scaling"][0]["tokens_per_s"]
+    for row in record["scaling"]:
+        lines.append(f"| {row['experts']} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s'] / base:.2f}x | "
+                     f"{row['device_resident_bytes'] / 2 ** 20:,.1f} | {row['host_resident_bytes'] / 2 ** 20:,.1f} | "
+                     f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f} |")
+    c = record["comparison"]
+    ecss, moe = c["ecss"], c["moe"]
+    lines += ["", f"{c['experts']} experts per sparse layer: RRE + ECSS {ecss['tokens_per_s']:,.0f} tokens/s, "
+                  f"learned top-1 (all experts resident) {moe['tokens_per_s']:,.0f} tokens/s: "
+                  f"speedup {record['speedup_vs_moe']:.2f}x",
+              "", "| part of a step, s | RRE + ECSS | learned top-1 |", "| --- | --- | --- |",
+              f"| whole step | {ecss['step_seconds']:.3f} | {moe['step_seconds']:.3f} |",
+              f"| ECSS loading + gradient fetch | {ecss['transfer_seconds_per_step']:.3f} | - |",
+              f"| host AdamW of the touched experts | {ecss['host_update_seconds_per_step']:.3f} | - |",
+              f"| device optimizer over all parameters (measured alone) | - | {moe['optimizer_seconds']:.3f} |",
+              f"| device-resident MiB | {ecss['device_resident_bytes'] / 2 ** 20:,.0f} | "
+              f"{moe['device_resident_bytes'] / 2 ** 20:,.0f} |"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The child-process entry: one case, its JSON result as the last stdout line."""
+    parser = argparse.ArgumentParser(description="one case of `pangu-sigma bench ecss`")
+    parser.add_argument("--case", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--optimizer-only", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = json.loads(args.case)
+    result = _optimizer_only(overrides) if args.optimizer_only else _case_result(overrides, args.steps)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

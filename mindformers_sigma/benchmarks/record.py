@@ -1,0 +1,51 @@
+"""One JSON record per benchmark, written atomically, with the machine and software it ran on."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+from mindformers_sigma.atomic import write_bytes_atomic
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    """HEAD, marked ``+uncommitted`` when the checkout has changes (the record is then not HEAD's)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=here).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+uncommitted" if dirty else "")) if head else "unknown"
+
+
+def machine() -> dict:
+    import mindspore
+
+    return {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform(),
+            "python": platform.python_version(), "mindspore": mindspore.__version__, "git_commit": _git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_record(path: str, record: dict, echo: bool = True) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(dict(record, machine=machine()), indent=2)
+    write_bytes_atomic(path, text.encode() + b"\n")
+    if echo:
+        print(text)
