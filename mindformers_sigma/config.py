@@ -251,6 +251,8 @@ class EcssConfig:
     slab_experts: int = 0  # 0: the most experts a step can activate (see ecss.slab.smallest_safe_slab)
     # ram: numpy arrays; mmap: memory-mapped files under OUT/ecss_store, for stores larger than RAM
     host_store: Literal["ram", "mmap"] = "ram"
+    # read, plan and copy out the next step's experts in a background thread while a step runs
+    prefetch: bool = True
 
     def validate(self) -> None:
         _require(self.slab_experts >= 0, "ecss.slab_experts", self.slab_experts,

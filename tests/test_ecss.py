@@ -232,3 +232,20 @@ def test_bench_ecss_quick_runs_and_its_record_is_consistent(tmp_path):
     assert comparison["moe"]["device_resident_bytes"] > comparison["ecss"]["device_resident_bytes"]
     assert record["speedup_vs_moe"] == comparison["ecss"]["tokens_per_s"] / comparison["moe"]["tokens_per_s"]
     assert record["machine"]["mindspore"] and "| 64 |" in done.stdout
+
+
+def test_prefetching_the_next_step_changes_nothing_even_for_experts_both_steps_share(real_corpus, tmp_path):
+    # With prefetch the next step's experts are copied out while this step runs; those this step
+    # then updates must be copied again before the load, or the next step would use stale weights.
+    _, prepared = real_corpus
+    config = apply_overrides(_real_config(prepared, steps=6), ["ecss.enabled=true"])
+    runs = {}
+    for prefetch in (True, False):
+        out = tmp_path / f"prefetch_{prefetch}"
+        train(apply_overrides(config, [f"ecss.prefetch={str(prefetch).lower()}"]), out_dir=str(out))
+        runs[prefetch] = (_metrics(out), _final_params(out))
+    with_prefetch, without = runs[True], runs[False]
+    assert [r["loss"] for r in with_prefetch[0]] == [r["loss"] for r in without[0]]
+    assert all(np.array_equal(with_prefetch[1][n], without[1][n]) for n in without[1])
+    assert sum(sum(r["ecss_refreshed_experts"]) for r in with_prefetch[0]) > 0  # the shared-expert path ran
+    assert sum(sum(r["ecss_refreshed_experts"]) for r in without[0]) == 0

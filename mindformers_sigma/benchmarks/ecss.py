@@ -108,10 +108,13 @@ def run(quick: bool, out_dir: str) -> dict:
     cases = comparison_cases(quick)
     print("bench ecss: 640-expert comparison (ECSS, then the learned gate)", file=sys.stderr, flush=True)
     ecss = run_case(cases["ecss"], steps, quick)
+    serial = run_case(cases["ecss"] + ["ecss.prefetch=false"], steps, quick)
     moe = run_case(cases["moe"], steps, quick)
     moe.update(run_case(cases["moe"], steps, quick, optimizer_only=True))
     record = {"benchmark": "ecss", "quick": quick, "config": str(T1), "steps": steps, "scaling": scaling,
-              "comparison": {"experts": 64 if quick else 640, "ecss": ecss, "moe": moe},
+              "comparison": {"experts": 64 if quick else 640, "ecss": ecss, "ecss_without_prefetch": serial,
+                             "moe": moe},
+              "prefetch_saves_seconds_per_step": serial["step_seconds"] - ecss["step_seconds"],
               "speedup_vs_moe": ecss["tokens_per_s"] / moe["tokens_per_s"]}
     write_record(os.path.join(out_dir, "ecss.json"), record, echo=False)
     print(table(record))
@@ -133,6 +136,7 @@ def table(record: dict) -> str:
                   f"speedup {record['speedup_vs_moe']:.2f}x",
               "", "| part of a step, s | RRE + ECSS | learned top-1 |", "| --- | --- | --- |",
               f"| whole step | {ecss['step_seconds']:.3f} | {moe['step_seconds']:.3f} |",
+              f"| whole step without prefetch | {c['ecss_without_prefetch']['step_seconds']:.3f} | - |",
               f"| ECSS loading + gradient fetch | {ecss['transfer_seconds_per_step']:.3f} | - |",
               f"| host AdamW of the touched experts | {ecss['host_update_seconds_per_step']:.3f} | - |",
               f"| device optimizer over all parameters (measured alone) | - | {moe['optimizer_seconds']:.3f} |",

@@ -60,7 +60,9 @@ class ExpertOffload:
         self.grad_order = [(prefixes.index(p.name.rsplit(".", 1)[0]), p.name.rsplit(".", 1)[1]) for p in slab_params]
         by_name = {p.name: p for p in slab_params}
         self.writers = [SlabWriter([by_name[f"{prefix}.{t}"] for t in EXPERT_TENSORS]) for prefix in prefixes]
-        self.assignment: Optional[SlabAssignment] = None
+        self.assignment: Optional[SlabAssignment] = None  # the slab as the running (or last) step sees it
+        self._pending: Optional[tuple] = None  # the next step's, staged and not yet loaded
+        self._updated = True  # whether the host update of the step using ``assignment`` is done
         self._staged: List[List[np.ndarray]] = []
         self.device_resident_bytes = 0
         self.last: Dict[str, object] = {}
@@ -95,21 +97,44 @@ class ExpertOffload:
                    settings)
 
     def stage(self, plans: List[np.ndarray], num_tokens: int) -> List[np.ndarray]:
-        """Load the step's experts into the slab; returns the plans with experts replaced by slots."""
+        """Plan the step's slab and copy its experts' rows out of the store; returns the plans with
+        experts replaced by slots.  May run in a background thread while the previous step runs
+        (``ecss.prefetch``): rows of experts that step may still update are copied again by
+        :meth:`load`."""
         started = time.perf_counter()
-        self.assignment = assign_slots(plans, num_tokens, self.slab_experts)
+        assignment = assign_slots(plans, num_tokens, self.slab_experts)
+        in_flight = not self._updated and self.assignment is not None  # its host update may still run
+        rows, stale = [], []
+        for index, (layer, experts) in enumerate(zip(self.store.layers, assignment.active)):
+            rows.append([layer.weights[t][experts] for t in EXPERT_TENSORS])
+            if not in_flight:
+                stale.append(np.zeros(experts.size, bool))
+            elif self.dense_semantics:  # that update writes every expert
+                stale.append(np.ones(experts.size, bool))
+            else:
+                stale.append(np.isin(experts, self.assignment.active[index]))
+        self._pending = (assignment, rows, stale, time.perf_counter() - started)
+        return [assignment.remap(plan, num_tokens) for plan in plans]
+
+    def load(self) -> None:
+        """Host -> device, right before the step: refresh the rows the previous step updated after
+        :meth:`stage` copied them, then write every staged row into the slab."""
+        started = time.perf_counter()
+        assignment, rows, stale, staging_seconds = self._pending
         moved = 0
-        self._staged = []  # the writers read these arrays without a copy (from_numpy): keep them alive
-        for writer, layer, experts in zip(self.writers, self.store.layers, self.assignment.active):
-            rows = [layer.weights[t][experts] for t in EXPERT_TENSORS]
-            writer(Tensor(np.arange(len(experts), dtype=np.int32)), *(Tensor.from_numpy(r) for r in rows))
-            self._staged.append(rows)
-            moved += sum(r.nbytes for r in rows)
-        seconds = time.perf_counter() - started
-        self.last = {"ecss_h2d_bytes": moved, "ecss_active_experts": [int(e.size) for e in self.assignment.active],
-                     "ecss_transfer_seconds": seconds}
+        for writer, layer, experts, layer_rows, layer_stale in zip(self.writers, self.store.layers,
+                                                                  assignment.active, rows, stale):
+            if layer_stale.any():
+                for tensor, array in zip(EXPERT_TENSORS, layer_rows):
+                    array[layer_stale] = layer.weights[tensor][experts[layer_stale]]
+            writer(Tensor(np.arange(len(experts), dtype=np.int32)), *(Tensor.from_numpy(r) for r in layer_rows))
+            moved += sum(r.nbytes for r in layer_rows)
+        self._staged = rows  # the writers read these arrays without a copy (from_numpy): keep them alive
+        self.assignment, self._updated = assignment, False
+        seconds = staging_seconds + time.perf_counter() - started
+        self.last = {"ecss_h2d_bytes": moved, "ecss_active_experts": [int(e.size) for e in assignment.active],
+                     "ecss_refreshed_experts": [int(m.sum()) for m in stale], "ecss_transfer_seconds": seconds}
         self.totals["h2d_bytes"] += moved
-        return [self.assignment.remap(plan, num_tokens) for plan in plans]
 
     def update(self, host_grads: Sequence[Tensor], finite: bool, lr: float, timed: bool = True) -> None:
         """Bring the active slots' (clipped, unscaled) gradients back and update those experts;
@@ -135,6 +160,7 @@ class ExpertOffload:
                          ecss_transfer_seconds=self.last["ecss_transfer_seconds"] + fetched - started,
                          ecss_device_resident_bytes=self.device_resident_bytes,
                          ecss_host_resident_bytes=self.store.nbytes)
+        self._updated = True
         self.totals["d2h_bytes"] += moved
         if timed:
             self.totals["timed_steps"] += 1

@@ -15,8 +15,10 @@ graph declares its sizes dynamic, so ranks need not agree on them.
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import mindspore as ms
 import numpy as np
@@ -93,3 +95,43 @@ class GlobalBatchReader:
                 inputs.append(Tensor(dropout_seed(self.base_seed, step, part), ms.int64))
             micro_batches.append(tuple(inputs))
         return StepBatch(micro_batches, total, position + self.batch_size)
+
+
+class PrefetchingReader:
+    """Reads step t+1's batch in a background thread while step t runs (``ecss.prefetch``).
+
+    Reads stay in order, one at a time: ``prefetch`` is only called once the previous batch was
+    taken, so the data source and the RRE planner never run concurrently with themselves.
+    """
+
+    def __init__(self, reader: GlobalBatchReader):
+        self.reader = reader
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._ahead: Optional[Tuple[int, int, "Future[StepBatch]"]] = None
+
+    def read(self, step: int, position: int) -> StepBatch:
+        if self._ahead is not None and self._ahead[:2] == (step, position):
+            batch = self._ahead[2].result()
+            self._ahead = None
+            return batch
+        return self.reader.read(step, position)
+
+    def prefetch(self, step: int, position: int) -> None:
+        self._ahead = (step, position, self._pool.submit(self.reader.read, step, position))
+
+    def close(self) -> None:
+        """Wait for a read in flight (it may hold the data source) and stop the thread."""
+        self._pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def prefetching(reader: GlobalBatchReader, enabled: bool) -> Iterator[Union[GlobalBatchReader, PrefetchingReader]]:
+    """``reader``, or a :class:`PrefetchingReader` around it that is closed however the run ends."""
+    if not enabled:
+        yield reader
+        return
+    ahead = PrefetchingReader(reader)
+    try:
+        yield ahead
+    finally:
+        ahead.close()

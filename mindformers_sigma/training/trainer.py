@@ -27,7 +27,7 @@ from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
 from mindformers_sigma.moe.expert_plan import ExpertPlanner, routing_tables_of
 from mindformers_sigma.training import checkpoint as ckpt
-from mindformers_sigma.training.global_batch import GlobalBatchReader
+from mindformers_sigma.training.global_batch import GlobalBatchReader, PrefetchingReader, prefetching
 from mindformers_sigma.training.interrupts import stop_requests
 from mindformers_sigma.training.loss import TrainingLoss
 from mindformers_sigma.training.lr_schedule import learning_rate_at
@@ -209,7 +209,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     # their time is reported as compile time, not as throughput.
     losses, run_seconds, compile_seconds, compiled_graph_keys = [], [], [], set()
     dropped_total, skipped, saved = 0, 0, None
-    with stop_requests() as stop:
+    with stop_requests() as stop, prefetching(reader, bool(offload) and config.ecss.prefetch) as reader:
         for step in range(start_step, train_cfg.steps):
             stop.arm()  # again each step: MindSpore replaces the handlers while a graph runs
             started = time.perf_counter()  # a step's time includes reading and planning (and ECSS's loading)
@@ -218,6 +218,10 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             compiling = batch.graph_key not in compiled_graph_keys
             compiled_graph_keys.add(batch.graph_key)
             updates_before = int(optimizer_step.asnumpy()) if offload else 0  # the host uses the same rate
+            if offload:
+                offload.load()
+                if isinstance(reader, PrefetchingReader) and step + 1 < train_cfg.steps:
+                    reader.prefetch(step + 1, position)  # staged while this step runs
             result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
             if offload:
                 offload.update(result.host_grads, result.finite, learning_rate_at(updates_before, train_cfg),
