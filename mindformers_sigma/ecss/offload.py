@@ -51,8 +51,9 @@ class ExpertOffload:
     dense_semantics = False
 
     def __init__(self, slab_params: Sequence[Parameter], store: HostExpertStore, slab_experts: int,
-                 settings: AdamWSettings):
+                 settings: AdamWSettings, routing_tables: Dict[str, np.ndarray]):
         self.store = store
+        self.routing_tables = routing_tables  # the layers' own arrays (MoELayer.host_routing_table)
         self.slab_experts = slab_experts
         self.settings = settings
         prefixes = [layer.prefix for layer in store.layers]
@@ -71,7 +72,7 @@ class ExpertOffload:
                        "host_update_seconds": 0.0}
 
     @classmethod
-    def build(cls, config: SigmaConfig, slab_params: Sequence[Parameter],
+    def build(cls, config: SigmaConfig, slab_params: Sequence[Parameter], routing_tables: Dict[str, np.ndarray],
               store_directory: Optional[str] = None) -> "ExpertOffload":
         """A fresh store: every expert drawn as ``BatchedExperts`` draws its weights (normal
         ``init_std`` matrices, zero biases), from ``context.seed`` and the layer; memory-mapped
@@ -94,7 +95,7 @@ class ExpertOffload:
                                  {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
         directory = store_directory if config.ecss.host_store == "mmap" else None
         return cls(slab_params, HostExpertStore.from_weights(prefixes, weights, directory), slab_size(config),
-                   settings)
+                   settings, routing_tables)
 
     def stage(self, plans: List[np.ndarray], num_tokens: int) -> List[np.ndarray]:
         """Plan the step's slab and copy its experts' rows out of the store; returns the plans with
@@ -159,7 +160,7 @@ class ExpertOffload:
         self.last.update(ecss_d2h_bytes=moved, ecss_host_update_seconds=done - fetched,
                          ecss_transfer_seconds=self.last["ecss_transfer_seconds"] + fetched - started,
                          ecss_device_resident_bytes=self.device_resident_bytes,
-                         ecss_host_resident_bytes=self.store.nbytes)
+                         ecss_host_resident_bytes=self.host_resident_bytes)
         self._updated = True
         self.totals["d2h_bytes"] += moved
         if timed:
@@ -167,17 +168,31 @@ class ExpertOffload:
             self.totals["transfer_seconds"] += self.last["ecss_transfer_seconds"]
             self.totals["host_update_seconds"] += done - fetched
 
+    @property
+    def host_resident_bytes(self) -> int:
+        """The store and the routing tables."""
+        return self.store.nbytes + sum(table.nbytes for table in self.routing_tables.values())
+
     def checkpoint_parameters(self, parameters: Dict[str, object]) -> Dict[str, object]:
         """A plain checkpoint's entries: the slab's names carry the whole store instead."""
         self.store.flush()
         entries = dict(parameters)
         entries.update({name: Tensor(array) for name, array in self.store.entries().items()})
+        entries.update({name: Tensor(table) for name, table in self.routing_tables.items()})
         return entries
 
     def take_from_checkpoint(self, stored: Dict[str, Parameter], source: str) -> Dict[str, Parameter]:
         """Load the store from checkpoint entries; returns the entries left for the device cell."""
         names = set(self.store.entries())
         self.store.load({name: stored[name].asnumpy() for name in names if name in stored}, source)
+        for name, table in self.routing_tables.items():
+            saved = stored.get(name)
+            if saved is None or saved.shape != table.shape:
+                have = "missing" if saved is None else f"shape {tuple(saved.shape)}"
+                raise DataError(f"{source}: {name} is {have}, the model needs shape {table.shape}; was it "
+                                f"written with another config?")
+            table[...] = saved.asnumpy()
+        names |= set(self.routing_tables)
         return {name: value for name, value in stored.items() if name not in names}
 
 

@@ -19,12 +19,19 @@ class MoELayer(nn.Cell):
     def __init__(self, model: ModelConfig, moe: MoEConfig, routing_table: np.ndarray | None = None,
                  expert_slots: int | None = None):
         """``expert_slots``: hold only that many experts' weights (the ECSS device slab, ``ecss/``);
-        the host then loads the active experts into slots and the plans name slots, not experts."""
+        the host then loads the active experts into slots and the plans name slots, not experts.
+        Such a layer only runs host-planned dispatch, so its routing table stays on the host
+        (``host_routing_table``) instead of taking device memory that grows with the domains."""
         super().__init__()
+        self.host_routing_table = None
         if moe.router == "rre":
             if routing_table is None:
                 raise ValueError("RRE layer needs its routing table")
-            self.router = RandomRoutedRouter(routing_table)
+            if expert_slots is None:
+                self.router = RandomRoutedRouter(routing_table)
+            else:
+                self.router = None
+                self.host_routing_table = np.array(routing_table, dtype=np.int32)
         else:
             self.router = LearnedTopKRouter(model.hidden_size, moe.num_experts, moe.top_k, model.init_std)
         self.dispatcher = TokenDispatcher(moe.num_experts, moe.top_k, moe.capacity_factor)

@@ -25,7 +25,7 @@ from mindformers_sigma.ecss.offload import ExpertOffload
 from mindformers_sigma.ecss.slab import slab_size
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
-from mindformers_sigma.moe.expert_plan import ExpertPlanner, routing_tables_of
+from mindformers_sigma.moe.expert_plan import ExpertPlanner, host_routing_tables, routing_tables_of
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import GlobalBatchReader, PrefetchingReader, prefetching
 from mindformers_sigma.training.interrupts import stop_requests
@@ -127,7 +127,8 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
     offload = None
     if config.ecss.enabled:
         store = os.path.join(folder.path, ECSS_STORE) if folder else None
-        offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated, store)
+        offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated,
+                                      host_routing_tables(step_cell), store)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
         take_host = None if offload is None else (
@@ -276,7 +277,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
         dropped_assignments=dropped_total,
         skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved,
         peak_rss_mb=peak_rss_mb(), device_resident_bytes=device_resident_bytes(step_cell),
-        ecss=dict(offload.totals, host_resident_bytes=offload.store.nbytes) if offload else None)
+        ecss=dict(offload.totals, host_resident_bytes=offload.host_resident_bytes) if offload else None)
     if folder and parallel.is_main and plot_losses(folder.metrics, folder.loss_plot):
         say(f"loss curve: {folder.loss_plot}")
     return summary
