@@ -249,7 +249,7 @@ class EcssConfig:
 
     enabled: bool = False
     slab_experts: int = 0  # 0: the most experts a step can activate (see ecss.slab.smallest_safe_slab)
-    # ram: numpy arrays; mmap: memory-mapped files under OUT/ecss_store, for stores larger than RAM
+    # ram: numpy arrays; mmap: memory-mapped files under OUT/ecss_store (scratch, removed at the end)
     host_store: Literal["ram", "mmap"] = "ram"
     # read, plan and copy out the next step's experts in a background thread while a step runs
     prefetch: bool = True
@@ -301,6 +301,8 @@ class SigmaConfig:
         )
 
     def _validate_ecss(self) -> None:
+        _require(self.model.sparse_layers >= 1, "ecss.enabled", True,
+                 "needs model.sparse_layers >= 1: a model without sparse layers has no experts to keep on the host")
         _require(self.moe.router == "rre", "ecss.enabled", True,
                  f"needs moe.router: rre: the host must know each step's experts before the step, and a "
                  f"learned router ({self.moe.router}) only chooses them inside it")

@@ -135,9 +135,9 @@ def test_slab_layout_renames_experts_to_slots_and_a_too_small_slab_is_one_error(
         assert np.array_equal(experts[remapped[layer, used, 0]], plan[layer, used, 0])
         assert np.array_equal(remapped[layer, :, 1:], plan[layer, :, 1:])
     needed = max(e.size for e in assignment.active)
-    with pytest.raises(DataError, match=rf"sparse layer \d needs {needed} experts in this step but "
-                                        rf"ecss.slab_experts is {needed - 1}"):
-        assign_slots([plan], num_tokens, needed - 1)
+    with pytest.raises(DataError, match=rf"ecss: backbone.layers.\d needs {needed} experts in one step but "
+                                        rf"ecss.slab_experts is {needed - 1}; raise it"):
+        assign_slots([plan], num_tokens, needed - 1, ["backbone.layers.1", "backbone.layers.2"])
     assert smallest_safe_slab(config) == min(16, min(config.train.batch_size, 4) * 4)
 
 
@@ -148,6 +148,8 @@ def test_ecss_config_is_refused_where_it_cannot_work():
         micro_config(moe={"capacity_factor": 1.5}, ecss={"enabled": True})
     with pytest.raises(ConfigError, match="ecss.slab_experts"):
         micro_config(ecss={"enabled": True, "slab_experts": 9})
+    with pytest.raises(ConfigError, match="no experts to keep on the host"):
+        micro_config(model={"dense_layers": 3, "sparse_layers": 0}, ecss={"enabled": True})
 
 
 def _metrics(out):
@@ -196,10 +198,11 @@ def test_mmap_store_survives_sigkill_and_resumes_bitwise(real_corpus, tmp_path):
     config = _write_config(tmp_path, prepared, host_store="mmap")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(train_cmd(config, straight), check=True, capture_output=True, cwd=REPO)
-    assert sorted(p.name for p in (straight / "ecss_store").iterdir())[:1] == [
-        "adam_m.backbone.layers.1.ffn.experts.b1.npy"]  # the store lives in files under --out
+    assert not (straight / "ecss_store").exists()  # scratch: a finished run removes it
     step, code, _ = stop_after_checkpoint(config, killed, 4)
     assert code == -signal.SIGKILL and 4 <= step < 10
+    assert sorted(p.name for p in (killed / "ecss_store").iterdir())[:1] == [
+        "adam_m.backbone.layers.1.ffn.experts.b1.npy"]  # the killed run's store, in files under --out
     result = subprocess.run(train_cmd(config, killed, "--resume", "auto"), capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["loss"] for r in _metrics(killed)] == [r["loss"] for r in _metrics(straight)]

@@ -99,7 +99,21 @@ def _optimizer_only(overrides: List[str], repeats: int = 3) -> dict:
     return {"optimizer_seconds": (time.perf_counter() - started) / repeats}
 
 
+def _check_out(out_dir: str) -> None:
+    """Fail before minutes of benchmarking, not after: the folder must be creatable and writable."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-probe")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: cannot write there ({err.strerror or err}); pass a writable folder") \
+            from None
+
+
 def run(quick: bool, out_dir: str) -> dict:
+    _check_out(out_dir)
     steps = 3 if quick else 8
     scaling = []
     for experts, overrides in scaling_cases(quick):

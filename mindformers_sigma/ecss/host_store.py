@@ -2,9 +2,11 @@
 
 One contiguous ``[E, ...]`` array per sparse layer and tensor (``w1 [E, H, F]``, ``b1 [E, 1, F]``,
 ``w2 [E, F, H]``, ``b2 [E, 1, H]``), so loading K experts is one fancy-index copy.  The arrays are
-in RAM, or memory-mapped ``.npy`` files in a folder (``ecss.host_store: mmap``) so that a store
-larger than RAM pages in and out; either way a checkpoint holds the whole store, so a killed
-run resumes from its checkpoint whatever state the files were left in.  Names follow
+in RAM, or memory-mapped ``.npy`` files in a folder (``ecss.host_store: mmap``), whose pages the
+OS can write back and evict.  (Building the store, checkpointing and resuming still pass the
+whole store through RAM, so a store larger than RAM does not work yet.)  Either way a checkpoint
+holds the whole store, so a killed run resumes from its checkpoint whatever state the files were
+left in.  Names follow
 the model's parameters (``backbone.layers.2.ffn.experts.w1``, moments ``adam_m.`` / ``adam_v.``
 and the name), so an ECSS checkpoint holds exactly what a plain one does.
 """

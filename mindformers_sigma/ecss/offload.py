@@ -10,6 +10,7 @@ applies the same clipped gradients, or skips the same steps.
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -54,6 +55,7 @@ class ExpertOffload:
                  settings: AdamWSettings, routing_tables: Dict[str, np.ndarray]):
         self.store = store
         self.routing_tables = routing_tables  # the layers' own arrays (MoELayer.host_routing_table)
+        self.store_directory: Optional[str] = None  # where a memory-mapped store's files are
         self.slab_experts = slab_experts
         self.settings = settings
         prefixes = [layer.prefix for layer in store.layers]
@@ -94,8 +96,10 @@ class ExpertOffload:
         settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
                                  {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
         directory = store_directory if config.ecss.host_store == "mmap" else None
-        return cls(slab_params, HostExpertStore.from_weights(prefixes, weights, directory), slab_size(config),
-                   settings, routing_tables)
+        offload = cls(slab_params, HostExpertStore.from_weights(prefixes, weights, directory), slab_size(config),
+                      settings, routing_tables)
+        offload.store_directory = directory
+        return offload
 
     def stage(self, plans: List[np.ndarray], num_tokens: int) -> List[np.ndarray]:
         """Plan the step's slab and copy its experts' rows out of the store; returns the plans with
@@ -103,7 +107,8 @@ class ExpertOffload:
         (``ecss.prefetch``): rows of experts that step may still update are copied again by
         :meth:`load`."""
         started = time.perf_counter()
-        assignment = assign_slots(plans, num_tokens, self.slab_experts)
+        assignment = assign_slots(plans, num_tokens, self.slab_experts,
+                                  [layer.prefix.rsplit(".ffn.", 1)[0] for layer in self.store.layers])
         in_flight = not self._updated and self.assignment is not None  # its host update may still run
         rows, stale = [], []
         for index, (layer, experts) in enumerate(zip(self.store.layers, assignment.active)):
@@ -172,6 +177,11 @@ class ExpertOffload:
     def host_resident_bytes(self) -> int:
         """The store and the routing tables."""
         return self.store.nbytes + sum(table.nbytes for table in self.routing_tables.values())
+
+    def discard_store_files(self) -> None:
+        """Remove a memory-mapped store's files (scratch: every checkpoint holds the whole store)."""
+        if self.store_directory is not None:
+            shutil.rmtree(self.store_directory, ignore_errors=True)
 
     def checkpoint_parameters(self, parameters: Dict[str, object]) -> Dict[str, object]:
         """A plain checkpoint's entries: the slab's names carry the whole store instead."""

@@ -45,8 +45,10 @@ class SlabAssignment:
         return remapped
 
 
-def assign_slots(plans: Sequence[np.ndarray], num_tokens: int, slab_experts: int) -> SlabAssignment:
-    """The slab layout of one step from its micro-batch plans (``num_tokens``: tokens per plan).
+def assign_slots(plans: Sequence[np.ndarray], num_tokens: int, slab_experts: int,
+                 layer_names: Sequence[str] = ()) -> SlabAssignment:
+    """The slab layout of one step from its micro-batch plans (``num_tokens``: tokens per plan;
+    ``layer_names`` name the sparse layers in errors).
 
     Every micro-batch of a step sees the same slab (their gradients are summed before the host
     update), so a layer's slab holds the union of its micro-batches' experts.
@@ -56,7 +58,8 @@ def assign_slots(plans: Sequence[np.ndarray], num_tokens: int, slab_experts: int
         experts = [plan[layer, used_slots(plan[layer], num_tokens), 0] for plan in plans]
         union = np.unique(np.concatenate(experts)).astype(np.int32)
         if union.size > slab_experts:
-            raise DataError(f"ecss: sparse layer {layer} needs {union.size} experts in this step but "
-                            f"ecss.slab_experts is {slab_experts}; raise it (0 picks the safe size)")
+            name = layer_names[layer] if layer < len(layer_names) else f"sparse layer {layer}"
+            raise DataError(f"ecss: {name} needs {union.size} experts in one step but ecss.slab_experts is "
+                            f"{slab_experts}; raise it, or set it to 0 for the safe size")
         active.append(union)
     return SlabAssignment(active)

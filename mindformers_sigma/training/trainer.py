@@ -267,6 +267,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                     f"checkpoint saved in {folder.checkpoints}; continue with --resume auto" if folder
                     else "nothing saved (no --out)"))
 
+    if offload:
+        offload.discard_store_files()  # scratch once the run is done: the last checkpoint holds the store
     timed = run_seconds or compile_seconds
     tail = max(1, min(10, len(losses) // 5))
     tokens_per_second = tokens_per_step * len(timed) / float(np.sum(timed))
