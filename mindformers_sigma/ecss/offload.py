@@ -76,9 +76,10 @@ class ExpertOffload:
     @classmethod
     def build(cls, config: SigmaConfig, slab_params: Sequence[Parameter], routing_tables: Dict[str, np.ndarray],
               store_directory: Optional[str] = None) -> "ExpertOffload":
-        """A fresh store: every expert drawn as ``BatchedExperts`` draws its weights (normal
-        ``init_std`` matrices, zero biases), from ``context.seed`` and the layer; memory-mapped
-        under ``store_directory`` with ``ecss.host_store: mmap``."""
+        """A fresh store: every expert drawn from the distribution ``BatchedExperts`` uses (normal
+        ``init_std`` matrices, zero biases), with numpy seeded by ``context.seed`` and the layer
+        (so not the plain model's draw); memory-mapped under ``store_directory`` with
+        ``ecss.host_store: mmap``."""
         if config.ecss.host_store == "mmap" and store_directory is None:
             raise DataError("ecss.host_store: mmap keeps the expert store in files under --out; pass --out, or "
                             "set ecss.host_store: ram")
