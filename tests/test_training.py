@@ -325,3 +325,21 @@ def test_a_rank_stops_with_the_signal_it_got_or_143_when_a_peer_got_it():
         with pytest.raises(Interrupted) as stopped:
             requests.raise_now("after step 3")
         assert stopped.value.exit_code == code and words in str(stopped.value)
+
+
+def test_a_checkpoint_mindspore_cannot_parse_is_one_error_line(tmp_path):
+    # Its sha256 matches its sidecar (written unreadable, or the sidecar rewritten): the trainer
+    # must still say which file and what to do, not raise MindSpore's own error.
+    from mindformers_sigma.data.manifest import file_sha256
+    from mindformers_sigma.errors import DataError
+    from mindformers_sigma.training.trainer import train
+
+    config = micro_config(train={"batch_size": 4, "peak_flops": 1e11})
+    train(config, steps=1, out_dir=str(tmp_path / "run"))
+    weights = tmp_path / "run" / "checkpoints" / "step_00000001.ckpt"
+    weights.write_bytes(b"\x08\x01" + b"not a checkpoint" * 64)
+    sidecar = weights.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(meta, sha256=file_sha256(str(weights)))))
+    with pytest.raises(DataError, match=r"step_00000001.ckpt: MindSpore cannot read it as a ckpt checkpoint"):
+        train(config, steps=2, out_dir=str(tmp_path / "run"), resume="auto")

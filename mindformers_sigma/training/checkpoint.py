@@ -25,6 +25,7 @@ import mindspore as ms
 
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
 from mindformers_sigma.data.manifest import file_sha256
+from mindformers_sigma.errors import DataError
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 _WEIGHTS = re.compile(r"^step_(\d{8})\.(?:ckpt|safetensors)$")
@@ -145,4 +146,10 @@ def find_resume_checkpoint(directory: str, log: Callable[[str], None]) -> Option
 
 
 def load_parameters(info: CheckpointInfo) -> Dict[str, ms.Parameter]:
-    return ms.load_checkpoint(info.weights_path, format=info.meta["format"])
+    """The checkpoint's tensors; a file MindSpore cannot parse (its sha256 matched the sidecar, so
+    it was written unreadable, or the sidecar was rewritten) is one error line, not a traceback."""
+    try:
+        return ms.load_checkpoint(info.weights_path, format=info.meta["format"])
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise DataError(f"{info.weights_path}: MindSpore cannot read it as a {info.meta['format']} checkpoint "
+                        f"({str(err).splitlines()[0][:160]}); resume from another checkpoint") from None
