@@ -251,3 +251,18 @@ def test_prefetching_the_next_step_changes_nothing_even_for_experts_both_steps_s
     assert all(np.array_equal(with_prefetch[1][n], without[1][n]) for n in without[1])
     assert sum(sum(r["ecss_refreshed_experts"]) for r in with_prefetch[0]) > 0  # the shared-expert path ran
     assert sum(sum(r["ecss_refreshed_experts"]) for r in without[0]) == 0
+
+
+def test_a_checkpoint_expert_of_another_dtype_or_shape_is_refused_by_name():
+    store = HostExpertStore.from_weights(["layer"], [{"w1": np.zeros((2, 3, 4), np.float32),
+                                                      "b1": np.zeros((2, 1, 4), np.float32),
+                                                      "w2": np.zeros((2, 4, 3), np.float32),
+                                                      "b2": np.zeros((2, 1, 3), np.float32)}])
+    good = {name: array.copy() for name, array in store.entries().items()}
+    for name, bad in (("layer.w1", np.zeros((2, 3, 4), np.float16)),
+                      ("adam_v.layer.b2", np.zeros((3, 1, 3), np.float32))):
+        with pytest.raises(DataError, match=rf"ckpt: {name} is \w+ of shape .* the model needs float32 of shape"):
+            store.load(dict(good, **{name: bad}), "ckpt")
+    with pytest.raises(DataError, match=r"ckpt: adam_m.layer.w2 is missing"):
+        store.load({k: v for k, v in good.items() if k != "adam_m.layer.w2"}, "ckpt")
+    store.load(good, "ckpt")  # the right arrays load

@@ -98,8 +98,8 @@ class HostExpertStore:
                 name = f"{layer.prefix}.{tensor}"
                 for prefix, target in zip(("",) + MOMENT_PREFIXES, (layer.weights, layer.moment1, layer.moment2)):
                     array = entries.get(prefix + name)
-                    if array is None or array.shape != target[tensor].shape:
-                        have = "missing" if array is None else f"shape {tuple(array.shape)}"
-                        raise DataError(f"{source}: {prefix + name} is {have}, the model needs shape "
+                    if array is None or array.shape != target[tensor].shape or array.dtype != np.float32:
+                        have = "missing" if array is None else f"{array.dtype} of shape {tuple(array.shape)}"
+                        raise DataError(f"{source}: {prefix + name} is {have}, the model needs float32 of shape "
                                         f"{tuple(target[tensor].shape)}; was it written with another config?")
                     target[tensor][...] = array

@@ -198,9 +198,9 @@ class ExpertOffload:
         self.store.load({name: stored[name].asnumpy() for name in names if name in stored}, source)
         for name, table in self.routing_tables.items():
             saved = stored.get(name)
-            if saved is None or saved.shape != table.shape:
-                have = "missing" if saved is None else f"shape {tuple(saved.shape)}"
-                raise DataError(f"{source}: {name} is {have}, the model needs shape {table.shape}; was it "
+            if saved is None or saved.shape != table.shape or saved.dtype != ms.int32:
+                have = "missing" if saved is None else f"{saved.dtype} of shape {tuple(saved.shape)}"
+                raise DataError(f"{source}: {name} is {have}, the model needs Int32 of shape {table.shape}; was it "
                                 f"written with another config?")
             table[...] = saved.asnumpy()
         names |= set(self.routing_tables)

@@ -36,7 +36,8 @@ class MoELayer(nn.Cell):
             self.router = LearnedTopKRouter(model.hidden_size, moe.num_experts, moe.top_k, model.init_std)
         self.dispatcher = TokenDispatcher(moe.num_experts, moe.top_k, moe.capacity_factor)
         self.experts = BatchedExperts(
-            expert_slots or moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std, dtype_of(model.compute_dtype)
+            expert_slots or moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std,
+            dtype_of(model.compute_dtype)
         )
 
     def construct(self, hidden, token_ids, domain_ids, expert_plan=None):

@@ -67,7 +67,8 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_
     if config.moe.table_balance == "uniform":
         frequency = None
     ecss = config.ecss.enabled  # experts on the host: the network holds a slab, the host updates them
-    network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency), slab_size(config) if ecss else None)
+    network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency),
+                                    slab_size(config) if ecss else None)
     if config.parallel.recompute:  # keep only layer inputs; recompute activations in the backward pass
         for layer in (*network.backbone.layers, network.backbone.top_query_layer):
             layer.recompute()
