@@ -52,10 +52,11 @@ class ExpertOffload:
     dense_semantics = False
 
     def __init__(self, slab_params: Sequence[Parameter], store: HostExpertStore, slab_experts: int,
-                 settings: AdamWSettings, routing_tables: Dict[str, np.ndarray]):
+                 settings: AdamWSettings, routing_tables: Dict[str, np.ndarray],
+                 store_directory: Optional[str] = None):
         self.store = store
         self.routing_tables = routing_tables  # the layers' own arrays (MoELayer.host_routing_table)
-        self.store_directory: Optional[str] = None  # where a memory-mapped store's files are
+        self.store_directory = store_directory  # where a memory-mapped store's files are (None: in RAM)
         self.slab_experts = slab_experts
         self.settings = settings
         prefixes = [layer.prefix for layer in store.layers]
@@ -97,10 +98,8 @@ class ExpertOffload:
         settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
                                  {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
         directory = store_directory if config.ecss.host_store == "mmap" else None
-        offload = cls(slab_params, HostExpertStore.from_weights(prefixes, weights, directory), slab_size(config),
-                      settings, routing_tables)
-        offload.store_directory = directory
-        return offload
+        return cls(slab_params, HostExpertStore.from_weights(prefixes, weights, directory), slab_size(config),
+                   settings, routing_tables, directory)
 
     def stage(self, plans: List[np.ndarray], num_tokens: int) -> List[np.ndarray]:
         """Plan the step's slab and copy its experts' rows out of the store; returns the plans with

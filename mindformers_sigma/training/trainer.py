@@ -138,7 +138,8 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
     if offload is not None:
         offload.device_resident_bytes = device_resident_bytes(step_cell)
-        say(f"ecss: {offload.store.nbytes / 2 ** 20:.1f} MiB of experts and moments on the host, a slab of "
+        say(f"ecss: {offload.host_resident_bytes / 2 ** 20:.1f} MiB of experts, moments and routing tables on "
+            f"the host, a slab of "
             f"{offload.slab_experts} experts per sparse layer on the device")
     planner = expert_planner(config, step_cell)
     if planner is not None:
