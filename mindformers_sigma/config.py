@@ -248,7 +248,9 @@ class EcssConfig:
     host loads the experts the step activates, and the host updates them (``ecss/``)."""
 
     enabled: bool = False
-    slab_experts: int = 0  # 0: the most experts a step can activate (see ecss.slab.smallest_safe_slab)
+    # device slots per sparse layer; 0: the most one whole step can activate (ecss.slab.whole_step_slab).
+    # Fewer reload the slab between micro-batches; ecss.slab.smallest_safe_slab is the least that works.
+    slab_experts: int = 0
     # ram: numpy arrays; mmap: memory-mapped files under OUT/ecss_store (scratch, removed at the end)
     host_store: Literal["ram", "mmap"] = "ram"
     # read, plan and copy out the next step's experts in a background thread while a step runs
@@ -256,7 +258,7 @@ class EcssConfig:
 
     def validate(self) -> None:
         _require(self.slab_experts >= 0, "ecss.slab_experts", self.slab_experts,
-                 "must be >= 0 (0: the most experts one step can activate)")
+                 "must be >= 0 (0: the most experts one whole step can activate)")
 
 
 @dataclass
@@ -308,9 +310,9 @@ class SigmaConfig:
                  f"learned router ({self.moe.router}) only chooses them inside it")
         _require(self.moe.capacity_factor is None, "ecss.enabled", True,
                  "needs moe.capacity_factor: null (ECSS loads the experts of the host-made dropless plan)")
-        _require(self.parallel.device_num == 1 and self.parallel.data_parallel == 1, "ecss.enabled", True,
-                 "runs on one device for now: data-parallel ranks would need one slab layout for all ranks "
-                 "(not built); set parallel.device_num and parallel.data_parallel to 1")
+        _require(self.parallel.mode != "semi_auto_parallel", "ecss.enabled", True,
+                 "runs stand-alone or data-parallel (every rank a whole replica of the slab and the host store); "
+                 "sharded experts under semi_auto_parallel are not built: set parallel.mode")
         _require(self.ecss.slab_experts <= self.moe.num_experts, "ecss.slab_experts", self.ecss.slab_experts,
                  f"must be <= moe.num_experts ({self.moe.num_experts})")
 

@@ -17,7 +17,7 @@ from mindformers_sigma.config import ConfigError, apply_overrides
 from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
 from mindformers_sigma.ecss.host_store import EXPERT_TENSORS, HostExpertStore
 from mindformers_sigma.ecss.offload import ExpertOffload
-from mindformers_sigma.ecss.slab import assign_slots, smallest_safe_slab
+from mindformers_sigma.ecss.slab import plan_slab_loads, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.moe.expert_plan import ExpertPlanner
 from mindformers_sigma.training import checkpoint as ckpt
@@ -40,11 +40,18 @@ def _final_params(out):
     return {k: v.asnumpy() for k, v in ckpt.load_parameters(info).items()}
 
 
+def _metrics(out):
+    import json
+
+    with open(out / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
 def test_ecss_trains_like_the_plain_trainer_from_one_checkpoint(real_corpus, tmp_path, monkeypatch):
     # Both runs continue one plain checkpoint, so they start from the same weights; with the host
     # updating every expert each step (dense AdamW semantics) they must be the same computation.
     _, prepared = real_corpus
-    config = _real_config(prepared, steps=12)
+    config = _real_config(prepared, steps=21)
     start = tmp_path / "start"
     train(config, steps=1, out_dir=str(start))
     first = str(start / "checkpoints" / "step_00000001.ckpt")
@@ -52,11 +59,43 @@ def test_ecss_trains_like_the_plain_trainer_from_one_checkpoint(real_corpus, tmp
     monkeypatch.setattr(ExpertOffload, "dense_semantics", True)
     with_ecss = train(apply_overrides(config, ["ecss.enabled=true"]), out_dir=str(tmp_path / "ecss"), resume=first)
     assert with_ecss.ecss["h2d_bytes"] > 0 and plain.ecss is None
-    np.testing.assert_allclose(with_ecss.final_loss, plain.final_loss, rtol=1e-5)
+    runs = _metrics(tmp_path / "plain"), _metrics(tmp_path / "ecss")
+    assert len(runs[0]) == len(runs[1]) == 20
+    for key in ("loss", "grad_norm"):  # the norm covers dense and slab gradients alike
+        np.testing.assert_allclose([r[key] for r in runs[1]], [r[key] for r in runs[0]], rtol=1e-5, err_msg=key)
     a, b = _final_params(tmp_path / "plain"), _final_params(tmp_path / "ecss")
     assert a.keys() == b.keys()  # the same names: an ECSS checkpoint loads without ECSS and back
     names = sorted(a)
-    assert_close_to_scale([b[n] for n in names], [a[n] for n in names], rel=1e-4, what="weights after 11 steps")
+    assert_close_to_scale([b[n] for n in names], [a[n] for n in names], rel=1e-4, what="weights after 20 steps")
+
+
+def test_a_step_whose_experts_overflow_the_slab_is_reloaded_per_micro_batch_with_the_same_result(real_corpus,
+                                                                                                  tmp_path):
+    # Four micro-batches of one sample: a slab of 2 holds one domain's experts, so it is reloaded
+    # whenever the next sample's domain differs.  The host sums each load's gradients and adds
+    # their squares to the clip (binding at 0.05) and the overflow check: the same computation as
+    # one load of every expert the step needs.
+    _, prepared = real_corpus
+    config = apply_overrides(_real_config(prepared, steps=6, grad_accumulation_steps=4, grad_clip_norm=0.05),
+                             ["ecss.enabled=true"])
+    assert smallest_safe_slab(config) == 2
+    train(config, out_dir=str(tmp_path / "one_load"))
+    train(apply_overrides(config, ["ecss.slab_experts=2"]), out_dir=str(tmp_path / "reloaded"))
+    one, reloaded = _metrics(tmp_path / "one_load"), _metrics(tmp_path / "reloaded")
+    assert all(r["ecss_slab_loads"] == 1 for r in one)
+    assert sum(r["ecss_slab_loads"] > 1 for r in reloaded) >= 3  # most steps mix domains
+    assert all(r["grad_norm"] > 0.05 for r in one)  # the clip binds, so the host's squares matter
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in reloaded], [r[key] for r in one], rtol=1e-5, err_msg=key)
+    m = config.model
+    expert_bytes = 4 * (2 * m.hidden_size * m.ffn_hidden_size + m.ffn_hidden_size + m.hidden_size)
+    for a, b in zip(one, reloaded):
+        assert a["ecss_active_experts"] == b["ecss_active_experts"]  # the same experts updated
+        assert b["ecss_h2d_bytes"] == b["ecss_d2h_bytes"] == sum(b["ecss_loaded_experts"]) * expert_bytes
+        assert all(n <= 2 * b["ecss_slab_loads"] for n in b["ecss_loaded_experts"])  # a load holds <= 2
+    a, b = _final_params(tmp_path / "one_load"), _final_params(tmp_path / "reloaded")
+    names = sorted(a)
+    assert_close_to_scale([b[n] for n in names], [a[n] for n in names], rel=1e-4, what="weights after 6 steps")
 
 
 def test_untouched_experts_stay_bit_identical_and_touched_ones_move(real_corpus, tmp_path):
@@ -84,10 +123,10 @@ def test_host_adamw_equals_the_device_kernel_on_touched_rows_only():
     rng = np.random.default_rng(5)
     experts, lr = 6, 0.01
     shapes = {"w1": (4, 5), "b1": (1, 5), "w2": (5, 4), "b2": (1, 4)}
-    weights = {t: rng.standard_normal((experts, *s)).astype(np.float32) for t, s in shapes.items()}
-    store = HostExpertStore.from_weights(["layer"], [weights])
+    store = HostExpertStore.allocate(["layer"], shapes, experts)
     layer = store.layers[0]
     for t in EXPERT_TENSORS:
+        layer.weights[t][...] = rng.standard_normal(layer.weights[t].shape)
         layer.moment1[t][...] = rng.standard_normal(layer.moment1[t].shape) * 0.1
         layer.moment2[t][...] = rng.random(layer.moment2[t].shape) * 0.1
     start = {name: array.copy() for name, array in store.entries().items()}
@@ -126,19 +165,38 @@ def test_slab_layout_renames_experts_to_slots_and_a_too_small_slab_is_one_error(
     planner, tokens, domains = _uneven_plans(config, (3, 0, 1, 0))  # two domains absent
     plan = planner.plan(tokens, domains)
     num_tokens = tokens.size
-    assignment = assign_slots([plan], num_tokens, 16)
-    remapped = assignment.remap(plan, num_tokens)
-    for layer, experts in enumerate(assignment.active):
+    (load,) = plan_slab_loads([planner.active_experts(tokens, domains)], 16)
+    remapped = load.assignment.remap(plan, num_tokens)
+    for layer, experts in enumerate(load.assignment.active):
         assert set(experts.tolist()) <= set(range(0, 4)) | set(range(8, 12))  # domains 0 and 2 only
         used = (plan[layer, :, 1:] < num_tokens).any(axis=1)
+        assert np.array_equal(experts, np.unique(plan[layer, used, 0]))  # exactly the plan's experts
         # Every used slot's slot id names its expert again; token rows are untouched.
         assert np.array_equal(experts[remapped[layer, used, 0]], plan[layer, used, 0])
         assert np.array_equal(remapped[layer, :, 1:], plan[layer, :, 1:])
-    needed = max(e.size for e in assignment.active)
-    with pytest.raises(DataError, match=rf"ecss: backbone.layers.\d needs {needed} experts in one step but "
+    needed = max(e.size for e in load.assignment.active)
+    with pytest.raises(DataError, match=rf"ecss: backbone.layers.\d needs {needed} experts in one micro-batch but "
                                         rf"ecss.slab_experts is {needed - 1}; raise it"):
-        assign_slots([plan], num_tokens, needed - 1, ["backbone.layers.1", "backbone.layers.2"])
-    assert smallest_safe_slab(config) == min(16, min(config.train.batch_size, 4) * 4)
+        plan_slab_loads([planner.active_experts(tokens, domains)], needed - 1,
+                        ["backbone.layers.1", "backbone.layers.2"])
+    batch, accumulation = config.train.batch_size, config.train.grad_accumulation_steps
+    assert smallest_safe_slab(config) == min(16, min(batch // accumulation, 4) * 4)
+    assert whole_step_slab(config) == min(16, min(batch, 4) * 4)
+
+
+def test_micro_batches_share_a_load_while_their_experts_fit_and_reload_when_not():
+    def experts(*groups):
+        return [np.array(sorted(g), np.int32) for g in groups]  # one array per sparse layer
+
+    micro = [experts({0, 1}, {4}), experts({1, 2}, {5}), experts({3, 6}, {4}), experts({7}, {4, 5, 6})]
+    loads = plan_slab_loads(micro, 3)
+    # {0,1,2} fits; adding {3,6} would make 5 in layer 0; {3,6,7} fits; every layer's union is exact.
+    assert [(load.first, load.last) for load in loads] == [(0, 1), (2, 3)]
+    assert [a.tolist() for a in loads[0].assignment.active] == [[0, 1, 2], [4, 5]]
+    assert [a.tolist() for a in loads[1].assignment.active] == [[3, 6, 7], [4, 5, 6]]
+    assert [(load.first, load.last) for load in plan_slab_loads(micro, 8)] == [(0, 3)]
+    with pytest.raises(DataError, match="sparse layer 1 needs 3 experts in one micro-batch but ecss.slab_experts is 2"):
+        plan_slab_loads(micro, 2)
 
 
 def test_ecss_config_is_refused_where_it_cannot_work():
@@ -150,13 +208,6 @@ def test_ecss_config_is_refused_where_it_cannot_work():
         micro_config(ecss={"enabled": True, "slab_experts": 9})
     with pytest.raises(ConfigError, match="no experts to keep on the host"):
         micro_config(model={"dense_layers": 3, "sparse_layers": 0}, ecss={"enabled": True})
-
-
-def _metrics(out):
-    import json
-
-    with open(out / "metrics.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
 
 
 def test_bytes_moved_are_the_active_experts_and_a_resumed_ecss_run_is_bitwise_the_same(real_corpus, tmp_path):
@@ -183,10 +234,11 @@ def test_bytes_moved_are_the_active_experts_and_a_resumed_ecss_run_is_bitwise_th
     assert train(plain, out_dir=str(tmp_path / "plain"), resume=straight.checkpoint).resumed_from == 6
 
 
-def _write_config(tmp_path, prepared, **ecss):
+def _write_config(tmp_path, prepared, checkpoint_format="ckpt", **ecss):
     from mindformers_sigma.config import config_to_dict
 
-    config = apply_overrides(_real_config(prepared, steps=10, checkpoint_interval=2, keep_checkpoints=3),
+    config = apply_overrides(_real_config(prepared, steps=10, checkpoint_interval=2, keep_checkpoints=3,
+                                          checkpoint_format=checkpoint_format),
                              [f"ecss.{key}={value}" for key, value in {"enabled": "true", **ecss}.items()])
     path = tmp_path / "ecss.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config)))
@@ -194,14 +246,15 @@ def _write_config(tmp_path, prepared, **ecss):
 
 
 def test_mmap_store_survives_sigkill_and_resumes_bitwise(real_corpus, tmp_path):
+    # safetensors: the checkpoint format a memory-mapped store streams to and from
     _, prepared = real_corpus
-    config = _write_config(tmp_path, prepared, host_store="mmap")
+    config = _write_config(tmp_path, prepared, host_store="mmap", checkpoint_format="safetensors")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(train_cmd(config, straight), check=True, capture_output=True, cwd=REPO)
     assert not (straight / "ecss_store").exists()  # scratch: a finished run removes it
     step, code, _ = stop_after_checkpoint(config, killed, 4)
     assert code == -signal.SIGKILL and 4 <= step < 10
-    assert sorted(p.name for p in (killed / "ecss_store").iterdir())[:1] == [
+    assert sorted(p.name for p in (killed / "ecss_store" / "rank_0").iterdir())[:1] == [
         "adam_m.backbone.layers.1.ffn.experts.b1.npy"]  # the killed run's store, in files under --out
     result = subprocess.run(train_cmd(config, killed, "--resume", "auto"), capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -253,16 +306,72 @@ def test_prefetching_the_next_step_changes_nothing_even_for_experts_both_steps_s
     assert sum(sum(r["ecss_refreshed_experts"]) for r in without[0]) == 0
 
 
-def test_a_checkpoint_expert_of_another_dtype_or_shape_is_refused_by_name():
-    store = HostExpertStore.from_weights(["layer"], [{"w1": np.zeros((2, 3, 4), np.float32),
-                                                      "b1": np.zeros((2, 1, 4), np.float32),
-                                                      "w2": np.zeros((2, 4, 3), np.float32),
-                                                      "b2": np.zeros((2, 1, 3), np.float32)}])
-    good = {name: array.copy() for name, array in store.entries().items()}
-    for name, bad in (("layer.w1", np.zeros((2, 3, 4), np.float16)),
-                      ("adam_v.layer.b2", np.zeros((3, 1, 3), np.float32))):
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_a_checkpoint_expert_of_another_dtype_or_shape_is_refused_by_name(tmp_path, fmt):
+    shapes = {"w1": (3, 4), "b1": (1, 4), "w2": (4, 3), "b2": (1, 3)}
+    store = HostExpertStore.allocate(["layer"], shapes, 2)
+    rng = np.random.default_rng(0)
+    good = {name: rng.standard_normal(array.shape).astype(np.float32) for name, array in store.entries().items()}
+
+    def saved(entries, step):
+        path = ckpt.save_checkpoint(str(tmp_path), step, entries, {"data_position": 0}, fmt, keep=10)
+        return ckpt.read_checkpoint(path.rsplit(".", 1)[0] + ".json")
+
+    for step, (name, bad) in enumerate((("layer.w1", np.zeros((2, 3, 4), np.float16)),
+                                        ("adam_v.layer.b2", np.zeros((3, 1, 3), np.float32))), start=1):
         with pytest.raises(DataError, match=rf"ckpt: {name} is \w+ of shape .* the model needs float32 of shape"):
-            store.load(dict(good, **{name: bad}), "ckpt")
+            ckpt.copy_into(saved(dict(good, **{name: bad}), step), store.entries(), "ckpt")
     with pytest.raises(DataError, match=r"ckpt: adam_m.layer.w2 is missing"):
-        store.load({k: v for k, v in good.items() if k != "adam_m.layer.w2"}, "ckpt")
-    store.load(good, "ckpt")  # the right arrays load
+        ckpt.copy_into(saved({k: v for k, v in good.items() if k != "adam_m.layer.w2"}, 3), store.entries(), "ckpt")
+    ckpt.copy_into(saved(good, 4), store.entries(), "ckpt")  # the right arrays load, exactly
+    assert all(np.array_equal(store.entries()[name], good[name]) for name in good)
+
+
+_BOUNDED_STORE = """
+import resource, sys
+import numpy as np
+from mindspore import Parameter, Tensor
+sys.path.insert(0, sys.argv[2])
+from conftest import micro_config
+from mindformers_sigma.ecss.offload import ExpertOffload
+from mindformers_sigma.training import checkpoint as ckpt
+
+def private_bytes():  # VmData: private memory (heap, anonymous maps); shared file maps do not count
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData:"))
+
+out, H, F, E = sys.argv[1], 256, 1024, 64
+config = micro_config(model={"hidden_size": H, "ffn_hidden_size": F}, ecss={"enabled": True, "host_store": "mmap"},
+                      moe={"num_experts": E, "num_domains": 4, "experts_per_domain": 16})
+slab = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"backbone.layers.{layer}.ffn.experts.{tensor}")
+        for layer in (1, 2) for tensor, shape in (("w1", (4, H, F)), ("b1", (4, 1, F)), ("w2", (4, F, H)),
+                                                  ("b2", (4, 1, H)))]
+limit = private_bytes() + 32 * 2 ** 20  # one tensor of one layer is 64 MiB, the store 770 MiB
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+first = ExpertOffload.build(config, slab, {}, out + "/a")
+for layer in first.store.layers:  # moments that are not zero, as after training
+    for expert in range(E):
+        layer.moment1["w1"][expert] = layer.weights["w1"][expert] * np.float32(0.5)
+saved = ckpt.save_checkpoint(out + "/checkpoints", 1, first.checkpoint_parameters({}), {"data_position": 0},
+                             "safetensors", 1)
+second = ExpertOffload.build(config, slab, {}, out + "/b")
+ckpt.copy_into(ckpt.read_checkpoint(saved.rsplit(".", 1)[0] + ".json"), second.host_arrays(), "resume")
+same = all(np.array_equal(a[e], second.host_arrays()[name][e])
+           for name, a in first.host_arrays().items() for e in range(E))
+try:
+    np.array(first.store.layers[0].weights["w1"])  # the control: one whole tensor copied into RAM
+    control = "copied"
+except MemoryError:
+    control = "refused"
+print(first.store.nbytes, same, control)
+"""
+
+
+def test_a_memory_mapped_store_is_built_checkpointed_and_restored_within_a_fraction_of_its_size(tmp_path):
+    # Under a private-memory limit of 32 MiB above the start (RLIMIT_DATA; the store's shared file
+    # mappings do not count) a 770 MiB store is drawn, saved as a safetensors checkpoint and read
+    # back into a second store, bit for bit; a whole-tensor copy, the control, is refused.
+    done = subprocess.run([sys.executable, "-c", _BOUNDED_STORE, str(tmp_path), str(REPO / "tests")],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    nbytes, same, control = done.stdout.split()[-3:]
+    assert int(nbytes) > 750 * 2 ** 20 and same == "True" and control == "refused"

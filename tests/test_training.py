@@ -79,7 +79,7 @@ def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
     before = [w.asnumpy().copy() for w in weights]
     poisoned = [np.zeros(w.shape, np.float32) for w in weights]
     poisoned[3][0] = np.inf  # one inf entry in one gradient
-    (finite,) = step.apply_gradients(tuple(Tensor(g) for g in poisoned))
+    finite = step.apply_gradients(tuple(Tensor(g) for g in poisoned))[0]
     assert not bool(finite.asnumpy())
     for w, b in zip(weights, before):
         np.testing.assert_array_equal(w.asnumpy(), b)
@@ -99,8 +99,8 @@ class _UnscaleAndClip(nn.Cell):
         super().__init__()
         self.clip_norm = clip_norm
 
-    def construct(self, grads, inverse_scale):
-        return unscale_and_clip(grads, inverse_scale, self.clip_norm)
+    def construct(self, grads, inverse_scale, extra_squares=None):
+        return unscale_and_clip(grads, inverse_scale, self.clip_norm, extra_squares)
 
 
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
@@ -111,17 +111,28 @@ def test_unscale_and_clip_matches_numpy_and_flags_inf_and_nan(mode):
     grads = [rng.standard_normal(shape).astype(np.float32) * scale for shape in ((4, 8, 16), (8, 16), (16,))]
     true = [g.astype(np.float64) / scale for g in grads]
     norm = np.sqrt(sum(float((t * t).sum()) for t in true))
-    for clip in (0.0, norm / 3, norm * 2):  # off, binding, not binding
-        out, finite = _UnscaleAndClip(clip)(tuple(Tensor(g) for g in grads), Tensor(1.0 / scale, ms.float32))
-        factor = min(1.0, clip / norm) if clip else 1.0
+    # Gradients held elsewhere (ECSS's host sums) count through their (scaled) sum of squares.
+    host = rng.standard_normal((5, 7)) * scale
+    host_norm = np.sqrt(norm ** 2 + float(np.square(host / scale).sum()))
+    for clip, extra, total in ((0.0, None, norm), (norm / 3, None, norm), (norm * 2, None, norm),
+                               (norm / 3, float(np.square(host).sum()), host_norm)):  # off, binding, not, host
+        extra_squares = () if extra is None else (Tensor(np.float32(extra)),)
+        out, finite, applied, unclipped = _UnscaleAndClip(clip)(tuple(Tensor(g) for g in grads), Tensor(1.0 / scale, ms.float32),
+                                                     *extra_squares)
+        factor = min(1.0, clip / total) if clip else 1.0
         assert bool(finite.asnumpy())
+        # float32 rounding of the scaled values, the product and the norm's sum: a few eps.
+        np.testing.assert_allclose(float(applied.asnumpy()), factor / scale, rtol=1e-5)
+        np.testing.assert_allclose(float(unclipped.asnumpy()), total, rtol=1e-5)
         for got, want in zip(out, true):
-            # float32 rounding of the scaled values, the product and the norm's sum: a few eps.
             np.testing.assert_allclose(got.asnumpy(), want * factor, rtol=1e-5, atol=0)
     for poison in (np.inf, -np.inf, np.nan):
         bad = [g.copy() for g in grads]
         bad[1][3, 5] = poison
-        _, finite = _UnscaleAndClip(1.0)(tuple(Tensor(g) for g in bad), Tensor(1.0 / scale, ms.float32))
+        _, finite, _, _ = _UnscaleAndClip(1.0)(tuple(Tensor(g) for g in bad), Tensor(1.0 / scale, ms.float32))
+        assert not bool(finite.asnumpy()), poison
+        _, finite, _, _ = _UnscaleAndClip(1.0)(tuple(Tensor(g) for g in grads), Tensor(1.0 / scale, ms.float32),
+                                            Tensor(np.float32(poison)))  # a host gradient's inf or nan
         assert not bool(finite.asnumpy()), poison
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -341,5 +352,5 @@ def test_a_checkpoint_mindspore_cannot_parse_is_one_error_line(tmp_path):
     sidecar = weights.with_suffix(".json")
     meta = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps(dict(meta, sha256=file_sha256(str(weights)))))
-    with pytest.raises(DataError, match=r"step_00000001.ckpt: MindSpore cannot read it as a ckpt checkpoint"):
+    with pytest.raises(DataError, match=r"step_00000001.ckpt: cannot be read as a ckpt checkpoint"):
         train(config, steps=2, out_dir=str(tmp_path / "run"), resume="auto")

@@ -3,23 +3,22 @@
 One contiguous ``[E, ...]`` array per sparse layer and tensor (``w1 [E, H, F]``, ``b1 [E, 1, F]``,
 ``w2 [E, F, H]``, ``b2 [E, 1, H]``), so loading K experts is one fancy-index copy.  The arrays are
 in RAM, or memory-mapped ``.npy`` files in a folder (``ecss.host_store: mmap``), whose pages the
-OS can write back and evict.  (Building the store, checkpointing and resuming still pass the
-whole store through RAM, so a store larger than RAM does not work yet.)  Either way a checkpoint
-holds the whole store, so a killed run resumes from its checkpoint whatever state the files were
-left in.  Names follow
-the model's parameters (``backbone.layers.2.ffn.experts.w1``, moments ``adam_m.`` / ``adam_v.``
-and the name), so an ECSS checkpoint holds exactly what a plain one does.
+OS can write back and evict: the store is filled expert by expert, and a safetensors checkpoint
+is written from it and read back into it in chunks, so a store larger than RAM trains.  Either
+way a checkpoint holds the whole store, so a killed run resumes from its checkpoint whatever
+state the files were left in.  Names follow the model's parameters
+(``backbone.layers.2.ffn.experts.w1``, moments ``adam_m.`` / ``adam_v.`` and the name), so an
+ECSS checkpoint holds exactly what a plain one does.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from mindformers_sigma.errors import DataError
 
 EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
 MOMENT_PREFIXES = ("adam_m.", "adam_v.")
@@ -52,26 +51,25 @@ class HostExpertStore:
         self.layers = layers
 
     @classmethod
-    def from_weights(cls, prefixes: List[str], weights: List[Dict[str, np.ndarray]],
-                     directory: Optional[str] = None) -> "HostExpertStore":
-        """A store taking over ``weights`` (as float32) with zero moments, as a fresh optimizer has;
-        in memory-mapped files under ``directory`` when given."""
+    def allocate(cls, prefixes: List[str], shapes: Dict[str, Tuple[int, ...]], num_experts: int,
+                 directory: Optional[str] = None) -> "HostExpertStore":
+        """Zero weights and moments for ``num_experts`` experts of each layer (``shapes``: one
+        expert's, per tensor), in RAM or in memory-mapped files under ``directory``.  No page is
+        touched until written (``np.zeros`` and new files are both lazily zero), so filling the
+        store expert by expert never holds more than the store's own pages."""
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
 
-        def array(name: str, values: np.ndarray) -> np.ndarray:
+        def array(name: str, shape: Tuple[int, ...]) -> np.ndarray:
             if directory is None:
-                return np.require(values, np.float32, "C")  # no copy when it is already float32
-            mapped = np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+",
-                                               dtype=np.float32, shape=values.shape)
-            mapped[...] = values
-            return mapped
+                return np.zeros(shape, np.float32)
+            return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=np.float32,
+                                             shape=shape)
 
         layers = []
-        for prefix, tensors in zip(prefixes, weights):
-            kinds = [{t: array(f"{kind}{prefix}.{t}",
-                               tensors[t] if kind == "" else np.zeros(tensors[t].shape, np.float32))
-                      for t in EXPERT_TENSORS} for kind in ("",) + MOMENT_PREFIXES]
+        for prefix in prefixes:
+            kinds = [{t: array(f"{kind}{prefix}.{t}", (num_experts, *shapes[t])) for t in EXPERT_TENSORS}
+                     for kind in ("",) + MOMENT_PREFIXES]
             layers.append(LayerExperts(prefix, *kinds))
         return cls(layers)
 
@@ -90,16 +88,3 @@ class HostExpertStore:
         for layer in self.layers:
             found.update(layer.entries())
         return found
-
-    def load(self, entries: Dict[str, np.ndarray], source: str) -> None:
-        """Overwrite weights and moments from checkpoint arrays; a missing or misshapen one is one error line."""
-        for layer in self.layers:
-            for tensor in EXPERT_TENSORS:
-                name = f"{layer.prefix}.{tensor}"
-                for prefix, target in zip(("",) + MOMENT_PREFIXES, (layer.weights, layer.moment1, layer.moment2)):
-                    array = entries.get(prefix + name)
-                    if array is None or array.shape != target[tensor].shape or array.dtype != np.float32:
-                        have = "missing" if array is None else f"{array.dtype} of shape {tuple(array.shape)}"
-                        raise DataError(f"{source}: {prefix + name} is {have}, the model needs float32 of shape "
-                                        f"{tuple(target[tensor].shape)}; was it written with another config?")
-                    target[tensor][...] = array

@@ -1,4 +1,11 @@
-"""Which device slab slot holds which expert in a step, and how many slots a step can need."""
+"""Which device slab slot holds which expert, for which micro-batches of a step, and how big a
+slab must be.
+
+A step's micro-batches (this rank's, and with data parallelism every rank's, since their slab
+gradients are all-reduced slot by slot) share one slab load while their experts fit in it
+together; when they do not, the step is cut into consecutive groups of micro-batches that do,
+and the slab is reloaded between groups (their gradients are summed on the host).
+"""
 
 from __future__ import annotations
 
@@ -11,17 +18,26 @@ from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.errors import DataError
 
 
-def smallest_safe_slab(config: SigmaConfig) -> int:
-    """The most experts one step can activate in a sparse layer: a step's rows (all micro-batches
-    of this rank) span at most that many domains, and a domain's tokens only reach its own
-    ``experts_per_domain`` experts."""
-    rows = config.train.batch_size // config.parallel.data_parallel
+def _slab_for_rows(config: SigmaConfig, rows: int) -> int:
+    """The most experts ``rows`` samples can activate in one sparse layer: they span at most
+    that many domains, and a domain's tokens only reach its own ``experts_per_domain`` experts."""
     return min(config.moe.num_experts, min(rows, config.moe.num_domains) * config.moe.experts_per_domain)
 
 
+def smallest_safe_slab(config: SigmaConfig) -> int:
+    """The fewest slots that no batch can overflow: one micro-batch index of every rank
+    (``train.batch_size / grad_accumulation_steps`` samples) must fit in one load."""
+    return _slab_for_rows(config, config.train.batch_size // config.train.grad_accumulation_steps)
+
+
+def whole_step_slab(config: SigmaConfig) -> int:
+    """The slots with which no step ever reloads the slab: the whole global batch in one load."""
+    return _slab_for_rows(config, config.train.batch_size)
+
+
 def slab_size(config: SigmaConfig) -> int:
-    """``ecss.slab_experts``, or the safe size when it is 0."""
-    return config.ecss.slab_experts or smallest_safe_slab(config)
+    """``ecss.slab_experts``, or the whole-step size when it is 0."""
+    return config.ecss.slab_experts or whole_step_slab(config)
 
 
 def used_slots(layer_plan: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -45,21 +61,37 @@ class SlabAssignment:
         return remapped
 
 
-def assign_slots(plans: Sequence[np.ndarray], num_tokens: int, slab_experts: int,
-                 layer_names: Sequence[str] = ()) -> SlabAssignment:
-    """The slab layout of one step from its micro-batch plans (``num_tokens``: tokens per plan;
-    ``layer_names`` name the sparse layers in errors).
+@dataclass
+class SlabLoad:
+    """One load of the slab: micro-batches ``first .. last`` (inclusive) run with ``assignment``."""
 
-    Every micro-batch of a step sees the same slab (their gradients are summed before the host
-    update), so a layer's slab holds the union of its micro-batches' experts.
+    first: int
+    last: int
+    assignment: SlabAssignment
+
+
+def plan_slab_loads(micro_experts: Sequence[Sequence[np.ndarray]], slab_experts: int,
+                    layer_names: Sequence[str] = ()) -> List[SlabLoad]:
+    """The fewest slab loads for a step: ``micro_experts[m][l]`` are the experts micro-batch index
+    ``m`` activates in sparse layer ``l`` on any rank.  Consecutive micro-batches share a load
+    while every layer's union fits in ``slab_experts`` (greedy, which is optimal for consecutive
+    groups since a union only grows).  A micro-batch that alone overflows a layer is one error line.
     """
-    active = []
-    for layer in range(plans[0].shape[0]):
-        experts = [plan[layer, used_slots(plan[layer], num_tokens), 0] for plan in plans]
-        union = np.unique(np.concatenate(experts)).astype(np.int32)
-        if union.size > slab_experts:
-            name = layer_names[layer] if layer < len(layer_names) else f"sparse layer {layer}"
-            raise DataError(f"ecss: {name} needs {union.size} experts in one step but ecss.slab_experts is "
-                            f"{slab_experts}; raise it, or set it to 0 for the safe size")
-        active.append(union)
-    return SlabAssignment(active)
+    loads: List[SlabLoad] = []
+    union: List[np.ndarray] = []
+    for micro, experts in enumerate(micro_experts):
+        for layer, layer_experts in enumerate(experts):
+            if layer_experts.size > slab_experts:
+                name = layer_names[layer] if layer < len(layer_names) else f"sparse layer {layer}"
+                raise DataError(f"ecss: {name} needs {layer_experts.size} experts in one micro-batch but "
+                                f"ecss.slab_experts is {slab_experts}; raise it, set it to 0 for the whole-step "
+                                f"size, or raise train.grad_accumulation_steps")
+        merged = [np.union1d(a, b) for a, b in zip(union, experts)] if loads else []
+        if loads and all(m.size <= slab_experts for m in merged):
+            union = merged
+            loads[-1].last = micro
+        else:
+            union = [np.unique(e) for e in experts]
+            loads.append(SlabLoad(micro, micro, SlabAssignment(union)))
+        loads[-1].assignment = SlabAssignment([u.astype(np.int32) for u in union])
+    return loads

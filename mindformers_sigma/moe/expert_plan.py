@@ -91,6 +91,10 @@ class ExpertPlanner:
         flat = input_ids.reshape(-1)
         return [table[token_domains, flat] for table in self.tables]
 
+    def active_experts(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> List[np.ndarray]:
+        """Each layer's experts that at least one token of the batch goes to, sorted."""
+        return [np.unique(e).astype(np.int32) for e in self.token_experts(input_ids, domain_ids)]
+
     def plan(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> np.ndarray:
         """input_ids [B, S], domain_ids [B] -> the stacked plan ``[L, K, C + 1]`` int32."""
         num_tokens = input_ids.size

@@ -19,13 +19,16 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
 import mindspore as ms
+import numpy as np
 
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
 from mindformers_sigma.data.manifest import file_sha256
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.training.safetensors_file import (SafetensorsError, copy_tensor, read_header, tensor_info,
+                                                         write_safetensors)
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 _WEIGHTS = re.compile(r"^step_(\d{8})\.(?:ckpt|safetensors)$")
@@ -49,14 +52,25 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: str, step: int, parameters: Dict[str, ms.Parameter], meta: dict,
+def save_checkpoint(directory: str, step: int, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]], meta: dict,
                     fmt: str, keep: int) -> str:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``.
+
+    ``parameters`` may hold numpy arrays (ECSS's host store, possibly memory-mapped): a
+    safetensors checkpoint streams them in chunks; a ckpt one goes through MindSpore's writer,
+    which holds one whole tensor's bytes at a time.
+    """
     os.makedirs(directory, exist_ok=True)
     stem = f"step_{step:08d}"
     weights = os.path.join(directory, stem + SUFFIX[fmt])
     with atomic_file(weights) as tmp:
-        ms.save_checkpoint([{"name": name, "data": param} for name, param in parameters.items()], tmp, format=fmt)
+        if fmt == "safetensors":
+            write_safetensors(tmp, {name: value if isinstance(value, np.ndarray) else value.asnumpy()
+                                    for name, value in parameters.items()})
+        else:
+            ms.save_checkpoint([{"name": name, "data": value if isinstance(value, ms.Tensor)
+                                 else ms.Tensor.from_numpy(value)} for name, value in parameters.items()],
+                               tmp, format=fmt)
     record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=file_sha256(weights))
     write_bytes_atomic(os.path.join(directory, stem + ".json"), json.dumps(record, indent=1).encode() + b"\n")
     _fsync_dir(directory)
@@ -145,11 +159,51 @@ def find_resume_checkpoint(directory: str, log: Callable[[str], None]) -> Option
     return None
 
 
-def load_parameters(info: CheckpointInfo) -> Dict[str, ms.Parameter]:
-    """The checkpoint's tensors; a file MindSpore cannot parse (its sha256 matched the sidecar, so
-    it was written unreadable, or the sidecar was rewritten) is one error line, not a traceback."""
+def _unreadable(info: CheckpointInfo, err: Exception) -> DataError:
+    return DataError(f"{info.weights_path}: cannot be read as a {info.meta['format']} checkpoint "
+                     f"({str(err).splitlines()[0][:160]}); resume from another checkpoint")
+
+
+def load_parameters(info: CheckpointInfo, skip: Collection[str] = ()) -> Dict[str, ms.Parameter]:
+    """The checkpoint's tensors but those named in ``skip``; a file MindSpore cannot parse (its
+    sha256 matched the sidecar, so it was written unreadable, or the sidecar was rewritten) is
+    one error line, not a traceback."""
+    skipped = frozenset(skip)
     try:
-        return ms.load_checkpoint(info.weights_path, format=info.meta["format"])
+        return ms.load_checkpoint(info.weights_path, format=info.meta["format"],
+                                  choice_func=(lambda name: name not in skipped) if skipped else None)
     except (ValueError, RuntimeError, TypeError) as err:
-        raise DataError(f"{info.weights_path}: MindSpore cannot read it as a {info.meta['format']} checkpoint "
-                        f"({str(err).splitlines()[0][:160]}); resume from another checkpoint") from None
+        raise _unreadable(info, err) from None
+
+
+def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: str) -> None:
+    """Overwrite each array of ``targets`` with the checkpoint's tensor of that name, which must
+    have its dtype and shape (one error line naming the first that does not, or is missing).
+
+    A safetensors checkpoint is read tensor by tensor in chunks, so targets that are memory-mapped
+    files never pass through RAM whole; a ckpt one is parsed whole by MindSpore.
+    """
+    def check(name: str, have: Optional[Tuple[np.dtype, Tuple[int, ...]]], target: np.ndarray) -> None:
+        if have != (target.dtype, target.shape):
+            found = "missing" if have is None else f"{have[0]} of shape {have[1]}"
+            raise DataError(f"{source}: {name} is {found}, the model needs {target.dtype} of shape "
+                            f"{target.shape}; was it written with another config?")
+
+    if info.meta["format"] == "safetensors":
+        try:
+            start, header = read_header(info.weights_path)
+        except (OSError, SafetensorsError) as err:
+            raise _unreadable(info, err) from None
+        for name, target in targets.items():
+            check(name, tensor_info(header[name]) if name in header else None, target)
+            copy_tensor(info.weights_path, start, header[name], target)
+        return
+    wanted = frozenset(targets)
+    try:
+        stored = ms.load_checkpoint(info.weights_path, format="ckpt", choice_func=lambda name: name in wanted)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise _unreadable(info, err) from None
+    for name, target in targets.items():
+        array = stored[name].asnumpy() if name in stored else None
+        check(name, None if array is None else (array.dtype, array.shape), target)
+        target[...] = array

@@ -62,9 +62,11 @@ class GlobalBatchReader:
 
     def __init__(self, source, batch_size: int, data_parallel: int, rank: int, accumulation_steps: int,
                  eod_token_id: int, planner: Optional[ExpertPlanner], base_seed: int, dropout: bool,
-                 stage_plans: Optional[Callable[[List[np.ndarray], int], List[np.ndarray]]] = None):
-        """``stage_plans(plans, tokens_per_plan)``: called with each step's micro-batch plans before
-        they become inputs; returns the plans to use (ECSS loads the slab and renames experts to slots)."""
+                 stage_plans: Optional[Callable[[List[np.ndarray], int, List[List[np.ndarray]]],
+                                                List[np.ndarray]]] = None):
+        """``stage_plans(plans, tokens_per_plan, micro_experts)``: called with each step's micro-batch
+        plans (and each micro-batch index's experts over all ranks) before they become inputs;
+        returns the plans to use (ECSS stages the slab loads and renames experts to slots)."""
         self.source = source
         self.batch_size = batch_size
         self.data_parallel = data_parallel
@@ -77,6 +79,15 @@ class GlobalBatchReader:
         self.dropout = dropout
         self.stage_plans = stage_plans
 
+    def _micro_experts(self, tokens: np.ndarray, domains: np.ndarray) -> List[List[np.ndarray]]:
+        """Per micro-batch index, each sparse layer's experts that index activates on any rank
+        (data-parallel ranks all-reduce slab gradients slot by slot, so they share one slab layout;
+        every rank reads the whole global batch, so each computes it alone)."""
+        per_micro = self.part_size * self.data_parallel  # parts micro * dp ... (micro + 1) * dp - 1, contiguous
+        return [self.planner.active_experts(tokens[micro * per_micro:(micro + 1) * per_micro, :-1],
+                                            domains[micro * per_micro:(micro + 1) * per_micro])
+                for micro in range(self.accumulation_steps)]
+
     def read(self, step: int, position: int) -> StepBatch:
         tokens, domains = self.source.read(position, self.batch_size)
         total = predicted_tokens(tokens, self.eod_token_id)
@@ -85,7 +96,7 @@ class GlobalBatchReader:
         rows = [slice(part * self.part_size, (part + 1) * self.part_size) for part in parts]
         plans = [self.planner.plan(tokens[r, :-1], domains[r]) for r in rows] if self.planner is not None else None
         if plans is not None and self.stage_plans is not None:
-            plans = self.stage_plans(plans, tokens[rows[0], :-1].size)
+            plans = self.stage_plans(plans, tokens[rows[0], :-1].size, self._micro_experts(tokens, domains))
         micro_batches = []
         for micro, part in enumerate(parts):
             inputs = [Tensor(tokens[rows[micro]]), Tensor(domains[rows[micro]]), normaliser]

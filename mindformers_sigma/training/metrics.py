@@ -96,8 +96,10 @@ def progress_line(record: dict, total_steps: int, domain_names: List[str]) -> st
     per_domain = " ".join(f"{name}={record['domain_loss'][name]:.3f}" for name in domain_names
                           if record["domain_loss"].get(name) is not None)
     skipped = "  SKIPPED (overflow)" if not record["finite"] else ""
-    ecss = (f"  ecss experts {'+'.join(str(n) for n in record['ecss_active_experts'])} "
-            f"h2d {record['ecss_h2d_bytes'] / 2 ** 20:.1f} MiB" if "ecss_active_experts" in record else "")
+    loads = record.get("ecss_slab_loads", 1)
+    ecss = (f"  ecss experts {'+'.join(str(n) for n in record['ecss_active_experts'])}"
+            f"{f' in {loads} slab loads' if loads > 1 else ''} h2d {record['ecss_h2d_bytes'] / 2 ** 20:.1f} MiB"
+            if "ecss_active_experts" in record else "")
     return (f"step {record['step']:>6}/{total_steps}  loss {record['loss']:.4f}  [{per_domain}]  "
             f"lr {record['lr']:.2e}  scale {record['loss_scale']:g}  tok/s {record['tokens_per_second']:,.0f}  "
             f"mfu {record['mfu']:.3f}  eta {format_eta(record['eta_seconds'])}{ecss}{skipped}")

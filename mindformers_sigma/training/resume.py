@@ -13,6 +13,7 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import mindspore as ms
+import numpy as np
 
 from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.errors import DataError
@@ -131,18 +132,17 @@ def check_same_experiment(info: ckpt.CheckpointInfo, config: SigmaConfig, data_f
 
 
 def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple,
-            take_host: Optional[Callable[[Dict[str, ms.Parameter]], Dict[str, ms.Parameter]]] = None) -> None:
+            host_arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale).
 
-    ``take_host`` (ECSS) loads the entries kept in host memory and returns the others.
+    ``host_arrays`` (ECSS: the host store and routing tables) are filled from the checkpoint's
+    entries of the same names, tensor by tensor; the others go into the cell.
     """
-    wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed}
-    stored: Dict[str, ms.Parameter] = {name: p for name, p in ckpt.load_parameters(info).items()
-                                       if name not in not_checkpointed}
-    if take_host is not None:
-        kept = take_host(stored)
-        wanted -= set(stored) - set(kept)
-        stored = kept
+    host = host_arrays or {}
+    wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed and name not in host}
+    stored = ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host))
+    if host:
+        ckpt.copy_into(info, host, f"--resume {info.weights_path}")
     try:
         missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)
     except (RuntimeError, ValueError, TypeError) as err:

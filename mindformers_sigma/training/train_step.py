@@ -9,7 +9,7 @@ turns the statistics into the reported loss on the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Protocol, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -37,8 +37,11 @@ def _grad_sum_of_squares(grad):
     return squared.sum()
 
 
-def unscale_and_clip(grads, inverse_scale, clip_norm: float):
-    """Unscaled gradients, clipped to global norm ``clip_norm`` (0: no clipping), and whether all are finite.
+def unscale_and_clip(grads, inverse_scale, clip_norm: float, extra_squares=None):
+    """Unscaled gradients, clipped to global norm ``clip_norm`` (0: no clipping), whether all are
+    finite, the factor applied (unscale times clip) and the unscaled global norm before clipping.  ``extra_squares``: the sum of squares of
+    (scaled) gradients held elsewhere (ECSS's host-summed expert gradients), which count in the
+    norm and the check and are scaled by the returned factor by their holder.
 
     One sum of squares per gradient serves both the finiteness check and the norm, and the
     unscale and the clip are one multiplication: an inf or nan anywhere makes the sum non-finite.
@@ -46,12 +49,14 @@ def unscale_and_clip(grads, inverse_scale, clip_norm: float):
     like an overflow, and a dynamic loss scale lowers the scale.
     """
     squares = ops.stack(_hyper_map(_sum_of_squares, grads)).sum()
+    if extra_squares is not None:
+        squares = squares + extra_squares
     finite = ops.isfinite(squares)
+    norm = ops.sqrt(squares) * inverse_scale
     factor = inverse_scale
     if clip_norm > 0:
-        norm = ops.sqrt(squares) * inverse_scale
         factor = inverse_scale * clip_norm / ops.maximum(norm, clip_norm)
-    return _hyper_map(ops.partial(_scale_by, factor), grads), finite
+    return _hyper_map(ops.partial(_scale_by, factor), grads), finite, factor, norm
 
 
 class DynamicLossScale(nn.Cell):
@@ -102,7 +107,8 @@ class ApplyGradients(nn.Cell):
 
     ``host_updated``: parameters whose gradients follow the optimizer's in ``grads`` and are
     updated elsewhere (the ECSS slab, ``ecss/``): they count in the clip and the overflow check,
-    and their clipped gradients are returned after the finite flag.
+    and their clipped gradients are returned after the finite flag, the factor applied and the norm.
+    ``host_squares`` adds gradients summed on the host (see :func:`unscale_and_clip`).
     """
 
     def __init__(self, optimizer: nn.Optimizer, loss_scale: DynamicLossScale, grad_clip_norm: float,
@@ -114,15 +120,17 @@ class ApplyGradients(nn.Cell):
         self.host_updated = tuple(host_updated)
         self.device_count = len(optimizer.parameters)
 
-    def construct(self, grads):
-        grads, finite = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm)
+    def construct(self, grads, host_squares=None):
+        grads, finite, factor, norm = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm,
+                                                 host_squares)
         if finite:
             self.optimizer(grads[:self.device_count])
-        return (self.loss_scale.update(finite),) + grads[self.device_count:]
+        return (self.loss_scale.update(finite), factor, norm) + grads[self.device_count:]
 
 
 class TrainOneStepCell(nn.Cell):
-    """One fused step: returns (nll/domain, tokens/domain, aux, dropped, finite, loss scale used)."""
+    """One fused step: returns (nll/domain, tokens/domain, aux, dropped, finite, loss scale used,
+    clip factor, gradient norm, host-updated gradients...)."""
 
     def __init__(self, forward_backward: ForwardBackward, apply_gradients: ApplyGradients):
         super().__init__(auto_prefix=False)
@@ -153,6 +161,24 @@ def declare_dynamic_plan(step_cell: TrainOneStepCell, rows: int, seq_length: int
     step_cell.forward_backward.set_inputs(tokens, domains, scalar, scalar, plan, *seed)
 
 
+class SlabReloads(Protocol):
+    """ECSS's hooks for a step whose micro-batches need more than one slab load (``ecss/offload.py``)."""
+
+    zero_grads: Tuple[Tensor, ...]  # zeros in the slab's shapes: the host already holds those gradients
+
+    def before(self, micro: int) -> None:
+        """Load the slab if micro-batch ``micro`` starts a load."""
+
+    def ends_load(self, micro: int) -> bool:
+        """Whether the slab is reloaded after micro-batch ``micro``."""
+
+    def take(self, slab_grads: Tuple[Tensor, ...]) -> None:
+        """Bring the load's summed slab gradients to the host."""
+
+    def host_squares(self) -> Tensor:
+        """The sum of squares of every expert gradient the host summed (float32 scalar)."""
+
+
 @dataclass
 class StepResult:
     """One step as reported: statistics summed over micro-batches and data-parallel ranks."""
@@ -164,32 +190,51 @@ class StepResult:
     dropped: int
     finite: bool
     loss_scale: float
+    clip_factor: float = 1.0  # unscale times clip, as applied to every gradient of the step
+    grad_norm: float = 0.0  # the global norm of the unscaled gradients, before clipping
     host_grads: Tuple[Tensor, ...] = ()  # the clipped gradients of ApplyGradients.host_updated, on the device
 
 
 def run_step(step_cell: TrainOneStepCell, micro_batches: Sequence[Tuple], token_total: int, aux_loss_coef: float,
-             parts: int) -> StepResult:
+             parts: int, reloads: Optional[SlabReloads] = None) -> StepResult:
     """One update from this rank's micro-batches (see ``training/global_batch.py``).
 
     With several micro-batches the scaled gradients are summed in micro-batch order, then
     applied once: each micro-batch's loss is already divided by the step's token total, so
     the sum is the gradient of the global-batch mean.  The reported loss is computed here, in
     float64, from the summed per-domain NLL, so every way of splitting a batch reports it alike.
+    ``reloads``: the ECSS slab changes between micro-batches; each load's slab gradients go to
+    the host, which sums them and adds their squares to the clip and the overflow check.
     """
-    if len(micro_batches) == 1:
+    if len(micro_batches) == 1 and reloads is None:
         outputs = step_cell(*micro_batches[0])
     else:
         scale = step_cell.apply_gradients.loss_scale.scale * 1.0
-        total_grads, totals = None, None
-        for tokens, domain_ids, *rest in micro_batches:
+        dense_count = step_cell.apply_gradients.device_count
+        dense_sum, slab_sum, totals = None, None, None
+        for micro, (tokens, domain_ids, *rest) in enumerate(micro_batches):
+            if reloads is not None:
+                reloads.before(micro)
             stats, grads = step_cell.forward_backward(tokens, domain_ids, scale, *rest)
-            total_grads = grads if total_grads is None else tuple(a + b for a, b in zip(total_grads, grads))
+            dense_sum = _add(dense_sum, grads[:dense_count])
+            slab_sum = _add(slab_sum, grads[dense_count:])
+            if reloads is not None and reloads.ends_load(micro):
+                reloads.take(slab_sum)
+                slab_sum = None
             stats = [s.asnumpy() for s in stats]
             totals = stats if totals is None else [a + b for a, b in zip(totals, stats)]
-        applied = step_cell.apply_gradients(total_grads)
+        if reloads is None:
+            applied = step_cell.apply_gradients(dense_sum + slab_sum)
+        else:
+            applied = step_cell.apply_gradients(dense_sum + reloads.zero_grads, reloads.host_squares())
         outputs = totals + [applied[0], scale] + list(applied[1:])
-    nll, counted, aux_sum, dropped, finite, scale = (np.asarray(o.asnumpy() if isinstance(o, Tensor) else o)
-                                                     for o in outputs[:6])
+    nll, counted, aux_sum, dropped, finite, scale, factor, norm = (
+        np.asarray(o.asnumpy() if isinstance(o, Tensor) else o) for o in outputs[:8])
     aux_loss = float(aux_sum) / parts
     loss = float(np.sum(nll, dtype=np.float64)) / max(token_total, 1) + aux_loss_coef * aux_loss
-    return StepResult(loss, nll, counted, aux_loss, int(dropped), bool(finite), float(scale), tuple(outputs[6:]))
+    return StepResult(loss, nll, counted, aux_loss, int(dropped), bool(finite), float(scale), float(factor),
+                      float(norm), tuple(outputs[8:]))
+
+
+def _add(total: Optional[Tuple[Tensor, ...]], grads: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    return grads if total is None else tuple(a + b for a, b in zip(total, grads))

@@ -31,7 +31,7 @@ from mindformers_sigma.training.global_batch import GlobalBatchReader, Prefetchi
 from mindformers_sigma.training.interrupts import stop_requests
 from mindformers_sigma.training.loss import TrainingLoss
 from mindformers_sigma.training.lr_schedule import learning_rate_at
-from mindformers_sigma.training.memory_check import check_fits_in_memory
+from mindformers_sigma.training.memory_check import check_fits_in_memory, check_store_fits_on_disk
 from mindformers_sigma.training.metrics import (MetricsLog, domain_losses, flops_per_token, measure_matmul_peak,
                                                 plot_losses, progress_line)
 from mindformers_sigma.training.optimizer import build_optimizer, is_expert_parameter
@@ -116,7 +116,7 @@ def print_now(line: str) -> None:
 
 def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int,
                      info: Optional[ckpt.CheckpointInfo], allow_config_change: bool, say: Callable[[str], None],
-                     folder: Optional[RunFolder] = None
+                     folder: Optional[RunFolder] = None, rank: int = 0
                      ) -> Tuple[TrainOneStepCell, Optional[ExpertPlanner], Optional[ExpertOffload]]:
     """The train step, with the checkpoint's state when resuming, its RRE dispatch planner and,
     with ECSS, the host side of the experts.
@@ -127,14 +127,12 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
     step_cell = build_train_step(config, data.token_frequency, data_parallel)
     offload = None
     if config.ecss.enabled:
-        store = os.path.join(folder.path, ECSS_STORE) if folder else None
+        store = os.path.join(folder.path, ECSS_STORE, f"rank_{rank}") if folder else None  # each rank its own
         offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated,
                                       host_routing_tables(step_cell), store)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
-        take_host = None if offload is None else (
-            lambda stored: offload.take_from_checkpoint(stored, f"--resume {info.weights_path}"))
-        restore(step_cell, info, NOT_CHECKPOINTED, take_host)
+        restore(step_cell, info, NOT_CHECKPOINTED, offload.host_arrays() if offload else None)
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
     if offload is not None:
         offload.device_resident_bytes = device_resident_bytes(step_cell)
@@ -171,6 +169,8 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
         say(note)
     check_fits_in_memory(config, train_cfg.batch_size // (parallel.group_size * train_cfg.grad_accumulation_steps),
                          parallel.group_size if config.context.device_target == "CPU" else 1)
+    if out_dir:
+        check_store_fits_on_disk(config, out_dir, parallel.group_size if config.context.device_target == "CPU" else 1)
     data = open_training_data(config)
     folder = RunFolder(out_dir, parallel.is_main) if out_dir else None
     try:
@@ -188,7 +188,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     train_cfg, model = config.train, config.model
     parts = parallel.group_size * train_cfg.grad_accumulation_steps
     step_cell, planner, offload = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say,
-                                                   folder)
+                                                   folder, parallel.rank)
     if folder is not None and parallel.is_main and overwrite:  # only once the resume is known to be sound
         continued_here = info is not None and is_in_folder(info.weights_path, folder.checkpoints)
         removed = folder.remove_outputs(newer_than=info.step if continued_here else None)
@@ -221,13 +221,14 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             compiling = batch.graph_key not in compiled_graph_keys
             compiled_graph_keys.add(batch.graph_key)
             updates_before = int(optimizer_step.asnumpy()) if offload else 0  # the host uses the same rate
+            reloads = offload.begin_step() if offload else None  # None: the slab is loaded for the whole step
+            if offload and isinstance(reader, PrefetchingReader) and step + 1 < train_cfg.steps:
+                reader.prefetch(step + 1, position)  # staged while this step runs
+            result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts,
+                              reloads)
             if offload:
-                offload.load()
-                if isinstance(reader, PrefetchingReader) and step + 1 < train_cfg.steps:
-                    reader.prefetch(step + 1, position)  # staged while this step runs
-            result = run_step(step_cell, batch.micro_batches, batch.token_total, aux_loss_coef(config), parts)
-            if offload:
-                offload.update(result.host_grads, result.finite, learning_rate_at(updates_before, train_cfg),
+                offload.update(result.host_grads, result.finite, result.clip_factor,
+                               learning_rate_at(updates_before, train_cfg),
                                timed=not compiling)
             (compile_seconds if compiling else run_seconds).append(time.perf_counter() - started)
             losses.append(result.loss)
@@ -241,6 +242,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                 # the rate last applied (overflow-skipped steps do not advance the optimizer's step)
                 "lr": learning_rate_at(max(0, int(optimizer_step.asnumpy()) - 1), train_cfg),
                 "loss_scale": result.loss_scale, "finite": result.finite,
+                "grad_norm": result.grad_norm if result.finite else None,  # before clipping
                 "dropped": result.dropped, "tokens_per_second": tokens_per_second,
                 "mfu": tokens_per_second * flops_token / (peak * parallel.group_size),
                 "eta_seconds": (float(np.mean(run_seconds[-train_cfg.log_interval:])) * (train_cfg.steps - step - 1)
