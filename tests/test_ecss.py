@@ -286,6 +286,10 @@ def test_bench_ecss_quick_runs_and_its_record_is_consistent(tmp_path):
     comparison = record["comparison"]
     assert comparison["moe"]["device_resident_bytes"] > comparison["ecss"]["device_resident_bytes"]
     assert record["speedup_vs_moe"] == comparison["ecss"]["tokens_per_s"] / comparison["moe"]["tokens_per_s"]
+    reload = record["reload"]  # 64 experts, 8 samples in 4 micro-batches: 4 x 16 in one load, or 2 x 16
+    assert (reload["whole_step_slab"]["slab_experts"], reload["smallest_safe_slab"]["slab_experts"]) == (64, 32)
+    assert reload["whole_step_slab"]["slab_loads_per_step"] == 1 < reload["smallest_safe_slab"]["slab_loads_per_step"]
+    assert reload["smallest_safe_slab"]["device_resident_bytes"] < reload["whole_step_slab"]["device_resident_bytes"]
     assert record["machine"]["mindspore"] and "| 64 |" in done.stdout
 
 

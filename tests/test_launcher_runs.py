@@ -222,6 +222,36 @@ def test_two_msrun_workers_are_bitwise_one_process_accumulating_their_two_halves
 
 
 @pytest.mark.slow
+def test_two_msrun_workers_with_ecss_are_bitwise_one_process_accumulating_their_two_halves(tmp_path):
+    # Every rank plans its slab from both ranks' experts (it reads the whole batch), so both load
+    # the same experts into the same slots, their slab gradients are all-reduced slot by slot and
+    # each rank's host store (memory-mapped, one per rank) gets the same update: the single
+    # process accumulating the two halves loads the same union and sums the same two gradients.
+    config = micro_yaml(tmp_path, steps=5)
+    raw = yaml.safe_load(config.read_text())
+    raw["ecss"].update(enabled=True, host_store="mmap")
+    raw["train"].update(checkpoint_format="safetensors", checkpoint_interval=2)
+    config.write_text(yaml.safe_dump(raw))
+    single = subprocess.run([sys.executable, "-m", "mindformers_sigma", "train", "--config", str(config),
+                             "--out", str(tmp_path / "one"), "--set", "train.grad_accumulation_steps=2"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert single.returncode == 0, single.stderr[-2000:]
+    logs = tmp_path / "logs"
+    result = launcher("--cpu", "--workers", 2, "--master-port", 8223, "--log-dir", logs, config,
+                      "--", "--out", tmp_path / "two", timeout=300)
+    assert result.returncode == 0, (result.stderr[-2000:], (logs / "worker_1.log").read_text()[-2000:])
+    rows_one, rows_two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                          for run in ("one", "two"))
+    assert [r["loss"] for r in rows_one] == [r["loss"] for r in rows_two] and len(rows_one) == 5
+    assert [r["ecss_active_experts"] for r in rows_one] == [r["ecss_active_experts"] for r in rows_two]
+    weights_one, weights_two = _final_parameters(tmp_path / "one"), _final_parameters(tmp_path / "two")
+    assert weights_one.keys() == weights_two.keys() and any(".experts." in k for k in weights_one)
+    for name in weights_one:
+        assert np.array_equal(weights_one[name], weights_two[name]), name
+    assert not (tmp_path / "two" / "ecss_store").exists()  # each rank removed its scratch store
+
+
+@pytest.mark.slow
 def test_msrun_rank_failing_at_start_is_named_and_msrun_output_goes_to_its_log(tmp_path):
     # Rank 1 gets an unknown option: it exits with code 2 about 0.1 s after it starts, before the
     # cluster is built (msrun alone would then wait --cluster_time_out for the scheduler).

@@ -5,7 +5,9 @@
   slab holds 16 in every case: tokens/s, device- and host-resident bytes, bytes loaded per step;
 * speedup_vs_moe: 640 experts per sparse layer (40 domains x 16) at the T1 shapes, RRE with ECSS
   against the learned top-1 gate (capacity factor 1.25) with every expert resident and updated by
-  the device optimizer; plus that optimizer's time alone, which explains most of the gap.
+  the device optimizer; plus that optimizer's time alone, which explains most of the gap;
+* reload: that ECSS case with 4 micro-batches per step, the whole-step slab (one load) against
+  the smallest safe slab (reloaded between micro-batches): device memory against loading traffic.
 
 Every case runs in a fresh process (``python -m mindformers_sigma.benchmarks.ecss --case ...``)
 so each one's memory is its own.  ``--quick`` shrinks the model and the steps (a CI smoke test).
@@ -47,6 +49,19 @@ def comparison_cases(quick: bool) -> dict:
             "moe": common + ["moe.router=switch", "moe.capacity_factor=1.25"]}
 
 
+def reload_cases(quick: bool) -> dict:
+    """The comparison's ECSS case with 4 micro-batches per step: the default slab (the whole step's
+    experts, one load) against the smallest safe one (one micro-batch's, reloaded between them)."""
+    from mindformers_sigma.config import apply_overrides, load_config
+    from mindformers_sigma.ecss.slab import smallest_safe_slab, whole_step_slab
+
+    overrides = comparison_cases(quick)["ecss"] + ["train.grad_accumulation_steps=4"]
+    config = apply_overrides(load_config(T1), overrides)
+    safe = smallest_safe_slab(config)
+    return {"whole_step_slab": (whole_step_slab(config), overrides),
+            "smallest_safe_slab": (safe, overrides + [f"ecss.slab_experts={safe}"])}
+
+
 def run_case(overrides: Sequence[str], steps: int, quick: bool, optimizer_only: bool = False) -> dict:
     """One case in a child process; its last stdout line is the JSON result."""
     command = [sys.executable, "-m", "mindformers_sigma.benchmarks.ecss", "--case",
@@ -74,7 +89,8 @@ def _case_result(overrides: List[str], steps: int) -> dict:
         result.update(host_resident_bytes=summary.ecss["host_resident_bytes"],
                       h2d_bytes_per_step=summary.ecss["h2d_bytes"] / steps,
                       transfer_seconds_per_step=summary.ecss["transfer_seconds"] / summary.ecss["timed_steps"],
-                      host_update_seconds_per_step=summary.ecss["host_update_seconds"] / summary.ecss["timed_steps"])
+                      host_update_seconds_per_step=summary.ecss["host_update_seconds"] / summary.ecss["timed_steps"],
+                      slab_loads_per_step=summary.ecss["slab_loads"] / steps)
     return result
 
 
@@ -125,9 +141,14 @@ def run(quick: bool, out_dir: str) -> dict:
     serial = run_case(cases["ecss"] + ["ecss.prefetch=false"], steps, quick)
     moe = run_case(cases["moe"], steps, quick)
     moe.update(run_case(cases["moe"], steps, quick, optimizer_only=True))
+    print("bench ecss: reloading a smaller slab between micro-batches", file=sys.stderr, flush=True)
+    reload = reload_cases(quick)
+    reloads = {name: dict(slab_experts=slab, **run_case(overrides, steps, quick))
+               for name, (slab, overrides) in reload.items()}
     record = {"benchmark": "ecss", "quick": quick, "config": str(T1), "steps": steps, "scaling": scaling,
               "comparison": {"experts": 64 if quick else 640, "ecss": ecss, "ecss_without_prefetch": serial,
                              "moe": moe},
+              "reload": reloads,
               "prefetch_saves_seconds_per_step": serial["step_seconds"] - ecss["step_seconds"],
               "speedup_vs_moe": ecss["tokens_per_s"] / moe["tokens_per_s"]}
     write_record(os.path.join(out_dir, "ecss.json"), record, echo=False)
@@ -155,7 +176,13 @@ def table(record: dict) -> str:
               f"| host AdamW of the touched experts | {ecss['host_update_seconds_per_step']:.3f} | - |",
               f"| device optimizer over all parameters (measured alone) | - | {moe['optimizer_seconds']:.3f} |",
               f"| device-resident MiB | {ecss['device_resident_bytes'] / 2 ** 20:,.0f} | "
-              f"{moe['device_resident_bytes'] / 2 ** 20:,.0f} |"]
+              f"{moe['device_resident_bytes'] / 2 ** 20:,.0f} |",
+              "", "| 4 micro-batches per step | slab experts | loads per step | tokens/s | device-resident MiB | "
+                  "loaded per step MiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in record["reload"].items():
+        lines.append(f"| {name.replace('_', ' ')} | {row['slab_experts']} | {row['slab_loads_per_step']:.2f} | "
+                     f"{row['tokens_per_s']:,.0f} | {row['device_resident_bytes'] / 2 ** 20:,.0f} | "
+                     f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f} |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.ecss.offload import ExpertOffload
-from mindformers_sigma.ecss.slab import slab_size
+from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
 from mindformers_sigma.moe.expert_plan import ExpertPlanner, host_routing_tables, routing_tables_of
@@ -136,9 +136,13 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
     if offload is not None:
         offload.device_resident_bytes = device_resident_bytes(step_cell)
+        safe, whole = smallest_safe_slab(config), whole_step_slab(config)
         say(f"ecss: {offload.host_resident_bytes / 2 ** 20:.1f} MiB of experts, moments and routing tables on "
-            f"the host, a slab of "
-            f"{offload.slab_experts} experts per sparse layer on the device")
+            f"the host ({config.ecss.host_store}), a slab of {offload.slab_experts} experts per sparse layer on the "
+            f"device" + ("" if offload.slab_experts >= whole else
+                         f"; reloaded between micro-batches when a step needs more (whole step: {whole})") +
+            ("" if offload.slab_experts >= safe else
+             f"; below the safe {safe}: a micro-batch needing more stops the run"))
     planner = expert_planner(config, step_cell)
     if planner is not None:
         rows = config.train.batch_size // (data_parallel * config.train.grad_accumulation_steps)
