@@ -30,15 +30,24 @@ def _positive_int(text: str) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     from mindformers_sigma.params import count_parameters, format_count
 
-    count = count_parameters(load_config(args.config))
+    config = load_config(args.config)
+    count = count_parameters(config)
+    slab = None
+    if config.moe.router == "rre" and config.model.sparse_layers:
+        from mindformers_sigma.ecss.slab import smallest_safe_slab, whole_step_slab
+
+        slab = {"smallest_safe": smallest_safe_slab(config), "whole_step": whole_step_slab(config)}
     if args.json:
-        print(json.dumps(count.as_dict(), indent=2))
+        print(json.dumps(dict(count.as_dict(), ecss_slab_experts=slab), indent=2))
         return 0
     print(f"total parameters       {count.total:>20,}  ({format_count(count.total)})")
     print(f"activated per token    {count.activated_per_token:>20,}  ({format_count(count.activated_per_token)})")
     submodel = f"{count.domain_submodel:>20,}" if count.domain_submodel is not None else f"{'n/a (learned router)':>20}"
     print(f"one domain's sub-model {submodel}  ({format_count(count.domain_submodel)})")
     print(f"routing table entries  {count.routing_table_entries:>20,}  (int32, not trainable)")
+    if slab is not None:
+        print(f"ECSS slab, experts     {slab['smallest_safe']:>20,}  (smallest safe; {slab['whole_step']:,} hold a whole "
+              f"step without reloads)")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -41,8 +42,6 @@ def _final_params(out):
 
 
 def _metrics(out):
-    import json
-
     with open(out / "metrics.jsonl", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
 
@@ -145,6 +144,14 @@ def test_host_adamw_equals_the_device_kernel_on_touched_rows_only():
             np.testing.assert_allclose(layer.weights[t][expert], param.asnumpy(), rtol=2e-6, atol=1e-7)
             np.testing.assert_allclose(layer.moment1[t][expert], m.asnumpy(), rtol=2e-6, atol=1e-8)
             np.testing.assert_allclose(layer.moment2[t][expert], v.asnumpy(), rtol=2e-6, atol=1e-9)
+            # and the rule in float64 numpy (AdamWeightDecay: no bias correction, decoupled decay)
+            g, p0 = grads[t][row].astype(np.float64), start[f"layer.{t}"][expert].astype(np.float64)
+            m64 = 0.9 * start[f"adam_m.layer.{t}"][expert] + 0.1 * g
+            v64 = 0.95 * start[f"adam_v.layer.{t}"][expert] + 0.05 * g * g
+            p64 = p0 - lr * (m64 / (np.sqrt(v64) + 1e-8) + settings.weight_decay[t] * p0)
+            np.testing.assert_allclose(layer.weights[t][expert], p64, rtol=2e-6, atol=1e-7)
+            np.testing.assert_allclose(layer.moment1[t][expert], m64, rtol=2e-6, atol=1e-8)
+            np.testing.assert_allclose(layer.moment2[t][expert], v64, rtol=2e-6, atol=1e-9)
         untouched = np.setdiff1d(np.arange(experts), touched)
         assert np.array_equal(layer.weights[t][untouched], start[f"layer.{t}"][untouched])
         assert np.array_equal(layer.moment1[t][untouched], start[f"adam_m.layer.{t}"][untouched])
@@ -182,6 +189,19 @@ def test_slab_layout_renames_experts_to_slots_and_a_too_small_slab_is_one_error(
     batch, accumulation = config.train.batch_size, config.train.grad_accumulation_steps
     assert smallest_safe_slab(config) == min(16, min(batch // accumulation, 4) * 4)
     assert whole_step_slab(config) == min(16, min(batch, 4) * 4)
+
+
+def test_params_reports_the_slab_sizes_of_a_config(tmp_path):
+    from conftest import tiny_raw
+
+    raw = tiny_raw()  # 4 domains x 2 experts; batch 8 in 4 micro-batches of 2 samples
+    raw["train"]["grad_accumulation_steps"] = 4
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "params", "--config", str(path), "--json"],
+                          capture_output=True, text=True, cwd=REPO)
+    # 2 samples reach at most 2 domains' 4 experts; 8 samples all 4 domains' 8 experts.
+    assert json.loads(done.stdout)["ecss_slab_experts"] == {"smallest_safe": 4, "whole_step": 8}
 
 
 def test_micro_batches_share_a_load_while_their_experts_fit_and_reload_when_not():
@@ -271,8 +291,6 @@ def test_mmap_store_without_out_is_one_error_line(tmp_path):
 
 @pytest.mark.slow
 def test_bench_ecss_quick_runs_and_its_record_is_consistent(tmp_path):
-    import json
-
     done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "ecss", "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
