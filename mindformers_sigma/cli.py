@@ -51,6 +51,34 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mindformers_sigma.parallel.planner import check_fits, plan_layout
+    from mindformers_sigma.parallel.report import format_plan
+    from mindformers_sigma.parallel.strategy_file import write_strategy_file
+
+    config = apply_overrides(load_config(args.config), args.set)
+    plan = plan_layout(config, args.hbm_gb, args.host_gb)
+    if args.emit_strategy:
+        os.makedirs(args.emit_strategy, exist_ok=True)
+        name = os.path.splitext(os.path.basename(args.config))[0]
+        target = os.path.join(args.emit_strategy, f"{name}.json")
+        write_strategy_file(config, args.config, target)
+        print(f"wrote {target}", file=sys.stderr)
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))
+    check_fits(plan)
+    return 0
+
+
 def train_config(args: argparse.Namespace) -> SigmaConfig:
     """The config a `train` command line describes: the file, then --data, then the --set overrides."""
     config = load_config(args.config)
@@ -143,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--config", required=True, help="YAML config file")
     params.add_argument("--json", action="store_true", help="print JSON with total, activated_per_token, domain_submodel")
     params.set_defaults(handler=_cmd_params)
+
+    plan = commands.add_parser("plan", help="the device layout of a config: per-parameter layouts, memory per device, "
+                                            "communication per step, a roofline tokens/s; strategy files")
+    plan.add_argument("--config", required=True, help="YAML config file")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    plan.add_argument("--emit-strategy", metavar="DIR", help="also write DIR/<config name>.json, a MindSpore strategy file")
+    plan.add_argument("--hbm-gb", type=_positive_float, default=32.0, help="device memory in GiB (Ascend 910: 32)")
+    plan.add_argument("--host-gb", type=_positive_float, default=512.0, help="host memory per server in GiB")
+    plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one config value (YAML syntax), validated like the file; repeatable")
+    plan.set_defaults(handler=_cmd_plan)
 
     train = commands.add_parser("train", help="train a model described by a config")
     add_train_arguments(train)

@@ -133,6 +133,8 @@ class ParallelConfig:
     micro_batch_num: int = 1
     optimizer_shard: bool = False
     recompute: bool = False
+    # split the word embedding and the tied head on the vocabulary over model_parallel (else replicated)
+    vocab_parallel: bool = False
 
     def validate(self) -> None:
         for name in ("device_num", "data_parallel", "model_parallel", "pipeline_stage",
@@ -152,8 +154,10 @@ class ParallelConfig:
             _require(self.device_num == 1, "parallel.device_num", self.device_num,
                      "must be 1 for parallel.mode stand_alone; use data_parallel or semi_auto_parallel")
         if self.mode == "data_parallel":
-            _require(self.model_parallel == 1 and self.pipeline_stage == 1, "parallel.mode", self.mode,
-                     "needs model_parallel 1 and pipeline_stage 1; use semi_auto_parallel for sharding")
+            _require(self.model_parallel == 1 and self.pipeline_stage == 1 and self.expert_parallel == 1,
+                     "parallel.mode", self.mode, "needs model_parallel, pipeline_stage and expert_parallel 1 (every "
+                     "worker a whole replica); model, pipeline and expert parallelism need semi_auto_parallel "
+                     "on Ascend/GPU")
 
 
 @dataclass
@@ -285,21 +289,30 @@ class SigmaConfig:
             num_experts % self.parallel.expert_parallel == 0, "parallel.expert_parallel",
             self.parallel.expert_parallel, f"must divide moe.num_experts ({num_experts})",
         )
-        _require(
-            self.parallel.expert_parallel <= self.parallel.device_num, "parallel.expert_parallel",
-            self.parallel.expert_parallel, f"must be <= parallel.device_num ({self.parallel.device_num})",
-        )
-        per_step = self.parallel.data_parallel * self.train.grad_accumulation_steps
-        _require(
-            self.train.batch_size % per_step == 0, "train.batch_size", self.train.batch_size,
-            f"(the global batch) must be divisible by data_parallel * grad_accumulation_steps ({per_step})",
-        )
+        self._validate_layout()
         if self.ecss.enabled:
             self._validate_ecss()
         _require(
             not (self.parallel.mode == "semi_auto_parallel" and self.context.device_target == "CPU"),
             "parallel.mode", self.parallel.mode,
             "MindSpore refuses semi_auto_parallel on CPU; use stand_alone or data_parallel there",
+        )
+
+    def _validate_layout(self) -> None:
+        """The rules a device layout puts on the model and the batch (per-parameter splits: ``parallel/layouts.py``)."""
+        p = self.parallel
+        _require(p.data_parallel % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
+                 f"must divide parallel.data_parallel ({p.data_parallel}): experts are split over the "
+                 f"data-parallel axis")
+        _require(self.model.num_heads % p.model_parallel == 0, "parallel.model_parallel", p.model_parallel,
+                 f"must divide model.num_heads ({self.model.num_heads}): attention is split by heads")
+        _require(p.pipeline_stage <= self.model.num_layers, "parallel.pipeline_stage", p.pipeline_stage,
+                 f"must be <= model.num_layers ({self.model.num_layers}): every stage needs a layer")
+        per_step = p.data_parallel * p.micro_batch_num * self.train.grad_accumulation_steps
+        _require(
+            self.train.batch_size % per_step == 0, "train.batch_size", self.train.batch_size,
+            f"(the global batch) must be divisible by data_parallel * micro_batch_num * grad_accumulation_steps "
+            f"({per_step})",
         )
 
     def _validate_ecss(self) -> None:
@@ -310,9 +323,6 @@ class SigmaConfig:
                  f"learned router ({self.moe.router}) only chooses them inside it")
         _require(self.moe.capacity_factor is None, "ecss.enabled", True,
                  "needs moe.capacity_factor: null (ECSS loads the experts of the host-made dropless plan)")
-        _require(self.parallel.mode != "semi_auto_parallel", "ecss.enabled", True,
-                 "runs stand-alone or data-parallel (every rank a whole replica of the slab and the host store); "
-                 "sharded experts under semi_auto_parallel are not built: set parallel.mode")
         _require(self.ecss.slab_experts <= self.moe.num_experts, "ecss.slab_experts", self.ecss.slab_experts,
                  f"must be <= moe.num_experts ({self.moe.num_experts})")
 

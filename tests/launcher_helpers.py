@@ -32,9 +32,10 @@ def micro_yaml(tmp_path, dropout=0.0, steps=3, name="micro.yaml", **parallel):
 
 
 def ascend_yaml(tmp_path, devices, name="ascend.yaml"):
-    """An Ascend config (operator-level model parallel) for ``devices`` ranks."""
-    return micro_yaml(tmp_path, name=name, mode="semi_auto_parallel", device_num=devices, data_parallel=1,
-                      model_parallel=devices)
+    """An Ascend config (operator-level model parallel over up to 4 heads, data parallel over the rest)."""
+    model_parallel = min(devices, 4)
+    return micro_yaml(tmp_path, name=name, mode="semi_auto_parallel", device_num=devices,
+                      data_parallel=devices // model_parallel, model_parallel=model_parallel)
 
 
 def rank_table(tmp_path, servers=1, devices=8, device_ids=None, name="rank_table.json"):

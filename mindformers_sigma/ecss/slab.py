@@ -18,7 +18,7 @@ from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.errors import DataError
 
 
-def _slab_for_rows(config: SigmaConfig, rows: int) -> int:
+def slab_for_rows(config: SigmaConfig, rows: int) -> int:
     """The most experts ``rows`` samples can activate in one sparse layer: they span at most
     that many domains, and a domain's tokens only reach its own ``experts_per_domain`` experts."""
     return min(config.moe.num_experts, min(rows, config.moe.num_domains) * config.moe.experts_per_domain)
@@ -27,12 +27,12 @@ def _slab_for_rows(config: SigmaConfig, rows: int) -> int:
 def smallest_safe_slab(config: SigmaConfig) -> int:
     """The fewest slots that no batch can overflow: one micro-batch index of every rank
     (``train.batch_size / grad_accumulation_steps`` samples) must fit in one load."""
-    return _slab_for_rows(config, config.train.batch_size // config.train.grad_accumulation_steps)
+    return slab_for_rows(config, config.train.batch_size // config.train.grad_accumulation_steps)
 
 
 def whole_step_slab(config: SigmaConfig) -> int:
     """The slots with which no step ever reloads the slab: the whole global batch in one load."""
-    return _slab_for_rows(config, config.train.batch_size)
+    return slab_for_rows(config, config.train.batch_size)
 
 
 def slab_size(config: SigmaConfig) -> int:

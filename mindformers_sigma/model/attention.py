@@ -27,6 +27,7 @@ class SelfAttention(nn.Cell):
         self.output = Linear(hidden_size, hidden_size, init_std, compute_dtype)
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.mix = ops.BatchMatMul()
+        self.softmax = ops.Softmax(-1)
         self.dropout = SeededDropout(dropout_rate, dropout_site)
 
     def _split_heads(self, x):
@@ -41,7 +42,7 @@ class SelfAttention(nn.Cell):
         key = self._split_heads(self.key(hidden))
         value = self._split_heads(self.value(hidden))
         scores = self.scores(query, key).astype(ms.float32) * self.scale + attention_bias
-        probs = self.dropout(ops.softmax(scores, -1), dropout_seed)
+        probs = self.dropout(self.softmax(scores), dropout_seed)
         context = self.mix(probs.astype(self.compute_dtype), value)
         context = context.transpose(0, 2, 1, 3).reshape((batch, seq, width))
         return self.output(context)

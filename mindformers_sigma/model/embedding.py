@@ -16,9 +16,10 @@ class LookupTable(nn.Cell):
         super().__init__()
         self.embedding_table = Parameter(initializer(Normal(init_std), (rows, hidden_size), ms.float32),
                                          name="embedding_table")
+        self.gather = ops.Gather()
 
     def construct(self, ids):
-        return ops.gather(self.embedding_table, ids, 0)
+        return self.gather(self.embedding_table, ids, 0)
 
 
 class Embedding(nn.Cell):

@@ -14,11 +14,13 @@ class Linear(nn.Cell):
         self.compute_dtype = compute_dtype
         self.weight = Parameter(initializer(Normal(init_std), (in_features, out_features), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias")
+        self.matmul = ops.MatMul()  # primitives, so that parallel/strategies.py can shard them
+        self.add_bias = ops.Add()
 
     def construct(self, x):
         shape = x.shape
         flat = x.reshape((-1, shape[-1])).astype(self.compute_dtype)
-        out = ops.matmul(flat, self.weight.astype(self.compute_dtype)) + self.bias.astype(self.compute_dtype)
+        out = self.add_bias(self.matmul(flat, self.weight.astype(self.compute_dtype)), self.bias.astype(self.compute_dtype))
         return out.reshape(shape[:-1] + (out.shape[-1],))
 
 

@@ -101,14 +101,14 @@ class PanGuSigmaForCausalLM(nn.Cell):
         self.backbone = PanGuSigmaModel(config, routing_tables, expert_slots)
         self.eod_token_id = config.model.eod_token_id
         self.num_domains = config.moe.num_domains
+        self.head = ops.MatMul()  # hidden x word_table^T: the tied output head
 
     def logits(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
         """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
         hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, expert_plan, dropout_seed)
         batch, seq, width = hidden.shape
         word_table = self.backbone.embedding.word.embedding_table
-        logits = ops.matmul(hidden.reshape((batch * seq, width)).astype(ms.float32),
-                            word_table.transpose(1, 0))
+        logits = self.head(hidden.reshape((batch * seq, width)).astype(ms.float32), word_table.transpose(1, 0))
         return logits.reshape((batch, seq, -1)), aux_loss, dropped
 
     def construct(self, tokens, domain_ids, expert_plan=None, dropout_seed=None):

@@ -24,7 +24,8 @@ class BatchedExperts(nn.Cell):
         self.b1 = Parameter(initializer("zeros", (num_experts, 1, ffn_hidden_size), ms.float32), name="b1")
         self.w2 = Parameter(initializer(Normal(init_std), (num_experts, ffn_hidden_size, hidden_size), ms.float32), name="w2")
         self.b2 = Parameter(initializer("zeros", (num_experts, 1, hidden_size), ms.float32), name="b2")
-        self.batch_matmul = ops.BatchMatMul()
+        self.up = ops.BatchMatMul()  # two primitives: the parallel layer shards them differently
+        self.down = ops.BatchMatMul()
 
     def construct(self, buffers, slot_expert=None):
         """buffers [E, C, H] -> [E, C, H]; or, with ``slot_expert`` [K], buffers [K, C, H] -> [K, C, H].
@@ -39,6 +40,6 @@ class BatchedExperts(nn.Cell):
             b1 = ops.gather(b1, slot_expert, 0)
             w2 = ops.gather(w2, slot_expert, 0)
             b2 = ops.gather(b2, slot_expert, 0)
-        hidden = self.batch_matmul(buffers.astype(dtype), w1.astype(dtype)) + b1.astype(dtype)
+        hidden = self.up(buffers.astype(dtype), w1.astype(dtype)) + b1.astype(dtype)
         hidden = fast_gelu(hidden)
-        return self.batch_matmul(hidden, w2.astype(dtype)) + b2.astype(dtype)
+        return self.down(hidden, w2.astype(dtype)) + b2.astype(dtype)

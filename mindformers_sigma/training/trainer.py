@@ -26,6 +26,8 @@ from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_ste
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
 from mindformers_sigma.moe.expert_plan import ExpertPlanner, host_routing_tables, routing_tables_of
+from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
+from mindformers_sigma.parallel.strategies import apply_layout
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import GlobalBatchReader, PrefetchingReader, prefetching
 from mindformers_sigma.training.interrupts import stop_requests
@@ -69,9 +71,7 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_
     ecss = config.ecss.enabled  # experts on the host: the network holds a slab, the host updates them
     network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency),
                                     slab_size(config) if ecss else None)
-    if config.parallel.recompute:  # keep only layer inputs; recompute activations in the backward pass
-        for layer in (*network.backbone.layers, network.backbone.top_query_layer):
-            layer.recompute()
+    apply_layout(config, network)  # strategies, pipeline stages, recompute (parallel/strategies.py)
     loss_cell = TrainingLoss(network, aux_loss_coef(config), data_parallel, config.train.grad_accumulation_steps)
     optimizer = build_optimizer(network, config.train, without_experts=ecss)
     slab = [p for p in network.trainable_params() if is_expert_parameter(p.name)] if ecss else []
@@ -162,6 +162,7 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     if steps is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
     train_cfg = config.train
+    check_trainable(config)
     notes: List[str] = []
     info = choose_start(out_dir, resume, overwrite, notes.append)  # read-only: every rank decides alike
     if info is not None and info.step >= train_cfg.steps:
@@ -169,6 +170,7 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
                         f"raise --steps")
     parallel: ParallelInfo = configure_context(config)
     say = log if parallel.is_main else (lambda line: None)
+    say(describe_layout(config, parallel.group_size))
     for note in notes:
         say(note)
     check_fits_in_memory(config, train_cfg.batch_size // (parallel.group_size * train_cfg.grad_accumulation_steps),

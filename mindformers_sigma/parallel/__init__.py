@@ -1,0 +1,1 @@
+"""The device layout: mesh, per-parameter layouts, op strategies, strategy files and the planner."""
