@@ -13,7 +13,9 @@ The split rules (one table, used by the op strategies too):
 * the word embedding (and the tied head) is split on the vocabulary over mp with
   ``parallel.vocab_parallel``, else replicated; everything else is replicated;
 * with ``parallel.optimizer_shard`` every trainable weight and its moments are also split on
-  dimension 0 over the ranks that hold the same slice (where that dimension divides).
+  dimension 0 over the ranks that hold the same slice, where that dimension divides and those
+  ranks lie along one device-matrix axis (a replicated parameter gets the one-axis matrix
+  ``[dp * mp]`` for that; an expert bias repeated over both the rest of dp and mp stays whole).
 """
 
 from __future__ import annotations

@@ -1,0 +1,311 @@
+"""The device layout: per-parameter layouts against the built model, op strategies, strategy files that
+MindSpore's own utilities read and transform checkpoints with, and the planner's numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore.parallel import build_searched_strategy, rank_list_for_transform, transform_checkpoints
+
+from mindformers_sigma.cli import main
+from mindformers_sigma.config import ConfigError, apply_overrides, load_config
+from mindformers_sigma.errors import DataError
+from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
+from mindformers_sigma.params import count_parameters
+from mindformers_sigma.parallel.layouts import parameter_layouts
+from mindformers_sigma.parallel.mesh import DeviceMesh
+from mindformers_sigma.parallel.planner import check_fits, plan_layout
+from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
+from mindformers_sigma.parallel.strategies import _primitive, apply_layout, op_strategies
+from mindformers_sigma.parallel.strategy_file import PRODUCER_FIELD, strategy_document, write_strategy_file
+from mindformers_sigma.training import checkpoint as ckpt
+from mindformers_sigma.training.trainer import NOT_CHECKPOINTED, build_train_step, train
+
+from conftest import CONFIGS, REAL_VOCAB, REPO, micro_config
+
+COMMITTED = {"pangu_sigma_1085b_512p.yaml": CONFIGS / "strategy" / "pangu_sigma_1085b_512p.json"}
+EIGHT_RANKS = {"mode": "semi_auto_parallel", "device_num": 8, "data_parallel": 4, "model_parallel": 2,
+               "expert_parallel": 2, "optimizer_shard": True, "vocab_parallel": True}
+
+
+def _sharded(parallel, **sections):
+    """A micro model laid out for Ascend (semi_auto_parallel is refused on CPU, where it would run)."""
+    return micro_config(parallel=parallel, context={"device_target": "Ascend"}, **sections)
+
+
+def _built_parameters(config):
+    step = build_train_step(config, None, 1)
+    return {name: (tuple(p.shape), str(p.dtype).lower()) for name, p in step.parameters_dict().items()
+            if name not in NOT_CHECKPOINTED}
+
+
+@pytest.mark.parametrize("sections", [{}, {"ecss": {"enabled": True}}, {"moe": {"router": "switch"}},
+                                      {"ecss": {"enabled": True, "slab_experts": 4}}])
+def test_planned_parameters_are_the_built_models_and_sum_to_its_count(sections):
+    config = micro_config(**sections)
+    planned = {l.name: (l.shape, l.dtype) for l in parameter_layouts(config)}
+    assert planned == _built_parameters(config)
+    weights = sum(l.elements for l in parameter_layouts(config) if l.trainable and l.kind != "optimizer")
+    if not config.ecss.enabled:
+        assert weights == count_parameters(config).total
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shard_of_every_committed_config_divides_and_tiles_its_parameter(config_file):
+    config = load_config(CONFIGS / config_file)
+    mesh = DeviceMesh.of(config)
+    for layout in parameter_layouts(config):
+        assert math.prod(layout.dev_matrix) == mesh.stage_devices, layout.name
+        pieces = math.prod(layout.splits) * (layout.opt_shard_size or 1)
+        assert layout.shard_elements * pieces == layout.elements, layout.name
+        for size, split, shard in zip(layout.shape, layout.splits, layout.shard_shape):
+            assert size % split == 0 and shard * split <= size, layout.name
+
+
+def test_a_split_that_does_not_divide_names_the_parameter_and_the_dimension():
+    config = _sharded(dict(EIGHT_RANKS), model={"ffn_hidden_size": 51})
+    with pytest.raises(ConfigError, match=r"model_parallel = 2: does not divide dimension 1 \(51\) of "
+                                          r"backbone.layers.0.ffn.mapping.weight \[32, 51\]"):
+        parameter_layouts(config)
+    with pytest.raises(ConfigError, match=r"expert_parallel = 2: does not divide dimension 0 \(3\) of .*experts.w1"):
+        parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 3}))
+
+
+@pytest.mark.parametrize("parallel,field,words", [
+    ({**EIGHT_RANKS, "expert_parallel": 8}, "parallel.expert_parallel", "must divide parallel.data_parallel (4)"),
+    ({**EIGHT_RANKS, "data_parallel": 1, "model_parallel": 8, "expert_parallel": 1}, "parallel.model_parallel",
+     "must divide model.num_heads (4)"),
+    ({**EIGHT_RANKS, "device_num": 16}, "parallel.device_num", "must equal data_parallel * model_parallel"),
+    ({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 1}, "parallel.micro_batch_num",
+     ">= pipeline_stage"),
+    ({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 3}, "train.batch_size",
+     "data_parallel * micro_batch_num * grad_accumulation_steps (6)"),
+])
+def test_layout_rules_are_checked_when_the_config_is_loaded(parallel, field, words):
+    with pytest.raises(ConfigError) as caught:
+        _sharded(parallel)
+    assert field in str(caught.value) and words in str(caught.value)
+
+
+def test_cpu_refuses_model_pipeline_and_expert_parallelism_and_says_how_it_runs():
+    with pytest.raises(ConfigError, match="expert_parallel 1"):
+        micro_config(parallel={"mode": "data_parallel", "device_num": 2, "data_parallel": 2, "expert_parallel": 2})
+    with pytest.raises(ConfigError, match="refuses semi_auto_parallel on CPU"):
+        micro_config(parallel=dict(EIGHT_RANKS))
+    assert "stand-alone" in describe_layout(micro_config(), 1)
+    assert "data parallel over 2 workers" in describe_layout(
+        micro_config(parallel={"mode": "data_parallel", "device_num": 2, "data_parallel": 2}), 2)
+    with pytest.raises(ConfigError, match="ecss.enabled.*not built"):
+        check_trainable(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 4}))
+    with pytest.raises(ConfigError, match="pipelined train step.*not built"):
+        check_trainable(_sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}))
+    check_trainable(_sharded(dict(EIGHT_RANKS)))  # data x model x expert parallel is built
+
+
+def test_op_strategies_are_set_on_the_primitives_and_agree_with_the_parameter_layouts():
+    config = _sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2})
+    network = PanGuSigmaForCausalLM(config, build_routing_tables(config))
+    apply_layout(config, network)
+    strategies = op_strategies(config)
+    for key, op in strategies.items():
+        assert _primitive(network, key).in_strategy == op.in_strategy, key
+    # Every MatMul/BatchMatMul/Gather of the model has a strategy: no op is left to MindSpore's default.
+    sharded = {f"{path}/{name}" if path else name for path, cell in network.cells_and_names()
+               for name, value in vars(cell).get("_primitives", {}).items()
+               if type(value).__name__ in ("MatMul", "BatchMatMul", "Gather")}
+    assert len(sharded) > 20 and sharded <= set(strategies)
+    layouts = {l.name: l for l in parameter_layouts(config)}
+    for key, op in strategies.items():
+        path, attribute = key.rsplit("/", 1) if "/" in key else ("", key)
+        if attribute == "matmul":  # the weight operand's strategy is the weight's split
+            assert op.in_strategy[1] == layouts[f"{path}.weight"].splits, key
+        if attribute in ("up", "down"):
+            weight = layouts[f"{path}.{'w1' if attribute == 'up' else 'w2'}"]
+            assert op.in_strategy[1] == weight.splits, key
+        if key.endswith("word/gather"):
+            assert op.in_strategy[0] == layouts["backbone.embedding.word.embedding_table"].splits
+        assert op.stage in layouts[next(n for n in layouts if n.startswith(path))].stages or not path, key
+    stages = [layer.pipeline_stage for layer in (*network.backbone.layers, network.backbone.top_query_layer)]
+    assert stages == [0, 0, 1] and network.backbone.final_norm.pipeline_stage == 1
+
+
+def _split_rule(name: str):
+    """Which mesh axis splits each dimension, from the parameter's role (the docs' rules, restated here)."""
+    leaf = name.split(".", 1)[1] if name.startswith("adam_") else name
+    if ".experts." in leaf:
+        return {"w1": ("ep", None, "mp"), "b1": ("ep", None, "mp"), "w2": ("ep", "mp", None),
+                "b2": ("ep", None, None)}[leaf.rsplit(".", 1)[1]]
+    if leaf.count(".") < 2:
+        return None  # global_step, loss_scale, ...
+    role, kind = leaf.rsplit(".", 2)[-2:]
+    if role in ("query", "key", "value", "mapping"):
+        return (None, "mp") if kind == "weight" else ("mp",)
+    if role in ("output", "projection"):
+        return ("mp", None) if kind == "weight" else None
+    if leaf == "backbone.embedding.word.embedding_table":
+        return ("mp", None)  # vocab_parallel
+    return None  # replicated
+
+
+def _rank_slice(name: str, trainable: bool, rank: int, full: np.ndarray, dp=4, mp=2, ep=2) -> np.ndarray:
+    """The slice of ``full`` rank ``rank`` holds by the mesh numbering (model parallel fastest; an expert's ep
+    owners mp ranks apart), then the optimizer shard of dimension 0 over the ranks holding the same slice."""
+    data, model = divmod(rank, mp)
+    coordinate = {"mp": (model, mp), "ep": (data % ep, ep)}
+    rule = _split_rule(name)
+    piece = full
+    for dim, axis in enumerate(rule or ()):
+        if axis:
+            at, parts = coordinate[axis]
+            size = piece.shape[dim] // parts
+            piece = np.take(piece, range(at * size, (at + 1) * size), axis=dim)
+    if not trainable or full.ndim == 0:
+        return piece
+    if rule is None:
+        replica, replicas = rank, dp * mp
+    elif "ep" in rule and "mp" not in rule:
+        return piece  # repeated over two axes (the rest of dp, and mp): not optimizer-sharded
+    elif "ep" in rule:
+        replica, replicas = data // ep, dp // ep
+    else:
+        replica, replicas = data, dp
+    if replicas > 1 and piece.shape[0] % replicas == 0:
+        size = piece.shape[0] // replicas
+        piece = piece[replica * size:(replica + 1) * size]
+    return piece
+
+
+@pytest.mark.slow
+def test_transform_checkpoints_splits_a_trained_checkpoint_over_8_ranks_and_merges_it_back_bit_exactly(
+        real_corpus, tmp_path):
+    _, prepared = real_corpus
+    sections = dict(model={"vocab_size": REAL_VOCAB}, data={"source": "mindrecord", "path": str(prepared)},
+                    train={"batch_size": 8, "warmup_steps": 1, "steps": 12, "learning_rate": 3e-3, "peak_flops": 1e11,
+                           "log_interval": 4})
+    trained = train(micro_config(**sections), out_dir=str(tmp_path / "run"))
+    assert trained.final_loss < trained.first_loss  # real training, not an initialisation
+    source = tmp_path / "single" / "rank_0"
+    source.mkdir(parents=True)
+    shutil.copy(trained.checkpoint, source / "trained.ckpt")
+    original = {name: value.asnumpy() for name, value in ms.load_checkpoint(str(source / "trained.ckpt")).items()}
+
+    config = _sharded(dict(EIGHT_RANKS), **sections)
+    strategy = str(tmp_path / "tiny_8p.json")
+    write_strategy_file(config, "tiny_8p", strategy)
+    layouts = {l.name: l for l in parameter_layouts(config)}
+    assert set(build_searched_strategy(strategy)) == set(layouts) <= set(original)
+    assert rank_list_for_transform(5, None, strategy) == [0]
+    assert sorted(rank_list_for_transform(0, strategy, None)) == list(range(8))
+
+    transform_checkpoints(str(tmp_path / "single"), str(tmp_path / "split"), "part", None, strategy)
+    planned = plan_layout(config).stages[0].bytes
+    planned_state = sum(planned[k] for k in ("dense weights (fp32)", "dense AdamW moments (fp32)", "expert weights (fp32)",
+                                             "expert AdamW moments (fp32)", "routing tables (int32)"))
+    for rank in range(8):
+        shard = ms.load_checkpoint(str(tmp_path / "split" / f"rank_{rank}" / f"part{rank}.ckpt"))
+        # the planner's per-device state is the bytes MindSpore's split gives each rank
+        assert planned_state == sum(shard[name].nbytes for name, layout in layouts.items()
+                                    if layout.trainable or name.endswith("routing_table"))
+        for name, layout in layouts.items():
+            expected = _rank_slice(name, layout.trainable, rank, original[name])
+            assert tuple(shard[name].shape) == layout.shard_shape, (rank, name)
+            np.testing.assert_array_equal(shard[name].asnumpy(), expected, err_msg=f"rank {rank} {name}")
+    assert any(layout.opt_shard_size for layout in layouts.values())  # the optimizer shard was exercised
+
+    transform_checkpoints(str(tmp_path / "split"), str(tmp_path / "merged"), "whole", strategy, None)
+    merged = ms.load_checkpoint(str(tmp_path / "merged" / "rank_0" / "whole0.ckpt"))
+    assert set(merged) == set(original)
+    for name, value in original.items():
+        assert merged[name].asnumpy().dtype == value.dtype
+        np.testing.assert_array_equal(merged[name].asnumpy(), value, err_msg=name)
+
+
+@pytest.mark.parametrize("config_file", sorted(COMMITTED))
+def test_the_committed_strategy_file_is_what_the_config_generates_and_mindspore_reads_it(config_file, tmp_path):
+    config = load_config(CONFIGS / config_file)
+    committed = COMMITTED[config_file]
+    regenerated = tmp_path / committed.name
+    write_strategy_file(config, f"ascend_configs/{config_file}", str(regenerated))
+    assert regenerated.read_text() == committed.read_text(), (
+        f"{committed} drifted from {config_file}: run pangu-sigma plan --config ascend_configs/{config_file} "
+        f"--emit-strategy ascend_configs/strategy")
+    producer = json.loads(committed.read_text())[PRODUCER_FIELD]
+    assert producer["config"] == f"ascend_configs/{config_file}" and producer["devices"] == 512
+    strategy = build_searched_strategy(str(committed))
+    expected = {l.name for l in parameter_layouts(config)}
+    assert {name.split("-", 1)[-1] for name in strategy} == expected
+    assert rank_list_for_transform(300, None, str(committed)) == [0]
+
+
+def test_pipeline_stages_make_a_merged_strategy_file_mindspore_reads_stage_by_stage(tmp_path):
+    config = _sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2})
+    document = strategy_document(config, "tiny")
+    keys = document["parallel_layout_item"]
+    assert "0-backbone.embedding.word.embedding_table" in keys and "1-backbone.embedding.word.embedding_table" in keys
+    assert "1-backbone.top_query_layer.ffn.experts.w1" in keys and "0-backbone.top_query_layer.ffn.experts.w1" not in keys
+    assert all(math.prod(item["dev_matrix"]) == 4 for item in keys.values())  # one stage's devices
+    path = tmp_path / "pp2.json"
+    write_strategy_file(config, "tiny", str(path))
+    assert len(build_searched_strategy(str(path))) == len(keys)
+    assert rank_list_for_transform(6, None, str(path)) == [0]
+
+
+def test_plan_json_reports_the_512_card_layout_fits_only_with_ecss(capsys):
+    assert main(["plan", "--config", str(CONFIGS / "pangu_sigma_1085b_512p.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("devices", "per_device_bytes", "per_device_bytes_without_ecss", "hbm_budget_bytes", "fits",
+                "host_bytes_per_server", "tokens_per_s_estimate", "communication_bytes_per_step", "assumptions"):
+        assert key in report, key
+    assert report["devices"] == 512 and report["fits"]
+    assert report["hbm_budget_bytes"] == 32 * 2 ** 30
+    assert report["per_device_bytes"] <= report["hbm_budget_bytes"] < report["per_device_bytes_without_ecss"]
+    assert report["per_device_bytes"] == max(stage["total_bytes"] for stage in report["stages"])
+    assert all("source" in a and "value" in a for a in report["assumptions"].values())
+    assert {"model_parallel_allreduce", "expert_alltoall", "gradient_reducescatter", "weight_allgather",
+            "pipeline_send_recv"} <= set(report["communication_bytes_per_step"])
+
+
+def test_plan_memory_is_the_parameter_bytes_of_the_built_model():
+    # Stand-alone with no optimizer shard, weights and moments per device are the whole model's,
+    # which a built train step holds as Parameters: the two are computed independently.
+    config = micro_config()
+    stage = plan_layout(config).stages[0]
+    step = build_train_step(config, None, 1)
+    params = {n: p for n, p in step.parameters_dict().items() if n not in NOT_CHECKPOINTED}  # the LR schedule
+    trainable = sum(p.nbytes for n, p in params.items() if p.requires_grad and not n.startswith(("adam_", "global")))
+    moments = sum(p.nbytes for n, p in params.items() if n.startswith("adam_"))
+    planned = {k: v for k, v in stage.bytes.items()}
+    assert planned["dense weights (fp32)"] + planned["expert weights (fp32)"] == trainable
+    assert planned["dense gradients (fp32)"] + planned["expert gradients (fp32)"] == trainable
+    assert planned["dense AdamW moments (fp32)"] + planned["expert AdamW moments (fp32)"] == moments
+
+
+def test_a_layout_that_overflows_is_one_line_naming_the_biggest_consumer(capsys):
+    code = main(["plan", "--config", str(CONFIGS / "pangu_sigma_1085b_512p.yaml"), "--set", "ecss.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "does not fit" in err[0] and "over by" in err[0] and "expert AdamW moments" in err[0]
+    plan = plan_layout(apply_overrides(load_config(CONFIGS / "pangu_sigma_1085b_512p.yaml"), ["ecss.enabled=false"]),
+                       hbm_gb=1000)
+    check_fits(plan)  # the same layout with enough memory fits
+    with pytest.raises(DataError, match="host store does not fit"):
+        check_fits(plan_layout(load_config(CONFIGS / "pangu_sigma_1085b_512p.yaml"), host_gb=100))
+
+
+def test_plan_emits_a_strategy_file_and_refuses_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "strategies"
+    assert main(["plan", "--config", str(CONFIGS / "pangu_sigma_tiny_cpu.yaml"), "--emit-strategy", str(out)]) == 0
+    assert "per device" in capsys.readouterr().out
+    assert build_searched_strategy(str(out / "pangu_sigma_tiny_cpu.json"))
+    assert [p.name for p in out.iterdir()] == ["pangu_sigma_tiny_cpu.json"]  # no temporary left behind
+    with pytest.raises(SystemExit) as caught:
+        main(["plan", "--config", str(CONFIGS / "pangu_sigma_tiny_cpu.yaml"), "--hbm-gb", "-3"])
+    assert caught.value.code == 2
+    assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
