@@ -56,6 +56,13 @@ def test_planned_parameters_are_the_built_models_and_sum_to_its_count(sections):
         assert weights == count_parameters(config).total
 
 
+def test_the_tiny_configs_planned_parameters_are_its_built_models():
+    config = load_config(CONFIGS / "pangu_sigma_tiny_cpu.yaml")
+    assert {l.name: (l.shape, l.dtype) for l in parameter_layouts(config)} == _built_parameters(config)
+    assert sum(l.elements for l in parameter_layouts(config)
+               if l.trainable and l.kind != "optimizer") == count_parameters(config).total
+
+
 @pytest.mark.parametrize("config_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_shard_of_every_committed_config_divides_and_tiles_its_parameter(config_file):
     config = load_config(CONFIGS / config_file)

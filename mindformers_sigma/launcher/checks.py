@@ -21,6 +21,7 @@ from mindformers_sigma.config import SigmaConfig, parse_yaml
 from mindformers_sigma.errors import DataError, UserError
 from mindformers_sigma.launcher.options import absolute
 from mindformers_sigma.one_line_parser import RaisingParser
+from mindformers_sigma.parallel.runtime import check_trainable
 from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
 from mindformers_sigma.rank_table.validate import validate_table
 
@@ -150,6 +151,7 @@ def check_train_args(config_path: str, train_args: Sequence[str],
         # Relative to where the launcher was started, as for a single process.
         namespace.set.append(f"data.path={json.dumps(absolute(config.data.path))}")
         config = train_config(namespace)
+    check_trainable(config)  # a planned-only layout is refused before any rank starts
     return TrainCommand(config, tuple(_as_arguments(parser, namespace)))
 
 
