@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-")
 
@@ -79,7 +79,10 @@ def atomic_file(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same suffix) for a writer to fill; on success it
     is fsynced and renamed over ``path``, on any error it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_prefix(path, "tmp"), suffix=os.path.splitext(path)[1])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_prefix(path, "tmp"), suffix=os.path.splitext(path)[1])
+    except OSError as err:
+        raise _about(err, path, None) from None
     os.close(fd)
     os.chmod(tmp, _permissions(0o666))  # mkstemp makes 0600; the result should look like any new file
     try:
@@ -87,10 +90,19 @@ def atomic_file(path: str) -> Iterator[str]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _about(err, path, tmp) from None
         raise
+
+
+def _about(err: OSError, path: str, tmp: Optional[str]) -> OSError:
+    """The error as the user sees it: about ``path``, not the temporary name (a full disk names no file)."""
+    if err.errno and (tmp is None or err.filename in (None, tmp)):
+        return OSError(err.errno, err.strerror, path)
+    return err
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

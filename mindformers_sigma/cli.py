@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("GLOG_v", "3")
 
 from mindformers_sigma.config import SigmaConfig, apply_overrides, load_config  # noqa: E402
-from mindformers_sigma.errors import run_reporting_errors  # noqa: E402
+from mindformers_sigma.errors import UserError, one_line, run_reporting_errors  # noqa: E402
 from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
 
 
@@ -51,14 +51,27 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
+def _memory_gib(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected GiB, a number in (0, 1e6], got {text!r}") from None
+    if not 0 < value <= 1e6:
+        raise argparse.ArgumentTypeError(f"expected GiB, a number in (0, 1e6], got {text!r}")
     return value
+
+
+def _strategy_folder(path: str) -> str:
+    """--emit-strategy's folder: an existing one, or a new one in an existing parent (nothing is created
+    for a path that will fail, and nothing but the file is written)."""
+    if not path:
+        raise UserError("--emit-strategy: give a folder for the strategy file, e.g. --emit-strategy strategies")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--emit-strategy {path}: not a folder; give a folder to write <config name>.json into")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"--emit-strategy {path}: its parent folder {parent} does not exist; create it first")
+    return path
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -66,16 +79,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from mindformers_sigma.parallel.report import format_plan
     from mindformers_sigma.parallel.strategy_file import write_strategy_file
 
+    folder = _strategy_folder(args.emit_strategy) if args.emit_strategy is not None else None
     config = apply_overrides(load_config(args.config), args.set)
     plan = plan_layout(config, args.hbm_gb, args.host_gb)
-    if args.emit_strategy:
-        os.makedirs(args.emit_strategy, exist_ok=True)
-        name = os.path.splitext(os.path.basename(args.config))[0]
-        target = os.path.join(args.emit_strategy, f"{name}.json")
-        write_strategy_file(config, args.config, target)
-        print(f"wrote {target}", file=sys.stderr)
-    print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))
-    check_fits(plan)
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan), flush=True)
+    check_fits(plan)  # a layout that does not fit gets no strategy file
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, os.path.splitext(os.path.basename(args.config))[0] + ".json")
+        write_strategy_file(config, args.config, target, args.set)
+        print(one_line(f"wrote {target}"), file=sys.stderr)
     return 0
 
 
@@ -177,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, help="YAML config file")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     plan.add_argument("--emit-strategy", metavar="DIR", help="also write DIR/<config name>.json, a MindSpore strategy file")
-    plan.add_argument("--hbm-gb", type=_positive_float, default=32.0, help="device memory in GiB (Ascend 910: 32)")
-    plan.add_argument("--host-gb", type=_positive_float, default=512.0, help="host memory per server in GiB")
+    plan.add_argument("--hbm-gb", type=_memory_gib, default=32.0, help="device memory in GiB (Ascend 910: 32)")
+    plan.add_argument("--host-gb", type=_memory_gib, default=512.0, help="host memory per server in GiB")
     plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override one config value (YAML syntax), validated like the file; repeatable")
     plan.set_defaults(handler=_cmd_plan)

@@ -438,12 +438,23 @@ def config_from_dict(raw: Any, source: str = "<config>") -> SigmaConfig:
     return config
 
 
+MAX_CONFIG_BYTES = 16 * 2 ** 20
+
+
 def load_config(path: str | os.PathLike) -> SigmaConfig:
     """Read, parse and validate a YAML config; every failure is a one-line ConfigError."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError("<file>", path, "is a folder; pass a YAML config file", path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError("<file>", path, "is not a regular file; pass a YAML config file", path)
     try:
         with open(path, "rb") as handle:
-            text = handle.read().decode("utf-8")
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError("<file>", path, f"is larger than {MAX_CONFIG_BYTES // 2 ** 20} MiB; a config is a small "
+                                              f"YAML file", path)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("<file>", path, "file not found; pass an existing YAML config", path) from None
     except UnicodeDecodeError:

@@ -70,10 +70,16 @@ def configure_context(config: SigmaConfig) -> ParallelInfo:
     ctx, parallel = config.context, config.parallel
     ms.set_context(mode=_MODES[ctx.mode])
     device = device_id(ctx.device_target)
-    if device is None:
-        ms.set_device(ctx.device_target)
-    else:
-        ms.set_device(ctx.device_target, device)
+    try:
+        if device is None:
+            ms.set_device(ctx.device_target)
+        else:
+            ms.set_device(ctx.device_target, device)
+    except RuntimeError as err:  # e.g. an Ascend config on a machine whose MindSpore has only the CPU backend
+        first = (str(err).strip().splitlines() or [""])[0].split(". Please")[0]
+        raise ConfigError("context.device_target", ctx.device_target,
+                          f"MindSpore cannot use it here ({first}); run where that device and its MindSpore are "
+                          f"installed, or set context.device_target: CPU", config.source) from None
     ms.set_seed(ctx.seed)  # the same on every rank: replicas start from identical weights
     if parallel.mode == "stand_alone":
         return ParallelInfo()

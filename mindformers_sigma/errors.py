@@ -5,6 +5,7 @@ corpus, checkpoint, rank table, command-line argument); the command line catches
 class once.  The message is the whole report: it names the input, what is wrong, and the fix.
 """
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -41,6 +42,11 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
         print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:
+        if isinstance(err, BrokenPipeError) and err.filename is None:
+            # stdout's reader left (`... | head`): not an error of ours; nothing more can be printed there
+            with contextlib.suppress(OSError, ValueError):  # so that exit's flush cannot fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         where = f"{err.filename}: " if err.filename else ""
         print(f"{prog}: error: {one_line(where + str(err.strerror or err))}; check the path, its permissions and "
               f"free space", file=sys.stderr)

@@ -106,7 +106,8 @@ def test_a_four_card_table_needs_no_devices_flag_and_a_disagreeing_one_is_refuse
 def test_set_overrides_after_the_double_dash_reach_the_check(tmp_path, capsys, monkeypatch, mode):
     table = rank_table(tmp_path)
     mode = [str(table) if word == "TABLE" else word for word in mode]
-    overrides = ["--set", "parallel.device_num=8", "--set", "parallel.data_parallel=1"]
+    overrides = ["--set", "parallel.device_num=8", "--set", "parallel.model_parallel=1",
+                 "--set", "parallel.optimizer_shard=false"]
     code, out, err = _dry_run(capsys, monkeypatch, *mode, "--dry-run", CONFIG_13B, "--", *overrides)
     assert code == 0, err
     for words in _commands(out):

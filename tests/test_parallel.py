@@ -80,8 +80,14 @@ def test_a_split_that_does_not_divide_names_the_parameter_and_the_dimension():
     with pytest.raises(ConfigError, match=r"model_parallel = 2: does not divide dimension 1 \(51\) of "
                                           r"backbone.layers.0.ffn.mapping.weight \[32, 51\]"):
         parameter_layouts(config)
-    with pytest.raises(ConfigError, match=r"expert_parallel = 2: does not divide dimension 0 \(3\) of .*experts.w1"):
+    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 3: must be a multiple of parallel.expert_parallel"):
         parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 3}))
+    # 4 data-parallel ranks x 2 rows span all 4 domains: 8 experts; a smaller slab would overflow
+    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 4: is below the 8 experts"):
+        parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 4}))
+    slabs = {l.shape[0] for l in parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True}))
+             if l.kind == "slab"}
+    assert slabs == {8}
 
 
 @pytest.mark.parametrize("parallel,field,words", [
@@ -109,10 +115,13 @@ def test_cpu_refuses_model_pipeline_and_expert_parallelism_and_says_how_it_runs(
     assert "data parallel over 2 workers" in describe_layout(
         micro_config(parallel={"mode": "data_parallel", "device_num": 2, "data_parallel": 2}), 2)
     with pytest.raises(ConfigError, match="ecss.enabled.*not built"):
-        check_trainable(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 4}))
+        check_trainable(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True}))
     with pytest.raises(ConfigError, match="pipelined train step.*not built"):
         check_trainable(_sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}))
-    check_trainable(_sharded(dict(EIGHT_RANKS)))  # data x model x expert parallel is built
+    with pytest.raises(ConfigError, match="model_parallel 2 and expert_parallel 2 and optimizer_shard.*sliced "
+                                          "checkpoints.*not built"):
+        check_trainable(_sharded(dict(EIGHT_RANKS)))
+    check_trainable(_sharded({"mode": "semi_auto_parallel", "device_num": 8, "data_parallel": 8}))  # trains
 
 
 def test_op_strategies_are_set_on_the_primitives_and_agree_with_the_parameter_layouts():
@@ -311,8 +320,33 @@ def test_plan_emits_a_strategy_file_and_refuses_bad_arguments(tmp_path, capsys):
     assert "per device" in capsys.readouterr().out
     assert build_searched_strategy(str(out / "pangu_sigma_tiny_cpu.json"))
     assert [p.name for p in out.iterdir()] == ["pangu_sigma_tiny_cpu.json"]  # no temporary left behind
-    with pytest.raises(SystemExit) as caught:
-        main(["plan", "--config", str(CONFIGS / "pangu_sigma_tiny_cpu.yaml"), "--hbm-gb", "-3"])
-    assert caught.value.code == 2
-    assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+    for bad in ("-3", "0", "nan", "1e300"):
+        with pytest.raises(SystemExit) as caught:
+            main(["plan", "--config", str(CONFIGS / "pangu_sigma_tiny_cpu.yaml"), "--hbm-gb", bad])
+        assert caught.value.code == 2
+    capsys.readouterr()
+    big = str(CONFIGS / "pangu_sigma_1085b_512p.yaml")
+    for args, words in ((["--config", str(tmp_path / "missing.yaml")], "file not found"),
+                        (["--config", str(tmp_path)], "is a folder"),
+                        (["--config", "/dev/zero"], "not a regular file"),
+                        (["--config", big, "--emit-strategy", ""], "give a folder"),
+                        (["--config", big, "--emit-strategy", str(out / "pangu_sigma_tiny_cpu.json")], "not a folder"),
+                        (["--config", big, "--emit-strategy", str(tmp_path / "a" / "b")], "does not exist"),
+                        (["--config", big, "--set", "ecss.enabled=false", "--emit-strategy", str(tmp_path / "no")],
+                         "does not fit")):
+        assert main(["plan", *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (args, err)
+    assert not (tmp_path / "no").exists() and not (tmp_path / "a").exists()  # nothing written for a refusal
+
+
+def test_the_launcher_refuses_a_planned_only_layout_before_starting_a_rank(tmp_path):
+    from mindformers_sigma.launcher.checks import check_layout, check_train_args
+
+    from launcher_helpers import micro_yaml
+
+    sharded = micro_yaml(tmp_path, mode="semi_auto_parallel", device_num=8, data_parallel=4, model_parallel=2)
+    with pytest.raises(ConfigError, match="model_parallel 2.*sliced checkpoints"):
+        check_layout(check_train_args(str(sharded), []), 8, "the rank table lists")
+    plain = micro_yaml(tmp_path, name="dp.yaml", mode="semi_auto_parallel", device_num=8, data_parallel=8)
+    check_layout(check_train_args(str(plain), []), 8, "the rank table lists")

@@ -151,16 +151,17 @@ def check_train_args(config_path: str, train_args: Sequence[str],
         # Relative to where the launcher was started, as for a single process.
         namespace.set.append(f"data.path={json.dumps(absolute(config.data.path))}")
         config = train_config(namespace)
-    check_trainable(config)  # a planned-only layout is refused before any rank starts
     return TrainCommand(config, tuple(_as_arguments(parser, namespace)))
 
 
-def check_device_count(command: TrainCommand, launched: int, what: str) -> None:
-    """The config's parallel.device_num must be the number of ranks the launch starts."""
+def check_layout(command: TrainCommand, launched: int, what: str) -> None:
+    """The config's parallel.device_num must be the number of ranks the launch starts, and its layout one
+    that this build trains (a planned-only layout is refused before any rank starts)."""
     expected = command.config.parallel.device_num
     if expected != launched:
         raise DataError(f"{command.config.source}: parallel.device_num = {expected} but {what} {launched}; make them "
                         f"agree (e.g. -- --set parallel.device_num={launched})")
+    check_trainable(command.config)
 
 
 def check_port_free(port: int) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from mindformers_sigma.errors import UserError, one_line
-from mindformers_sigma.launcher.checks import (RankTableLayout, Server, TrainCommand, check_device_count,
+from mindformers_sigma.launcher.checks import (RankTableLayout, Server, TrainCommand, check_layout,
                                                check_train_args, read_rank_table)
 from mindformers_sigma.launcher.options import DEFAULT_DEVICES, PROG, LaunchOptions, check_master_addr
 from mindformers_sigma.launcher.worker import RANK_FOLDERS_ENV
@@ -191,7 +191,7 @@ def _msrun_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPla
         node_rank, master = options.node_rank or 0, options.master_addr or "127.0.0.1"
         where = ""
     total = devices * nnodes
-    check_device_count(command, total, f"msrun would start {nnodes} node(s) x {devices} device(s) =")
+    check_layout(command, total, f"msrun would start {nnodes} node(s) x {devices} device(s) =")
     process = _msrun_process(options, environ, command, total, devices, node_rank, master, _hccl_env(environ),
                              extra_args)
     first = node_rank * devices
@@ -207,7 +207,7 @@ def _rank_table_plan(options: LaunchOptions, environ: Mapping[str, str]) -> Laun
     layout = read_rank_table(options.rank_table)
     server = layout.server(options.server_id)
     _agree("--devices", options.devices, len(server.ranks), f"{options.rank_table} (server {server.server_id})")
-    check_device_count(command, layout.size, f"{options.rank_table} lists")
+    check_layout(command, layout.size, f"{options.rank_table} lists")
     processes = []
     for rank, device in server.ranks:
         env = (("RANK_TABLE_FILE", options.rank_table), ("RANK_ID", str(rank)), ("DEVICE_ID", str(device)),

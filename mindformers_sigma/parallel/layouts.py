@@ -157,12 +157,25 @@ def slab_slots(config: SigmaConfig, stage: int) -> int:
     can need at once.  Stand-alone and data-parallel runs load a whole step (``ecss.slab.slab_size``); a
     pipeline stage holds its in-flight micro-batches of every data-parallel rank (their slab gradients are
     reduced slot by slot), rounded up so that expert_parallel divides it."""
-    if config.ecss.slab_experts or config.parallel.mode != "semi_auto_parallel":
+    if config.parallel.mode != "semi_auto_parallel":
         return slab_size(config)
     mesh = DeviceMesh.of(config)
     in_flight = min(mesh.micro_batches, mesh.pipeline_stages - stage)
-    slots = slab_for_rows(config, in_flight * micro_batch_rows(config) * mesh.data_parallel)
-    return -(-slots // mesh.expert_parallel) * mesh.expert_parallel
+    needed = slab_for_rows(config, in_flight * micro_batch_rows(config) * mesh.data_parallel)
+    needed = -(-needed // mesh.expert_parallel) * mesh.expert_parallel
+    chosen = config.ecss.slab_experts
+    if not chosen:
+        return needed
+    if chosen % mesh.expert_parallel:
+        raise ConfigError("ecss.slab_experts", chosen, f"must be a multiple of parallel.expert_parallel "
+                                                       f"({mesh.expert_parallel}): the slab is split over it",
+                          config.source)
+    if chosen < needed:
+        raise ConfigError("ecss.slab_experts", chosen, f"is below the {needed} experts that the in-flight "
+                                                       f"micro-batches of all {mesh.data_parallel} data-parallel "
+                                                       f"ranks can activate on pipeline stage {stage}; raise it "
+                                                       f"or set 0", config.source)
+    return chosen
 
 
 def parameter_layouts(config: SigmaConfig) -> List[ParameterLayout]:

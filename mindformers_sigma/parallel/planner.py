@@ -116,8 +116,8 @@ def _is_expert(name: str) -> bool:
     return ".ffn.experts." in name
 
 
-def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan], layouts: List[ParameterLayout]
-                   ) -> Tuple[Dict[str, int], Dict[str, float]]:
+def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan], layouts: List[ParameterLayout],
+                   per_server: int) -> Tuple[Dict[str, int], Dict[str, float]]:
     """Bytes each device of the busiest stage sends per step, per collective, and the bandwidth class of each."""
     m, p = config.model, config.parallel
     act = _activation_bytes(config)
@@ -132,13 +132,17 @@ def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan
     volume["model_parallel_allreduce"] = int(len(busiest.layers) * micro * passes * ring(mp) * tokens_bytes)
     volume["expert_alltoall"] = int(busiest.sparse_layers * micro * passes * share(ep) * tokens_bytes)
     mine = [l for l in layouts if busiest.stage in l.stages and l.trainable and l.kind != "optimizer"]
-    dense_grads = sum(4 * l.elements // math.prod(l.splits) for l in mine if not _is_expert(l.name))
-    expert_grads = sum(4 * l.elements // math.prod(l.splits) for l in mine if _is_expert(l.name))
+
+    def grads(expert: bool, sharded: bool) -> int:  # fp32 gradient bytes at the model/expert-parallel slice
+        return sum(4 * l.elements // math.prod(l.splits) for l in mine
+                   if _is_expert(l.name) == expert and bool(l.opt_shard_size) == sharded)
+
+    # optimizer-sharded gradients are reduce-scattered (and their weights all-gathered), the rest all-reduced
+    volume["gradient_allreduce"] = int(ring(dp) * grads(False, False) + ring(dp // ep) * grads(True, False))
     if p.optimizer_shard:
-        volume["gradient_reducescatter"] = int(share(dp) * dense_grads + share(dp // ep) * expert_grads)
-        volume["weight_allgather"] = int((share(dp) * dense_grads + share(dp // ep) * expert_grads) * act / 4)
-    else:
-        volume["gradient_allreduce"] = int(ring(dp) * dense_grads + ring(dp // ep) * expert_grads)
+        sharded = share(dp) * grads(False, True) + share(dp // ep) * grads(True, True)
+        volume["gradient_reducescatter"] = int(sharded)
+        volume["weight_allgather"] = int(sharded * act / 4)
     volume["pipeline_send_recv"] = int((2 * micro * tokens_bytes) if mesh.pipeline_stages > 1 else 0)
     if config.ecss.enabled:
         slab = sum(4 * l.shard_elements for l in layouts if l.kind == "slab" and busiest.stage in l.stages)
@@ -147,7 +151,8 @@ def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan
         loads = 1 if slots >= whole_step_slab(config) else micro
         volume["ecss_host_to_device"] = int(loads * slab)
         volume["ecss_device_to_host"] = int(loads * slab)
-    bandwidth_class = {"model_parallel_allreduce": "intra_server_bandwidth" if mp <= 8 else "inter_server_bandwidth",
+    inside = per_server % mp == 0  # model-parallel groups inside one server use HCCS
+    bandwidth_class = {"model_parallel_allreduce": "intra_server_bandwidth" if inside else "inter_server_bandwidth",
                        "expert_alltoall": "inter_server_bandwidth", "gradient_allreduce": "inter_server_bandwidth",
                        "gradient_reducescatter": "inter_server_bandwidth", "weight_allgather": "inter_server_bandwidth",
                        "pipeline_send_recv": "inter_server_bandwidth", "ecss_host_to_device": "host_device_bandwidth",
@@ -279,7 +284,8 @@ def plan_layout(config: SigmaConfig, hbm_gb: float = 32.0, host_gb: float = 512.
     plain = dataclasses.replace(config, ecss=dataclasses.replace(config.ecss, enabled=False))
     plain_layouts = parameter_layouts(plain)
     stages_plain = [_stage_memory(plain, mesh, plain_layouts, s, assumptions) for s in range(mesh.pipeline_stages)]
-    volume, bandwidth_class = _communication(config, mesh, stages, layouts)
+    per_server = int(assumptions["devices_per_server"].value)
+    volume, bandwidth_class = _communication(config, mesh, stages, layouts, per_server)
     p = config.parallel
     efficiency = assumptions["compute_efficiency"].value * assumptions["peak_flops"].value
     recompute = 8 / 6 if p.recompute else 1.0  # one more forward pass
@@ -287,9 +293,9 @@ def plan_layout(config: SigmaConfig, hbm_gb: float = 32.0, host_gb: float = 512.
     micro = p.micro_batch_num * config.train.grad_accumulation_steps
     slowest = max(_stage_flops(config, s, mesh) for s in stages) / mesh.model_parallel
     compute = micro * tokens_per_rank_micro * slowest * recompute / efficiency
-    seconds = {"compute": compute, "pipeline_bubble": compute * (mesh.pipeline_stages - 1) / max(micro, 1)}
+    # every accumulation pass fills and drains the pipeline: (pp - 1) idle micro-batch slots each
+    seconds = {"compute": compute, "pipeline_bubble": compute * (mesh.pipeline_stages - 1) / p.micro_batch_num}
     if config.ecss.enabled:  # the host AdamW streams weights, both moments and the gradient of every loaded expert
-        per_server = int(assumptions["devices_per_server"].value)
         updated = max(_host_expert_elements(per_server, mesh, layouts, s) for s in stages)
         seconds["ecss_host_adamw"] = updated * HOST_ADAMW_BYTES / assumptions["host_memory_bandwidth"].value
     overlap = assumptions["communication_overlap"].value
@@ -298,6 +304,13 @@ def plan_layout(config: SigmaConfig, hbm_gb: float = 32.0, host_gb: float = 512.
         exposed = 0.0 if name.startswith("ecss_") else (1 - overlap)
         seconds[name] = size / rate * exposed if not name.startswith("ecss_") else max(0.0, size / rate - compute)
     return LayoutPlan(config, mesh, layouts, stages, stages_plain, volume, seconds, assumptions)
+
+
+def _remedies(config: SigmaConfig) -> str:
+    p = config.parallel
+    off = [name for name, on in (("parallel.recompute", p.recompute), ("parallel.optimizer_shard", p.optimizer_shard),
+                                 ("ecss.enabled", config.ecss.enabled)) if not on]
+    return "raise model or expert parallelism, or lower the micro-batch" + (f", or enable {', '.join(off)}" if off else "")
 
 
 def check_fits(plan: LayoutPlan) -> None:
@@ -310,8 +323,7 @@ def check_fits(plan: LayoutPlan) -> None:
         raise DataError(f"{source}: the layout does not fit: pipeline stage {stage.stage} needs "
                         f"{plan.per_device_bytes / GIB:.1f} GiB per device of {plan.hbm_budget_bytes / GIB:.0f} GiB "
                         f"(over by {over:.1f} GiB); the biggest consumer is {name} "
-                        f"({stage.bytes[name] / GIB:.1f} GiB): raise model/expert parallelism or enable "
-                        f"recompute, optimizer_shard or ECSS")
+                        f"({stage.bytes[name] / GIB:.1f} GiB): {_remedies(plan.config)}")
     if not plan.host_fits:
         budget = plan.assumptions["host_bytes_per_server"].value
         raise DataError(f"{source}: the ECSS host store does not fit: a server needs "

@@ -21,7 +21,15 @@ def check_trainable(config: SigmaConfig) -> None:
         raise ConfigError("parallel.pipeline_stage", p.pipeline_stage,
                           "> 1 is planned and its stages are set on the layers, but the pipelined train step "
                           "(micro-batches through PipelineCell) is not built; set pipeline_stage: 1 "
-                          "(data x model x expert parallel trains)", config.source)
+                          "(data parallel trains)", config.source)
+    sharded = [f"{name} {value}" for name, value in (("model_parallel", p.model_parallel),
+                                                      ("expert_parallel", p.expert_parallel)) if value > 1]
+    if sharded or p.optimizer_shard:
+        what = " and ".join(sharded + (["optimizer_shard"] if p.optimizer_shard else []))
+        raise ConfigError("parallel.mode", p.mode, f"with {what} is planned and its strategies are set on the "
+                          "model, but sliced checkpoints (each rank saving its part, merged with the strategy "
+                          "file) are not built, so rank 0 would save only its own slices; train with "
+                          "data_parallel only, or plan the layout with pangu-sigma plan", config.source)
 
 
 def describe_layout(config: SigmaConfig, workers: int) -> str:

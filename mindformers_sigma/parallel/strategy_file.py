@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Sequence
 
 from mindformers_sigma import __version__
 from mindformers_sigma.atomic import write_bytes_atomic
@@ -29,8 +30,8 @@ def _layout_item(layout: ParameterLayout) -> dict:
             "opt_weight_shard_step": layout.opt_shard_step, "opt_weight_shard_size": layout.opt_shard_size}
 
 
-def strategy_document(config: SigmaConfig, config_name: str) -> dict:
-    """The strategy file's content; ``config_name`` is recorded as the file's maker (a path relative to the repo)."""
+def strategy_document(config: SigmaConfig, config_name: str, overrides: Sequence[str] = ()) -> dict:
+    """The strategy file's content; ``config_name`` and the ``--set`` overrides are recorded as its maker."""
     mesh = DeviceMesh.of(config)
     staged = mesh.pipeline_stages > 1
     layouts = {}
@@ -40,16 +41,17 @@ def strategy_document(config: SigmaConfig, config_name: str) -> dict:
     ops = {f"{op.stage}-{key}" if staged else key: {"stage": op.stage, "parallel_strategy": {
         "dim": [{"dim": list(part)} for part in op.in_strategy]}} for key, op in op_strategies(config).items()}
     config_text = json.dumps(config_to_dict(config), sort_keys=True)
-    producer = {"config": config_name, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+    producer = {"config": config_name, "overrides": list(overrides), "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
                 "version": __version__, "devices": mesh.devices,
                 "layout": {"data_parallel": mesh.data_parallel, "model_parallel": mesh.model_parallel,
                            "pipeline_stage": mesh.pipeline_stages, "expert_parallel": mesh.expert_parallel,
                            "optimizer_shard": config.parallel.optimizer_shard,
                            "vocab_parallel": config.parallel.vocab_parallel}}
-    return {"current_stage": 0, "parallel_strategy_item": ops, "parallel_layout_item": layouts,
+    # a merged pipeline file says 1, as merge_pipeline_strategys writes; one stage's file its stage (0)
+    return {"current_stage": 1 if staged else 0, "parallel_strategy_item": ops, "parallel_layout_item": layouts,
             PRODUCER_FIELD: producer}
 
 
-def write_strategy_file(config: SigmaConfig, config_name: str, path: str) -> None:
-    text = json.dumps(strategy_document(config, config_name), indent=1, sort_keys=True) + "\n"
+def write_strategy_file(config: SigmaConfig, config_name: str, path: str, overrides: Sequence[str] = ()) -> None:
+    text = json.dumps(strategy_document(config, config_name, overrides), indent=1, sort_keys=True) + "\n"
     write_bytes_atomic(path, text.encode())
