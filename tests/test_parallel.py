@@ -75,6 +75,11 @@ def test_every_shard_of_every_committed_config_divides_and_tiles_its_parameter(c
             assert size % split == 0 and shard * split <= size, layout.name
 
 
+@pytest.mark.parametrize("config_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_committed_config_fits_its_devices_by_the_planner(config_file):
+    check_fits(plan_layout(load_config(CONFIGS / config_file)))
+
+
 def test_a_split_that_does_not_divide_names_the_parameter_and_the_dimension():
     config = _sharded(dict(EIGHT_RANKS), model={"ffn_hidden_size": 51})
     with pytest.raises(ConfigError, match=r"model_parallel = 2: does not divide dimension 1 \(51\) of "
@@ -350,3 +355,12 @@ def test_the_launcher_refuses_a_planned_only_layout_before_starting_a_rank(tmp_p
         check_layout(check_train_args(str(sharded), []), 8, "the rank table lists")
     plain = micro_yaml(tmp_path, name="dp.yaml", mode="semi_auto_parallel", device_num=8, data_parallel=8)
     check_layout(check_train_args(str(plain), []), 8, "the rank table lists")
+
+
+def test_the_docs_show_what_plan_prints_for_the_512_card_config():
+    from mindformers_sigma.parallel.report import format_plan
+
+    report = format_plan(plan_layout(load_config(CONFIGS / "pangu_sigma_1085b_512p.yaml")))
+    shown = (REPO / "docs" / "parallel.md").read_text().split(
+        "$ pangu-sigma plan --config ascend_configs/pangu_sigma_1085b_512p.yaml\n", 1)[1].split("```", 1)[0]
+    assert shown.strip() and shown.strip() in report, "docs/parallel.md's plan output drifted; paste the new one"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from mindformers_sigma.config import ConfigError, SigmaConfig
 from mindformers_sigma.ecss.slab import slab_for_rows, slab_size
@@ -67,10 +67,6 @@ class ParameterLayout:
     @property
     def shard_elements(self) -> int:
         return math.prod(self.shard_shape)
-
-    @property
-    def itemsize(self) -> int:
-        return 4  # float32 and int32 alike
 
 
 @dataclass
@@ -205,6 +201,3 @@ def parameter_layouts(config: SigmaConfig) -> List[ParameterLayout]:
         builder.add(name, shape, (None,) * len(shape), every_stage, "state", dtype, trainable=False)
     return builder.layouts
 
-
-def layouts_by_name(config: SigmaConfig) -> Dict[str, ParameterLayout]:
-    return {layout.name: layout for layout in parameter_layouts(config)}

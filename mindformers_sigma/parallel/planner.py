@@ -308,9 +308,12 @@ def plan_layout(config: SigmaConfig, hbm_gb: float = 32.0, host_gb: float = 512.
 
 def _remedies(config: SigmaConfig) -> str:
     p = config.parallel
+    experts = config.model.sparse_layers > 0 and config.moe.router == "rre"
     off = [name for name, on in (("parallel.recompute", p.recompute), ("parallel.optimizer_shard", p.optimizer_shard),
-                                 ("ecss.enabled", config.ecss.enabled)) if not on]
-    return "raise model or expert parallelism, or lower the micro-batch" + (f", or enable {', '.join(off)}" if off else "")
+                                 ("parallel.vocab_parallel", p.vocab_parallel),
+                                 ("ecss.enabled", config.ecss.enabled or not experts)) if not on]
+    return ("raise model or expert parallelism or train.grad_accumulation_steps (smaller micro-batches)"
+            + (f", or enable {', '.join(off)}" if off else ""))
 
 
 def check_fits(plan: LayoutPlan) -> None:

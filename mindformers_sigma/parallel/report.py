@@ -34,7 +34,8 @@ def format_plan(plan: LayoutPlan) -> str:
         lines.append(f"stage {stage.stage}: layers {stage.layers[0]}-{stage.layers[-1]} ({stage.sparse_layers} sparse), "
                      f"{stage.in_flight} micro-batch(es) in flight, per device {_gib(stage.total).strip()}")
         for name, size in sorted(stage.bytes.items(), key=lambda item: -item[1]):
-            lines.append(f"    {name:44} {_gib(size)}")
+            if size:
+                lines.append(f"    {name:44} {_gib(size)}")
     lines += [
         "",
         f"per device {_gib(plan.per_device_bytes).strip()} of {_gib(plan.hbm_budget_bytes).strip()} "
@@ -52,8 +53,8 @@ def format_plan(plan: LayoutPlan) -> str:
         f"({plan.bubble:.1%})" + (f", host AdamW {plan.seconds['ecss_host_adamw']:.2f} s"
                                   if "ecss_host_adamw" in plan.seconds else "")
         + f"; {plan.step_seconds:.2f} s in all",
-        f"roofline estimate {plan.tokens_per_s:,.0f} tokens/s (the paper measured "
-        f"{plan.assumptions['paper_tokens_per_s'].value:,.0f} on 512 Ascend 910)",
+        f"roofline estimate {plan.tokens_per_s:,.0f} tokens/s (PanGu-Σ, 1.085T on 512 Ascend 910, measured "
+        f"{plan.assumptions['paper_tokens_per_s'].value:,.0f})",
         "",
         "assumptions:",
     ]

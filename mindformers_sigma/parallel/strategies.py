@@ -9,14 +9,16 @@ runs get only the recompute marks, so a CPU graph is the one the tests check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
-
-from mindspore import nn
+from typing import TYPE_CHECKING, Dict, Tuple
 
 from mindformers_sigma.config import SigmaConfig
-from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 from mindformers_sigma.parallel.layouts import COLUMN, LINEAR_ROLES
 from mindformers_sigma.parallel.mesh import DeviceMesh
+
+if TYPE_CHECKING:  # the strategies themselves need no MindSpore: plan and strategy files run without it
+    from mindspore import nn
+
+    from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 
 Strategy = Tuple[Tuple[int, ...], ...]
 
