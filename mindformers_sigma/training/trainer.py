@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
-from mindformers_sigma.config import SigmaConfig, config_to_dict
+from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.ecss.offload import ExpertOffload
 from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
@@ -29,6 +29,7 @@ from mindformers_sigma.moe.expert_plan import ExpertPlanner, host_routing_tables
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
 from mindformers_sigma.parallel.strategies import apply_layout
 from mindformers_sigma.training import checkpoint as ckpt
+from mindformers_sigma.training.description import description_fields
 from mindformers_sigma.training.global_batch import GlobalBatchReader, PrefetchingReader, prefetching
 from mindformers_sigma.training.interrupts import stop_requests
 from mindformers_sigma.training.loss import TrainingLoss
@@ -207,6 +208,9 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                                model.eod_token_id, planner, config.context.seed, model.dropout_rate > 0,
                                offload.stage if offload else None)
     peak = train_cfg.peak_flops or measure_matmul_peak()
+    # what each checkpoint's sidecar says about the run (training/description.py)
+    description = description_fields(config, data.domain_names, data.tokenizer_path) if folder and parallel.is_main \
+        else {}
     flops_token = flops_per_token(config)
     tokens_per_step = train_cfg.batch_size * model.seq_length
     metrics = MetricsLog(folder.metrics if folder and parallel.is_main else None, start_step, say)
@@ -266,7 +270,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             if folder and parallel.is_main and (due or stopping):
                 meta = {"data_position": position,
                         "loss_scale": float(step_cell.apply_gradients.loss_scale.scale.asnumpy()),
-                        "config": config_to_dict(config), DATA_FINGERPRINT: data.fingerprint}
+                        DATA_FINGERPRINT: data.fingerprint, **description}
                 parameters = checkpointed_parameters(step_cell)
                 if offload:
                     parameters = offload.checkpoint_parameters(parameters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -28,6 +29,8 @@ class TrainingData:
     # prepared samples (a moved or re-prepared identical folder is the same data), or "synthetic"
     # (then the config defines the data).
     fingerprint: str
+    # The prepared data's SentencePiece model (sha256-checked with the shards), None for synthetic data.
+    tokenizer_path: Optional[str] = None
 
 
 def content_fingerprint(manifest: dict) -> str:
@@ -69,4 +72,6 @@ def open_training_data(config: SigmaConfig) -> TrainingData:
     schedule = SampleSchedule([s.shape[0] for s in corpus.samples], weights, data.seed)
     frequency = corpus.token_frequency(config.moe.num_domains, model.vocab_size)
     names = corpus.names + [f"domain{i}" for i in range(len(corpus.names), config.moe.num_domains)]
-    return TrainingData(MixedCorpusSource(corpus, schedule), names, frequency, content_fingerprint(corpus.manifest))
+    tokenizer = os.path.join(data.path, corpus.manifest["tokenizer"]["file"])
+    return TrainingData(MixedCorpusSource(corpus, schedule), names, frequency, content_fingerprint(corpus.manifest),
+                        tokenizer if os.path.isfile(tokenizer) else None)

@@ -1,0 +1,127 @@
+"""What a checkpoint says about itself, so that every command after training needs only ``--ckpt``.
+
+The sidecar (``step_N.json``, written atomically after the weights) holds the config the run
+trained with, the domain names in id order, and the tokenizer: the SentencePiece model file
+itself (base64) with its sha256, so a checkpoint copied anywhere still decodes its tokens.
+A checkpoint written before sidecars described themselves is refused in one line that says
+which of ``--config`` and ``--data`` supplies what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+from mindformers_sigma.config import ConfigError, SigmaConfig, config_from_dict, config_to_dict, load_config
+from mindformers_sigma.data.tokenizer import Tokenizer
+from mindformers_sigma.errors import DataError
+from mindformers_sigma.training import checkpoint as ckpt
+
+CONFIG, DOMAINS, TOKENIZER, DESCRIPTION_SHA256 = "config", "domains", "tokenizer", "description_sha256"
+
+
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps([fields.get(k) for k in (CONFIG, DOMAINS, TOKENIZER)],
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def description_fields(config: SigmaConfig, domain_names: List[str], tokenizer_path: Optional[str]) -> dict:
+    """The sidecar fields that describe a run: its config, domain names, the tokenizer model (None for
+    synthetic data) and a sha256 over the three, so a damaged description is caught, not used."""
+    tokenizer = None
+    if tokenizer_path is not None:
+        with open(tokenizer_path, "rb") as handle:
+            model = handle.read()
+        tokenizer = {"sha256": hashlib.sha256(model).hexdigest(), "model_base64": base64.b64encode(model).decode()}
+    fields = {CONFIG: config_to_dict(config), DOMAINS: list(domain_names), TOKENIZER: tokenizer}
+    return dict(fields, **{DESCRIPTION_SHA256: _digest(fields)})
+
+
+@dataclass
+class Description:
+    """A checkpoint with everything needed to rebuild, name and feed its model."""
+
+    info: ckpt.CheckpointInfo
+    config: SigmaConfig
+    domains: List[str]
+    tokenizer: Optional[Tokenizer]  # None: trained on synthetic token ids
+
+    def domain_id(self, name: str) -> int:
+        """The id of domain ``name``; an unknown name is one line listing the known ones."""
+        if name not in self.domains:
+            raise DataError(f"--domain {name!r}: not a domain of {self.info.weights_path}; known: "
+                            f"{', '.join(self.domains)}")
+        return self.domains.index(name)
+
+
+def _sidecar_of(path: str) -> str:
+    """The sidecar of a checkpoint named by its weights file or by the sidecar itself."""
+    if path.endswith(".json"):
+        return path
+    stem, suffix = os.path.splitext(path)
+    if suffix not in ckpt.SUFFIX.values():
+        raise DataError(f"--ckpt {path}: not a checkpoint; give a step_N.ckpt, step_N.safetensors or step_N.json "
+                        f"file of a run's checkpoints/ folder")
+    return stem + ".json"
+
+
+def _tokenizer_from(record: dict, where: str) -> Tokenizer:
+    try:
+        model = base64.b64decode(record["model_base64"], validate=True)
+        expected = record["sha256"]
+    except (KeyError, TypeError, binascii.Error):
+        raise DataError(f"{where}: its tokenizer field is damaged; pass --data with the prepare-data folder "
+                        f"the run trained on") from None
+    if hashlib.sha256(model).hexdigest() != expected:
+        raise DataError(f"{where}: its tokenizer does not match its sha256 (damaged); pass --data with the "
+                        f"prepare-data folder the run trained on")
+    return Tokenizer(model, f"{where} (tokenizer)")
+
+
+def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: Optional[str] = None) -> Description:
+    """The checkpoint at ``path`` (weights file or sidecar, verified against its sha256) and what it was trained
+    with; ``config_path`` / ``data_dir`` supply the config / domains and tokenizer of an older checkpoint."""
+    sidecar = _sidecar_of(path)
+    if not os.path.isfile(sidecar):
+        raise DataError(f"--ckpt {path}: no sidecar {os.path.basename(sidecar)} beside it; a checkpoint is the "
+                        f"weights file and its sidecar, written together by training")
+    try:
+        info = ckpt.read_checkpoint(sidecar)
+    except ValueError as err:
+        raise DataError(f"--ckpt {path}: {err}") from None
+    meta = info.meta
+    if DESCRIPTION_SHA256 in meta and meta[DESCRIPTION_SHA256] != _digest(meta):
+        raise DataError(f"{sidecar}: its config, domains or tokenizer do not match their sha256 (damaged); pass "
+                        f"--config and --data with the config and prepare-data folder the run trained on")
+    if config_path is not None:
+        config = load_config(config_path)
+    elif meta.get(CONFIG):
+        try:
+            config = config_from_dict(meta[CONFIG], source=sidecar)
+        except ConfigError as err:
+            raise DataError(f"{err}; pass --config with the config the run trained with") from None
+    else:
+        raise DataError(f"{sidecar}: records no config; pass --config with the config the run trained with")
+    if data_dir is not None:
+        from mindformers_sigma.data.manifest import load_manifest
+
+        manifest = load_manifest(data_dir)
+        domains = [domain["name"] for domain in sorted(manifest["domains"], key=lambda d: d["id"])]
+        tokenizer = Tokenizer.from_file(os.path.join(data_dir, manifest["tokenizer"]["file"]))
+    elif DOMAINS in meta and TOKENIZER in meta:
+        domains = meta[DOMAINS]
+        tokenizer = _tokenizer_from(meta[TOKENIZER], sidecar) if meta[TOKENIZER] is not None else None
+    else:
+        raise DataError(f"{sidecar}: records no domain names or tokenizer (written before checkpoints described "
+                        f"themselves); pass --data with the prepare-data folder the run trained on")
+    if not (isinstance(domains, list) and all(isinstance(name, str) for name in domains)
+            and len(domains) <= config.moe.num_domains):
+        raise DataError(f"{sidecar}: its domain names {domains!r} do not fit moe.num_domains "
+                        f"({config.moe.num_domains}); pass --data with the prepare-data folder the run trained on")
+    domains = domains + [f"domain{i}" for i in range(len(domains), config.moe.num_domains)]
+    return Description(info, config, domains, tokenizer)
