@@ -93,8 +93,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def train_config(args: argparse.Namespace) -> SigmaConfig:
-    """The config a `train` command line describes: the file, then --data, then the --set overrides."""
-    config = load_config(args.config)
+    """The config a `train` command line describes: the file (or the one a --resume checkpoint records),
+    then --data, then the --set overrides."""
+    if args.config is not None:
+        config = load_config(args.config)
+    elif args.resume not in (None, "auto"):
+        from mindformers_sigma.training.description import describe_checkpoint
+
+        config = describe_checkpoint(args.resume).config
+    else:
+        raise UserError("--config: required, unless --resume names a checkpoint, whose recorded config is used")
     if args.data is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="mindrecord", path=args.data))
     return apply_overrides(config, args.set)
@@ -160,7 +168,7 @@ def _cmd_rank_table(args: argparse.Namespace) -> int:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """`pangu-sigma train`'s options (also checked by the launcher before it starts any rank)."""
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", help="YAML config file (default with --resume PATH: the checkpoint's own)")
     parser.add_argument("--steps", type=_positive_int, help="number of steps (default: train.steps)")
     parser.add_argument("--data", help="prepare-data folder (overrides the config's data section)")
     parser.add_argument("--out", help="run folder: metrics.jsonl, loss.png, checkpoints/")
@@ -221,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (add_arguments, _, description) in TOOLS.items():
         add_arguments(tools.add_parser(name, help=description, description=description))
     rank_table.set_defaults(handler=_cmd_rank_table)
+
+    from mindformers_sigma.generation import command as generate_command
+    from mindformers_sigma.lifecycle import commands as lifecycle
+
+    generate = commands.add_parser("generate", help="continue prompts with a checkpoint's model (KV-cached decoding)")
+    generate_command.add_arguments(generate)
+    generate.set_defaults(handler=generate_command.run)
+    for name, add_arguments, handler, description in (
+        ("inherit", lifecycle.add_inherit_arguments, lifecycle.run_inherit,
+         "a PanGu-Σ checkpoint whose experts start as copies of a dense model's FFNs"),
+        ("extract", lifecycle.add_extract_arguments, lifecycle.run_extract,
+         "cut one domain's stand-alone sub-model out of a checkpoint"),
+        ("add-domain", lifecycle.add_add_domain_arguments, lifecycle.run_add_domain,
+         "add a domain (expert group and routing rows) to a checkpoint"),
+    ):
+        sub = commands.add_parser(name, help=description, description=description)
+        add_arguments(sub)
+        sub.set_defaults(handler=handler)
 
     demo = commands.add_parser("demo-corpus", help="build the real multi-domain demo corpus (.jsonl per domain)")
     demo.add_argument("--out", required=True, help="output folder (replaced atomically)")

@@ -199,6 +199,9 @@ class TrainConfig:
     checkpoint_interval: int = 100
     keep_checkpoints: int = 3
     checkpoint_format: Literal["ckpt", "safetensors"] = "ckpt"
+    # train only the experts: shared layers stay fixed, and an expert no batch routes to keeps its
+    # weights and moments exactly (lazy AdamW), so training one new domain leaves the others bit-identical
+    freeze_shared: bool = False
 
     def validate(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
@@ -290,6 +293,8 @@ class SigmaConfig:
             self.parallel.expert_parallel, f"must divide moe.num_experts ({num_experts})",
         )
         self._validate_layout()
+        _require(not self.train.freeze_shared or self.model.sparse_layers > 0, "train.freeze_shared", True,
+                 "trains only experts, and model.sparse_layers is 0; turn it off")
         if self.ecss.enabled:
             self._validate_ecss()
         _require(
@@ -316,6 +321,9 @@ class SigmaConfig:
         )
 
     def _validate_ecss(self) -> None:
+        _require(not self.train.freeze_shared, "train.freeze_shared", True,
+                 "ECSS already updates experts lazily on the host but trains the shared layers; turn one of "
+                 "ecss.enabled and train.freeze_shared off")
         _require(self.model.sparse_layers >= 1, "ecss.enabled", True,
                  "needs model.sparse_layers >= 1: a model without sparse layers has no experts to keep on the host")
         _require(self.moe.router == "rre", "ecss.enabled", True,

@@ -114,3 +114,29 @@ def stop_after_checkpoint(config, out, at_least, extra=(), sig=signal.SIGKILL):
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     return ckpt.list_checkpoints(str(out / "checkpoints"))[-1], process.returncode, stderr
+
+
+def lifecycle_config(prepared, **sections):
+    """The micro model with one expert group per real-corpus domain (code, en, zh), fed by ``prepared``."""
+    values = {"model": {"vocab_size": REAL_VOCAB},
+              "moe": {"num_domains": 3, "num_experts": 6, "experts_per_domain": 2},
+              "data": {"source": "mindrecord", "path": str(prepared)},
+              "train": {"batch_size": 8, "steps": 60, "warmup_steps": 5, "learning_rate": 3e-3,
+                        "min_learning_rate": 3e-4, "checkpoint_interval": 1000, "peak_flops": 1e11,
+                        "log_interval": 1000}}
+    for name, update in sections.items():
+        values.setdefault(name, {}).update(update)
+    return micro_config(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_sigma(real_corpus, tmp_path_factory):
+    """(config, prepared folder, checkpoint path) of the micro PanGu-Σ after 60 real training steps on the
+    three-domain real corpus: the model the lifecycle and generation tests start from."""
+    from mindformers_sigma.training.trainer import train
+
+    _, prepared = real_corpus
+    config = lifecycle_config(prepared)
+    summary = train(config, out_dir=str(tmp_path_factory.mktemp("trained_sigma")), log=lambda line: None)
+    assert summary.final_loss < summary.first_loss - 1.0  # it learned something: not a model at initialisation
+    return config, prepared, summary.checkpoint

@@ -72,6 +72,7 @@ class Tokenizer:
             raise TokenizerError(f"{source}: model has no byte fallback, so text would not round-trip; "
                                  f"train it with prepare-data --vocab-size")
         self._processor = processor
+        self.model_bytes = model_bytes  # what a checkpoint's description embeds
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":

@@ -34,15 +34,25 @@ class SelfAttention(nn.Cell):
         batch, seq, _ = x.shape
         return x.reshape((batch, seq, self.num_heads, self.head_dim)).transpose(0, 2, 1, 3)
 
-    def construct(self, hidden, attention_bias, query_input=None, dropout_seed=None):
-        """hidden [B, S, H], attention_bias [B, 1, S, S]; query_input [B, S, H] replaces hidden for Q."""
-        batch, seq, width = hidden.shape
+    def project(self, hidden, query_input=None):
+        """hidden [B, S, H] -> query, key, value [B, heads, S, head_dim]; ``query_input`` replaces hidden for Q.
+
+        Separate from :meth:`attend` so that decoding can append key and value to a cache in between.
+        """
         query_source = hidden if query_input is None else query_input
-        query = self._split_heads(self.query(query_source))
-        key = self._split_heads(self.key(hidden))
-        value = self._split_heads(self.value(hidden))
+        return (self._split_heads(self.query(query_source)), self._split_heads(self.key(hidden)),
+                self._split_heads(self.value(hidden)))
+
+    def attend(self, query, key, value, attention_bias, dropout_seed=None):
+        """query [B, heads, Sq, d], key/value [B, heads, Sk, d], attention_bias [B, 1, Sq, Sk] -> [B, Sq, H]."""
+        batch, _, seq, _ = query.shape
         scores = self.scores(query, key).astype(ms.float32) * self.scale + attention_bias
         probs = self.dropout(self.softmax(scores), dropout_seed)
         context = self.mix(probs.astype(self.compute_dtype), value)
-        context = context.transpose(0, 2, 1, 3).reshape((batch, seq, width))
+        context = context.transpose(0, 2, 1, 3).reshape((batch, seq, self.num_heads * self.head_dim))
         return self.output(context)
+
+    def construct(self, hidden, attention_bias, query_input=None, dropout_seed=None):
+        """hidden [B, S, H], attention_bias [B, 1, S, S]; query_input [B, S, H] replaces hidden for Q."""
+        query, key, value = self.project(hidden, query_input)
+        return self.attend(query, key, value, attention_bias, dropout_seed)

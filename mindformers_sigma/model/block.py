@@ -46,15 +46,33 @@ class DecoderLayer(nn.Cell):
         self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)
         self.ffn_dropout = SeededDropout(model.dropout_rate, first_site + 2)
 
-    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, expert_plan=None,
-                  dropout_seed=None):
-        attended = self.attention(self.attention_norm(hidden), attention_bias, query_hidden, dropout_seed)
+    def attention_inputs(self, hidden, query_hidden=None):
+        """Query, key and value of this layer's attention (decoding caches key and value)."""
+        return self.attention.project(self.attention_norm(hidden), query_hidden)
+
+    def finish(self, hidden, query, key, value, attention_bias, token_ids, domain_ids, expert_plan=None,
+               dropout_seed=None, per_token_experts=False):
+        """The rest of the layer once attention's inputs are known: attention, residual, FFN, residual.
+
+        ``per_token_experts``: a sparse layer gathers each token's expert weights instead of
+        dispatching (``MoELayer.per_token``), the cheap way for a decoding step's few tokens."""
+        attended = self.attention.attend(query, key, value, attention_bias, dropout_seed)
         hidden = hidden + self.attention_dropout(attended, dropout_seed).astype(hidden.dtype)
         normed = self.ffn_norm(hidden)
-        if self.sparse:
+        if self.sparse and per_token_experts:
+            update = self.ffn.per_token(normed, token_ids, domain_ids)
+            aux_loss = ops.zeros((), ms.float32)
+            dropped = ops.zeros((), ms.int32)
+        elif self.sparse:
             update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids, expert_plan)
         else:
             update = self.ffn(normed)
             aux_loss = ops.zeros((), ms.float32)
             dropped = ops.zeros((), ms.int32)
         return hidden + self.ffn_dropout(update, dropout_seed).astype(hidden.dtype), aux_loss, dropped
+
+    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, expert_plan=None,
+                  dropout_seed=None):
+        query, key, value = self.attention_inputs(hidden, query_hidden)
+        return self.finish(hidden, query, key, value, attention_bias, token_ids, domain_ids, expert_plan,
+                           dropout_seed)

@@ -107,9 +107,12 @@ class PanGuSigmaForCausalLM(nn.Cell):
         """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
         hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, expert_plan, dropout_seed)
         batch, seq, width = hidden.shape
+        return self.vocabulary_logits(hidden.reshape((batch * seq, width))).reshape((batch, seq, -1)), aux_loss, dropped
+
+    def vocabulary_logits(self, hidden):
+        """hidden [N, H] -> float32 logits [N, V] through the tied head."""
         word_table = self.backbone.embedding.word.embedding_table
-        logits = self.head(hidden.reshape((batch * seq, width)).astype(ms.float32), word_table.transpose(1, 0))
-        return logits.reshape((batch, seq, -1)), aux_loss, dropped
+        return self.head(hidden.astype(ms.float32), word_table.transpose(1, 0))
 
     def construct(self, tokens, domain_ids, expert_plan=None, dropout_seed=None):
         input_ids = tokens[:, :-1]

@@ -58,3 +58,18 @@ class MoELayer(nn.Cell):
         buffers, slots, dropped = self.dispatcher.dispatch(flat, expert_index)
         output = self.dispatcher.combine(self.experts(buffers), slots, gates)
         return output.reshape((batch, seq, width)), aux_loss, dropped
+
+    def per_token(self, hidden, token_ids, domain_ids):
+        """Like ``construct`` without dispatch buffers: each (token, choice) is computed with its expert's
+        weights gathered for it.  Cheaper when a step has fewer tokens than experts (decoding);
+        returns only the output [B, S, H] (no loss, nothing dropped)."""
+        batch, seq, width = hidden.shape
+        flat = hidden.reshape((batch * seq, width))
+        token_domains = ops.broadcast_to(domain_ids.reshape((batch, 1)), (batch, seq)).reshape((-1,))
+        expert_index, gates, _ = self.router(flat, token_ids.reshape((-1,)), token_domains)
+        top_k = expert_index.shape[1]
+        rows = ops.tile(flat.expand_dims(1), (1, top_k, 1)).reshape((-1, 1, width))  # token-major (token, choice)
+        output = self.experts(rows, expert_index.reshape((-1,))).reshape((batch * seq, top_k, width))
+        output = (output * gates.astype(output.dtype).expand_dims(-1)).sum(1)
+        return output.reshape((batch, seq, width))
+

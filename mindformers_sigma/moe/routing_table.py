@@ -78,13 +78,21 @@ def build_routing_table(
             raise ValueError("token frequency table must hold finite, non-negative counts")
     table = np.empty((num_domains, vocab_size), dtype=np.int32)
     for domain in range(num_domains):
-        rng = _layer_rng(seed, layer, domain)
-        if token_frequency is None:
-            local = uniform_assignment(vocab_size, experts_per_domain, rng)
-        else:
-            local = balanced_assignment(token_frequency[domain], experts_per_domain, rng)
-        table[domain] = domain * experts_per_domain + local
+        table[domain] = routing_table_row(vocab_size, experts_per_domain, seed, layer, domain,
+                                          None if token_frequency is None else token_frequency[domain])
     return table
+
+
+def routing_table_row(vocab_size: int, experts_per_domain: int, seed: int, layer: int, domain: int,
+                      frequency: Optional[np.ndarray] = None) -> np.ndarray:
+    """Domain ``domain``'s row of a layer's table (global expert ids); rows are drawn independently, so a
+    domain added later gets the row a table with that many domains would have had."""
+    rng = _layer_rng(seed, layer, domain)
+    if frequency is None:
+        local = uniform_assignment(vocab_size, experts_per_domain, rng)
+    else:
+        local = balanced_assignment(np.asarray(frequency, dtype=np.float64), experts_per_domain, rng)
+    return (domain * experts_per_domain + local).astype(np.int32)
 
 
 def expert_loads(table: np.ndarray, domain_ids: np.ndarray, token_ids: np.ndarray, num_experts: int) -> np.ndarray:

@@ -7,6 +7,9 @@ A checkpoint ``step_NNNNNNNN`` is two files in ``OUT/checkpoints``:
   ``global_step``, the loss scale and its clean-step counter;
 * ``step_NNNNNNNN.json``: step, data position, config, data fingerprint, format and the weights' sha256.
 
+A weights-only checkpoint (``NAME.ckpt`` + ``NAME.json``, step 0, ``weights_only``) holds the model
+alone: the lifecycle commands write it, and training from it starts with fresh optimizer state.
+
 The weights are written to a temporary file, fsynced and renamed; the sidecar is written the
 same way *after* them, so it is the commit mark: a checkpoint without a sidecar, or whose
 weights do not match the recorded sha256 (truncated, corrupt), is skipped on resume.
@@ -52,6 +55,21 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _write_pair(weights: str, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]], record: dict, fmt: str) -> None:
+    """The weights file, then its sidecar (the commit mark), each atomically, then the folder fsynced."""
+    with atomic_file(weights) as tmp:
+        if fmt == "safetensors":
+            write_safetensors(tmp, {name: value if isinstance(value, np.ndarray) else value.asnumpy()
+                                    for name, value in parameters.items()})
+        else:
+            ms.save_checkpoint([{"name": name, "data": value if isinstance(value, ms.Tensor)
+                                 else ms.Tensor.from_numpy(value)} for name, value in parameters.items()],
+                               tmp, format=fmt)
+    record = dict(record, format=fmt, weights=os.path.basename(weights), sha256=file_sha256(weights))
+    write_bytes_atomic(os.path.splitext(weights)[0] + ".json", json.dumps(record, indent=1).encode() + b"\n")
+    _fsync_dir(os.path.dirname(os.path.abspath(weights)))
+
+
 def save_checkpoint(directory: str, step: int, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]], meta: dict,
                     fmt: str, keep: int) -> str:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``.
@@ -61,21 +79,23 @@ def save_checkpoint(directory: str, step: int, parameters: Mapping[str, Union[ms
     which holds one whole tensor's bytes at a time.
     """
     os.makedirs(directory, exist_ok=True)
-    stem = f"step_{step:08d}"
-    weights = os.path.join(directory, stem + SUFFIX[fmt])
-    with atomic_file(weights) as tmp:
-        if fmt == "safetensors":
-            write_safetensors(tmp, {name: value if isinstance(value, np.ndarray) else value.asnumpy()
-                                    for name, value in parameters.items()})
-        else:
-            ms.save_checkpoint([{"name": name, "data": value if isinstance(value, ms.Tensor)
-                                 else ms.Tensor.from_numpy(value)} for name, value in parameters.items()],
-                               tmp, format=fmt)
-    record = dict(meta, step=step, format=fmt, weights=os.path.basename(weights), sha256=file_sha256(weights))
-    write_bytes_atomic(os.path.join(directory, stem + ".json"), json.dumps(record, indent=1).encode() + b"\n")
-    _fsync_dir(directory)
+    weights = os.path.join(directory, f"step_{step:08d}" + SUFFIX[fmt])
+    _write_pair(weights, parameters, dict(meta, step=step), fmt)
     prune_checkpoints(directory, step, keep)
     return weights
+
+
+WEIGHTS_ONLY = "weights_only"
+
+
+def save_weights_only(weights: str, parameters: Mapping[str, np.ndarray], meta: dict) -> None:
+    """A model-only checkpoint at ``weights`` (any name ending in .ckpt or .safetensors) with its sidecar
+    ``NAME.json``: step 0 and no optimizer state, so training from it starts fresh (``inherit``,
+    ``extract``, ``add-domain``)."""
+    fmt = next((name for name, suffix in SUFFIX.items() if weights.endswith(suffix)), None)
+    if fmt is None:
+        raise DataError(f"--out {weights}: a checkpoint file name ends in .ckpt or .safetensors")
+    _write_pair(weights, parameters, dict(meta, step=0, data_position=0, **{WEIGHTS_ONLY: True}), fmt)
 
 
 def prune_checkpoints(directory: str, newest: int, keep: int) -> None:
@@ -119,15 +139,22 @@ def _checked_sidecar(meta_path: str, meta: object) -> CheckpointInfo:
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
     step, position, fmt, weights = (meta.get(key) for key in ("step", "data_position", "format", "weights"))
-    expected_name = f"step_{step:08d}{SUFFIX.get(fmt, '?')}" if isinstance(step, int) else None
+    weights_only = meta.get(WEIGHTS_ONLY) is True
+    stem = os.path.splitext(os.path.basename(meta_path))[0]
+    if weights_only:  # any name; step 0
+        expected_name, first_step, step_name = stem + SUFFIX.get(fmt, "?"), 0, stem
+    else:
+        expected_name = f"step_{step:08d}{SUFFIX.get(fmt, '?')}" if isinstance(step, int) else None
+        first_step, step_name = 1, f"step_{step:08d}" if isinstance(step, int) else None
     problems = [
-        (isinstance(step, int) and not isinstance(step, bool) and step >= 1, "step"),
+        (isinstance(step, int) and not isinstance(step, bool) and step >= first_step and
+         (step == 0 or not weights_only), "step"),
         (isinstance(position, int) and not isinstance(position, bool) and position >= 0, "data_position"),
         (fmt in SUFFIX, "format"),
         (weights == expected_name, "weights"),  # a bare name beside the sidecar, never a path elsewhere
         (isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64, "sha256"),
         (isinstance(meta.get("config", {}), dict), "config"),
-        (os.path.basename(meta_path) == f"step_{step:08d}.json" if isinstance(step, int) else False, "step"),
+        (stem == step_name, "step"),
     ]
     bad = [field for ok, field in problems if not ok]
     if bad:

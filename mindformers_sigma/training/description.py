@@ -30,14 +30,13 @@ def _digest(fields: dict) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
-def description_fields(config: SigmaConfig, domain_names: List[str], tokenizer_path: Optional[str]) -> dict:
+def description_fields(config: SigmaConfig, domain_names: List[str], tokenizer_model: Optional[bytes]) -> dict:
     """The sidecar fields that describe a run: its config, domain names, the tokenizer model (None for
     synthetic data) and a sha256 over the three, so a damaged description is caught, not used."""
     tokenizer = None
-    if tokenizer_path is not None:
-        with open(tokenizer_path, "rb") as handle:
-            model = handle.read()
-        tokenizer = {"sha256": hashlib.sha256(model).hexdigest(), "model_base64": base64.b64encode(model).decode()}
+    if tokenizer_model is not None:
+        tokenizer = {"sha256": hashlib.sha256(tokenizer_model).hexdigest(),
+                     "model_base64": base64.b64encode(tokenizer_model).decode()}
     fields = {CONFIG: config_to_dict(config), DOMAINS: list(domain_names), TOKENIZER: tokenizer}
     return dict(fields, **{DESCRIPTION_SHA256: _digest(fields)})
 

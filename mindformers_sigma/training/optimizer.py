@@ -27,6 +27,23 @@ def _update(fused_adam, beta1, beta2, lr, eps, weight_decay, param, moment1, mom
     return fused_adam(param, moment1, moment2, lr, beta1, beta2, eps, weight_decay, grad.astype(param.dtype))
 
 
+_lazy_update = ops.MultitypeFuncGraph("lazy_adam_update")
+
+
+@_lazy_update.register("Number", "Number", "Tensor", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
+def _update_touched_experts(beta1, beta2, lr, eps, weight_decay, param, moment1, moment2, grad):
+    """The same AdamW step, applied only to the experts (rows of axis 0) whose gradient is not all zero:
+    an expert no token reached keeps its weights and moments bit for bit (no decay, no moment decay)."""
+    grad = grad.astype(param.dtype)
+    touched = ops.abs(grad).sum(axis=tuple(range(1, grad.ndim)), keepdims=True) > 0
+    new_m = beta1 * moment1 + (1 - beta1) * grad
+    new_v = beta2 * moment2 + (1 - beta2) * grad * grad
+    new_param = param - lr * (new_m / (ops.sqrt(new_v) + eps) + weight_decay * param)
+    ops.assign(moment1, ops.where(touched, new_m, moment1))
+    ops.assign(moment2, ops.where(touched, new_v, moment2))
+    return ops.assign(param, ops.where(touched, new_param, param))
+
+
 def takes_weight_decay(parameter_name: str) -> bool:
     """Matrices and embeddings decay; LayerNorm gains/shifts and biases do not."""
     leaf = parameter_name.rsplit(".", 1)[-1]
@@ -41,8 +58,11 @@ class HybridAdamWeightDecay(nn.Optimizer):
     """AdamW whose epsilon and weight decay are chosen per parameter."""
 
     def __init__(self, params: Sequence[ms.Parameter], learning_rate, beta1: float, beta2: float,
-                 eps: float, expert_eps: float, weight_decay: float):
+                 eps: float, expert_eps: float, weight_decay: float, lazy_experts: bool = False):
+        """``lazy_experts``: every parameter is an expert tensor, updated only where its gradient is
+        (``train.freeze_shared``)."""
         super().__init__(learning_rate, list(params))
+        self.lazy_experts = lazy_experts
         self.beta1 = beta1
         self.beta2 = beta2
         self.moments1 = self._parameters.clone(prefix="adam_m", init="zeros")
@@ -56,13 +76,18 @@ class HybridAdamWeightDecay(nn.Optimizer):
     def construct(self, grads):
         lr = self.get_lr()
         self.assignadd(self.global_step, self.global_step_increase_tensor)
+        if self.lazy_experts:
+            return self.hyper_map(ops.partial(_lazy_update, self.beta1, self.beta2, lr), self.param_eps,
+                                  self.param_decay, self._parameters, self.moments1, self.moments2, grads)
         return self.hyper_map(ops.partial(_adam_update, self.fused_adam, self.beta1, self.beta2, lr), self.param_eps,
                               self.param_decay, self._parameters, self.moments1, self.moments2, grads)
 
 
 def build_optimizer(network: nn.Cell, train: TrainConfig, without_experts: bool = False) -> HybridAdamWeightDecay:
     """Optimizer over the network's trainable parameters with the warmup+cosine schedule;
-    ``without_experts``: the experts are updated on the host (ECSS, ``ecss/``)."""
-    params = [p for p in network.trainable_params() if not (without_experts and is_expert_parameter(p.name))]
+    ``without_experts``: the experts are updated on the host (ECSS, ``ecss/``); ``train.freeze_shared``:
+    over the experts alone, lazily."""
+    params = [p for p in network.trainable_params() if not (without_experts and is_expert_parameter(p.name))
+              and (is_expert_parameter(p.name) or not train.freeze_shared)]
     return HybridAdamWeightDecay(params, learning_rates(train), train.beta1, train.beta2,
-                                 train.eps, train.expert_eps, train.weight_decay)
+                                 train.eps, train.expert_eps, train.weight_decay, lazy_experts=train.freeze_shared)

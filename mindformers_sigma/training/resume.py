@@ -131,6 +131,11 @@ def check_same_experiment(info: ckpt.CheckpointInfo, config: SigmaConfig, data_f
         f"are the checkpoint's")
 
 
+def is_model_parameter(name: str) -> bool:
+    """The network's own weights and routing tables (the rest of a train step is optimizer and scale state)."""
+    return name.startswith("backbone.")
+
+
 def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple,
             host_arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale).
@@ -140,6 +145,9 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
     """
     host = host_arrays or {}
     wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed and name not in host}
+    if info.meta.get(ckpt.WEIGHTS_ONLY) is True:  # the model alone: optimizer state and loss scale start fresh
+        host = {name: array for name, array in host.items() if is_model_parameter(name)}
+        wanted = {name for name in wanted if is_model_parameter(name)}
     stored = ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host))
     if host:
         ckpt.copy_into(info, host, f"--resume {info.weights_path}")

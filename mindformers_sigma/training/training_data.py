@@ -30,7 +30,7 @@ class TrainingData:
     # (then the config defines the data).
     fingerprint: str
     # The prepared data's SentencePiece model (sha256-checked with the shards), None for synthetic data.
-    tokenizer_path: Optional[str] = None
+    tokenizer_model: Optional[bytes] = None
 
 
 def content_fingerprint(manifest: dict) -> str:
@@ -45,8 +45,32 @@ def content_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def open_training_data(config: SigmaConfig) -> TrainingData:
-    """The config's data source; a corpus that does not fit the model is a one-line DataError."""
+class DomainsRenumbered:
+    """A sample source whose domain ids are mapped through ``ids`` (corpus id -> model id)."""
+
+    def __init__(self, source, ids: np.ndarray):
+        self.source = source
+        self.ids = ids
+
+    def read(self, start: int, count: int):
+        tokens, domains = self.source.read(start, count)
+        return tokens, self.ids[np.asarray(domains)]
+
+
+def _model_domain_ids(corpus_names: List[str], model_domains: List[str], path: str) -> np.ndarray:
+    """Each corpus domain's id in the model, found by name (a corpus of one added domain, say)."""
+    missing = [name for name in corpus_names if name not in model_domains]
+    if missing:
+        raise DataError(f"{path}: domain {missing[0]!r} is not a domain of the checkpoint (it has "
+                        f"{', '.join(model_domains)}); add it with `pangu-sigma add-domain`, or rename it")
+    return np.array([model_domains.index(name) for name in corpus_names], np.int32)
+
+
+def open_training_data(config: SigmaConfig, model_domains: Optional[List[str]] = None) -> TrainingData:
+    """The config's data source; a corpus that does not fit the model is a one-line DataError.
+
+    ``model_domains``: the domain names (in id order) of the checkpoint being continued; the corpus's
+    domains then take those ids by name, so a corpus prepared for one new domain trains that domain."""
     model, data = config.model, config.data
     if data.source == "synthetic":
         source = SyntheticSource(model.vocab_size, model.seq_length, config.moe.num_domains,
@@ -71,7 +95,17 @@ def open_training_data(config: SigmaConfig) -> TrainingData:
     weights = corpus.mixing_weights(data.domain_weights, config.source)
     schedule = SampleSchedule([s.shape[0] for s in corpus.samples], weights, data.seed)
     frequency = corpus.token_frequency(config.moe.num_domains, model.vocab_size)
+    source = MixedCorpusSource(corpus, schedule)
     names = corpus.names + [f"domain{i}" for i in range(len(corpus.names), config.moe.num_domains)]
-    tokenizer = os.path.join(data.path, corpus.manifest["tokenizer"]["file"])
-    return TrainingData(MixedCorpusSource(corpus, schedule), names, frequency, content_fingerprint(corpus.manifest),
-                        tokenizer if os.path.isfile(tokenizer) else None)
+    if model_domains is not None and list(model_domains[:len(corpus.names)]) != corpus.names:
+        ids = _model_domain_ids(corpus.names, list(model_domains[:config.moe.num_domains]), data.path)
+        source, names = DomainsRenumbered(source, ids), list(model_domains[:config.moe.num_domains])
+        counts = frequency[:len(corpus.names)]
+        frequency = np.broadcast_to(counts.sum(0), frequency.shape).copy()  # domains without data: the total
+        frequency[ids] = counts
+    tokenizer_path = os.path.join(data.path, corpus.manifest["tokenizer"]["file"])
+    tokenizer = None
+    if os.path.isfile(tokenizer_path):
+        with open(tokenizer_path, "rb") as handle:
+            tokenizer = handle.read()
+    return TrainingData(source, names, frequency, content_fingerprint(corpus.manifest), tokenizer)

@@ -1,0 +1,52 @@
+"""Prompts from the command line or a file, tokenized and checked against the model they feed."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from mindformers_sigma.data.tokenizer import Tokenizer
+from mindformers_sigma.errors import DataError
+
+MAX_PROMPT_FILE_BYTES = 64 * 2 ** 20
+
+
+def read_prompt_file(path: str) -> List[Tuple[str, str]]:
+    """``(where, text)`` per non-blank line of ``path`` (one prompt per line, UTF-8)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
+    except OSError as err:
+        raise DataError(f"--prompt-file {path}: cannot read it ({err.strerror}); give a text file, one prompt "
+                        f"per line") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise DataError(f"--prompt-file {path}: larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB; split it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"--prompt-file {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    prompts = [(f"{path}:{number}", line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not prompts:
+        raise DataError(f"--prompt-file {path}: holds no prompt; write one prompt per line")
+    return prompts
+
+
+def encode_prompts(prompts: List[Tuple[str, str]], tokenizer: Optional[Tokenizer], seq_length: int,
+                   eod_token_id: int) -> List[List[int]]:
+    """Token ids per prompt; an empty prompt, one holding the end-of-document token, or one too long to
+    leave room for a new token is one line naming it."""
+    if tokenizer is None:
+        raise DataError("--ckpt: its model was trained on synthetic token ids and has no tokenizer; train on "
+                        "prepare-data output to generate text")
+    encoded = []
+    for where, text in prompts:
+        ids = tokenizer.encode(text) if text else []
+        if not ids:
+            raise DataError(f"{where}: the prompt is empty; give some text to continue")
+        if eod_token_id in ids:
+            raise DataError(f"{where}: the prompt holds the end-of-document token (text '<eod>'); a prompt is "
+                            f"one document, remove it")
+        if len(ids) >= seq_length:
+            raise DataError(f"{where}: the prompt is {len(ids)} tokens, the model's sequence length is "
+                            f"{seq_length}; shorten it to at most {seq_length - 1} tokens")
+        encoded.append(ids)
+    return encoded
