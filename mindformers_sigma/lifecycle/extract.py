@@ -30,7 +30,6 @@ def submodel_config(config: SigmaConfig) -> SigmaConfig:
     """``config`` with one domain of ``experts_per_domain`` experts, stand-alone."""
     raw = standalone_sections(copy.deepcopy(config_to_dict(config)))
     raw["moe"].update(num_domains=1, num_experts=config.moe.experts_per_domain)
-    raw["data"] = {"source": "synthetic", "seed": config.data.seed}  # train it with --data DIR
     return config_from_dict(raw, source=f"{config.source} (one-domain sub-model)")
 
 

@@ -121,6 +121,8 @@ def check_same_experiment(info: ckpt.CheckpointInfo, config: SigmaConfig, data_f
     """Refuse to continue a checkpoint under a config or data that make a different experiment."""
     changes = experiment_differences(info.meta.get("config", {}), config, info.meta.get(DATA_FINGERPRINT),
                                      data_fingerprint)
+    if info.meta.get(ckpt.WEIGHTS_ONLY) is True:  # no data position to continue: only the model must match
+        changes = [change for change in changes if change.startswith(("model.", "moe."))]
     if not changes:
         return
     if not allow_change:
