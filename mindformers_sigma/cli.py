@@ -129,24 +129,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from mindformers_sigma.benchmarks import ecss
+    if args.name == "generate":
+        from mindformers_sigma.benchmarks import generation
 
-    ecss.run(args.quick, args.out)
+        generation.run(args.quick, args.out)
+    else:
+        from mindformers_sigma.benchmarks import ecss
+
+        ecss.run(args.quick, args.out)
     return 0
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    import tempfile
+
     from mindformers_sigma.data.prepare import parse_domain_args, parse_include_args, prepare_data
 
-    manifest = prepare_data(parse_domain_args(args.domain), args.out, args.seq_length,
-                            vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                            include=parse_include_args(args.include))
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = args.tokenizer
+        if tokenizer is not None and tokenizer.endswith((".json", ".ckpt", ".safetensors")):
+            tokenizer = _checkpoint_tokenizer(tokenizer, os.path.join(scratch, "tokenizer.model"))
+        manifest = prepare_data(parse_domain_args(args.domain), args.out, args.seq_length,
+                                vocab_size=args.vocab_size, tokenizer_path=tokenizer,
+                                include=parse_include_args(args.include))
     for domain in manifest["domains"]:
         skipped = ", ".join(f"{k} {v}" for k, v in domain["skipped"].items() if v) or "none"
         print(f"{domain['name']:>12}: id {domain['id']}, {domain['documents']} documents, {domain['tokens']:,} tokens, "
               f"{domain['samples']} samples (skipped: {skipped})")
     print(f"wrote {args.out}/manifest.json (tokenizer vocabulary {manifest['tokenizer']['vocab_size']})")
     return 0
+
+
+def _checkpoint_tokenizer(checkpoint: str, target: str) -> str:
+    """``--tokenizer CKPT``: the tokenizer a checkpoint's description carries, written to ``target``."""
+    from mindformers_sigma.training.description import describe_checkpoint
+
+    described = describe_checkpoint(checkpoint)
+    if described.tokenizer is None:
+        raise UserError(f"--tokenizer {checkpoint}: its model was trained on synthetic token ids and has no "
+                        f"tokenizer; give a .model file")
+    with open(target, "wb") as handle:
+        handle.write(described.tokenizer.model_bytes)
+    return target
 
 
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
@@ -219,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seq-length", type=int, required=True, help="model sequence length L (samples hold L+1)")
     source = prepare.add_mutually_exclusive_group(required=True)
     source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
-    source.add_argument("--tokenizer", help="use this SentencePiece model instead")
+    source.add_argument("--tokenizer", help="use this SentencePiece model instead, or the one a checkpoint "
+                                            "(.ckpt/.safetensors/.json) carries")
     prepare.set_defaults(handler=_cmd_prepare_data)
 
     rank_table = commands.add_parser("rank-table", help="HCCL rank tables: generate, merge, validate, plan")
@@ -254,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo_corpus)
 
     bench = commands.add_parser("bench", help="run a benchmark on this machine; writes OUT/NAME.json and a table")
-    bench.add_argument("name", choices=["ecss"], help="ecss: expert scaling and the 640-expert MoE comparison")
+    bench.add_argument("name", choices=["ecss", "generate"],
+                       help="ecss: expert scaling and the 640-expert MoE comparison; generate: KV-cache decoding "
+                            "against full recompute, and an extracted sub-model against the full model")
     bench.add_argument("--quick", action="store_true", help="a small model and few steps (checks it runs, not speed)")
     bench.add_argument("--out", required=True, help="output folder")
     bench.set_defaults(handler=_cmd_bench)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from mindformers_sigma.benchmarks.record import write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, write_record
 from mindformers_sigma.errors import UserError
 
 T1 = Path(__file__).resolve().parents[2] / "ascend_configs" / "bench_t1_cpu.yaml"
@@ -115,21 +115,8 @@ def _optimizer_only(overrides: List[str], repeats: int = 3) -> dict:
     return {"optimizer_seconds": (time.perf_counter() - started) / repeats}
 
 
-def _check_out(out_dir: str) -> None:
-    """Fail before minutes of benchmarking, not after: the folder must be creatable and writable."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-probe")
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot write there ({err.strerror or err}); pass a writable folder") \
-            from None
-
-
 def run(quick: bool, out_dir: str) -> dict:
-    _check_out(out_dir)
+    check_out_dir(out_dir)
     steps = 3 if quick else 8
     scaling = []
     for experts, overrides in scaling_cases(quick):

@@ -9,6 +9,7 @@ import platform
 import subprocess
 
 from mindformers_sigma.atomic import write_bytes_atomic
+from mindformers_sigma.errors import UserError
 
 
 def _cpu_model() -> str:
@@ -49,3 +50,16 @@ def write_record(path: str, record: dict, echo: bool = True) -> None:
     write_bytes_atomic(path, text.encode() + b"\n")
     if echo:
         print(text)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Fail before minutes of benchmarking, not after: the folder must be creatable and writable."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-probe")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: cannot write there ({err.strerror or err}); pass a writable folder") \
+            from None

@@ -74,9 +74,10 @@ class Generator:
         return outputs, logits, compile_seconds, time.perf_counter() - started
 
     def generate(self, prompts: List[List[int]], domain_id: int, max_new_tokens: int, sampling: Sampling,
-                 seed: int = 0) -> Generation:
+                 seed: int = 0, stop_at_eod: bool = True) -> Generation:
         """Continue each prompt (token ids, each shorter than ``seq_length``) by at most ``max_new_tokens``,
-        capped so that no sequence outgrows ``seq_length``."""
+        capped so that no sequence outgrows ``seq_length`` (in a batch: the longest prompt sets the room).
+        ``stop_at_eod=False`` runs every step even when all rows have ended (benchmarks)."""
         longest = max(len(p) for p in prompts)
         steps = min(max_new_tokens, self.seq_length - longest)
         rng = np.random.default_rng(seed)
@@ -110,7 +111,7 @@ class Generator:
             for row, token in enumerate(chosen.tolist()):
                 made[row].append(int(token))
             done |= chosen == self.eod_token_id
-            if done.all():
+            if stop_at_eod and done.all():
                 break
         tokens = [row[:row.index(self.eod_token_id)] if self.eod_token_id in row else row for row in made]
         return Generation(tokens, sum(len(p) for p in prompts), decode_steps, len(prompts), compile_total,
