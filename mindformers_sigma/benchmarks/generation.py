@@ -4,7 +4,8 @@ The tiny config (``pangu_sigma_tiny_cpu.yaml``) with ``model.seq_length`` raised
 tokens fit after a prompt; weights at initialisation (speed does not depend on their values);
 greedy decoding that does not stop at EOD, so every run makes exactly N tokens per row.
 Batch 1 and 8, prompts of uneven lengths (left padding); decode tokens/s excludes the prefill
-and graph compilation.  Then one domain's extracted sub-model against the full model: parameter
+and graph compilation, and is the median of rounds that alternate the decoders (this machine's
+speed drifts by 2x within a minute, so only ratios taken side by side mean anything).  Then one domain's extracted sub-model against the full model: parameter
 count, weight bytes, and the same decoding speed.
 """
 
@@ -27,13 +28,20 @@ def _prompts(batch: int, vocab: int, eod: int, rng: np.random.Generator) -> List
     return [[int(t) for t in rng.integers(7, vocab, n) if t != eod] for n in lengths]
 
 
-def _speed(generator, prompts, new_tokens: int) -> Dict[str, float]:
+def _speeds(generators: Dict[str, object], prompts, new_tokens: int, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Each generator's decode and prefill speed, median over ``rounds`` rounds that alternate the generators,
+    so that the machine's slow spells (they last seconds here) hit all of them alike."""
     from mindformers_sigma.generation.sampling import Sampling
 
-    result = generator.generate(prompts, 0, new_tokens, Sampling(), stop_at_eod=False)
-    return {"decode_tokens_per_s": result.decode_tokens_per_second,
-            "prefill_tokens_per_s": result.prefill_tokens_per_second,
-            "decode_steps": result.decode_steps, "compile_seconds": result.compile_seconds}
+    runs: Dict[str, List] = {name: [] for name in generators}
+    for _ in range(rounds):
+        for name, generator in generators.items():
+            runs[name].append(generator.generate(prompts, 0, new_tokens, Sampling(), stop_at_eod=False))
+    return {name: {"decode_tokens_per_s": float(np.median([r.decode_tokens_per_second for r in results])),
+                   "prefill_tokens_per_s": float(np.median([r.prefill_tokens_per_second for r in results])),
+                   "decode_steps": results[0].decode_steps, "rounds": rounds,
+                   "compile_seconds": results[0].compile_seconds}
+            for name, results in runs.items()}
 
 
 def run(quick: bool, out_dir: str) -> dict:
@@ -59,20 +67,21 @@ def run(quick: bool, out_dir: str) -> dict:
     model, eod = config.model, config.model.eod_token_id
     rng = np.random.default_rng(0)
     batches = {1: _prompts(1, model.vocab_size, eod, rng), 8: _prompts(8, model.vocab_size, eod, rng)}
+    rounds = 1 if quick else 2
     decoding = {}
     for batch, prompts in batches.items():
-        print(f"bench generate: batch {batch}, {new_tokens} new tokens, KV cache then full recompute",
+        print(f"bench generate: batch {batch}, {new_tokens} new tokens, KV cache and full recompute alternating",
               file=sys.stderr, flush=True)
-        cached = _speed(Generator(full, model.seq_length, eod, True), prompts, new_tokens)
-        recomputed = _speed(Generator(full, model.seq_length, eod, False), prompts, new_tokens)
-        decoding[str(batch)] = {"kv_cache": cached, "no_cache": recomputed,
-                                "speedup": cached["decode_tokens_per_s"] / recomputed["decode_tokens_per_s"]}
+        speeds = _speeds({"kv_cache": Generator(full, model.seq_length, eod, True),
+                          "no_cache": Generator(full, model.seq_length, eod, False)}, prompts, new_tokens, rounds)
+        decoding[str(batch)] = dict(speeds, speedup=speeds["kv_cache"]["decode_tokens_per_s"] /
+                                    speeds["no_cache"]["decode_tokens_per_s"])
     print("bench generate: extracted sub-model against the full model", file=sys.stderr, flush=True)
-    sizes = {}
-    for name, (cfg, network, arrays) in {"full": (config, full, weights), "sub_model": (sub_config, sub, sub_weights)}.items():
-        sizes[name] = {"parameters": count_parameters(cfg).total,
-                       "weight_bytes": int(sum(a.nbytes for a in arrays.values())),
-                       **_speed(Generator(network, model.seq_length, eod, True), batches[8], new_tokens)}
+    speeds = _speeds({"full": Generator(full, model.seq_length, eod, True),
+                      "sub_model": Generator(sub, model.seq_length, eod, True)}, batches[8], new_tokens, rounds + 1)
+    sizes = {name: {"parameters": count_parameters(cfg).total, "weight_bytes": int(sum(a.nbytes for a in arrays.values())),
+                    **speeds[name]}
+             for name, cfg, arrays in (("full", config, weights), ("sub_model", sub_config, sub_weights))}
     record = {"benchmark": "generate", "quick": quick, "config": str(TINY), "overrides": [f"model.seq_length={model.seq_length}"],
               "new_tokens": new_tokens, "decoding": decoding, "extracted": sizes}
     write_record(os.path.join(out_dir, "generate.json"), record, echo=False)
