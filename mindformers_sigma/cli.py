@@ -51,6 +51,22 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction_below_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), e.g. 0.1, got {text!r}")
+    return value
+
+
+def _positive_int_or_zero(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 2 ** 31 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2147483647], got {text!r}")
+    return int(text)
+
+
 def _memory_gib(text: str) -> float:
     try:
         value = float(text)
@@ -151,11 +167,15 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
             tokenizer = _checkpoint_tokenizer(tokenizer, os.path.join(scratch, "tokenizer.model"))
         manifest = prepare_data(parse_domain_args(args.domain), args.out, args.seq_length,
                                 vocab_size=args.vocab_size, tokenizer_path=tokenizer,
-                                include=parse_include_args(args.include))
+                                include=parse_include_args(args.include), holdout=args.holdout,
+                                holdout_seed=args.holdout_seed)
     for domain in manifest["domains"]:
         skipped = ", ".join(f"{k} {v}" for k, v in domain["skipped"].items() if v) or "none"
+        heldout = domain.get("heldout")
         print(f"{domain['name']:>12}: id {domain['id']}, {domain['documents']} documents, {domain['tokens']:,} tokens, "
-              f"{domain['samples']} samples (skipped: {skipped})")
+              f"{domain['samples']} samples (skipped: {skipped})"
+              + (f"; held out {heldout['documents']} documents, {heldout['tokens']:,} tokens, {heldout['samples']} "
+                 f"samples" if heldout else ""))
     print(f"wrote {args.out}/manifest.json (tokenizer vocabulary {manifest['tokenizer']['vocab_size']})")
     return 0
 
@@ -245,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
     source.add_argument("--tokenizer", help="use this SentencePiece model instead, or the one a checkpoint "
                                             "(.ckpt/.safetensors/.json) carries")
+    prepare.add_argument("--holdout", type=_fraction_below_one, default=0.0, metavar="FRACTION",
+                         help="set this share of each domain's documents aside, whole, as the held-out split "
+                              "(for eval perplexity and make-task; training never reads it)")
+    prepare.add_argument("--holdout-seed", type=_positive_int_or_zero, default=0, help="which documents are held out")
     prepare.set_defaults(handler=_cmd_prepare_data)
 
     rank_table = commands.add_parser("rank-table", help="HCCL rank tables: generate, merge, validate, plan")

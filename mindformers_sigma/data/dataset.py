@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mindformers_sigma.data.manifest import MANIFEST, load_manifest, verify_files
+from mindformers_sigma.data.manifest import HELDOUT, MANIFEST, TRAIN, load_manifest, split_shards, verify_files
 from mindformers_sigma.errors import DataError
 
 BLOCK = 4096
@@ -34,11 +34,16 @@ class PreparedCorpus:
     domain, length and token ids within the vocabulary.
     """
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, split: str = TRAIN):
+        """``split``: ``train`` (what training reads) or ``heldout`` (documents prepare-data --holdout set aside)."""
         from mindspore.mindrecord import FileReader
 
         manifest = load_manifest(data_dir)
+        if split == HELDOUT and not any(HELDOUT in domain for domain in manifest["domains"]):
+            raise DataError(f"{data_dir}: has no held-out split; rerun prepare-data with --holdout FRACTION "
+                            f"(e.g. 0.1)")
         verify_files(manifest, data_dir)
+        self.split = split
         self.manifest = manifest
         self.data_dir = data_dir
         self.sample_length = int(manifest["sample_length"])
@@ -46,7 +51,7 @@ class PreparedCorpus:
         self.samples: List[np.ndarray] = []
         for domain in manifest["domains"]:
             rows = []
-            for shard in sorted(s["file"] for s in domain["shards"]):
+            for shard in sorted(s["file"] for s in split_shards(domain, split)):
                 path = os.path.join(data_dir, shard)
                 reader = FileReader(path)
                 try:
@@ -56,9 +61,10 @@ class PreparedCorpus:
                 self._check_token_ids(shard_rows, path)
                 rows += shard_rows
             samples = np.stack(rows) if rows else np.zeros((0, self.sample_length), np.int32)
-            if samples.shape[0] != domain["samples"]:
-                raise DataError(f"{data_dir}: domain {domain['name']} has {samples.shape[0]} samples, "
-                                f"manifest says {domain['samples']}; rerun prepare-data")
+            expected = domain["samples"] if split == TRAIN else domain.get(HELDOUT, {}).get("samples", 0)
+            if samples.shape[0] != expected:
+                raise DataError(f"{data_dir}: domain {domain['name']} has {samples.shape[0]} samples, manifest says "
+                                f"{expected} ({split} split); rerun prepare-data")
             self.samples.append(samples)
 
     def _sample_of(self, record: dict, domain_id: int, path: str) -> np.ndarray:

@@ -19,6 +19,7 @@ from mindformers_sigma.errors import DataError
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
+TRAIN, HELDOUT = "train", "heldout"  # the splits; training reads only TRAIN
 MANIFEST_FORMAT = "mindformers_sigma.prepared/2"
 # /1 listed no index files, so its .mindrecord.db files could not be checked.
 PREVIOUS_FORMATS = ("mindformers_sigma.prepared/1",)
@@ -133,6 +134,28 @@ def validate_manifest(manifest: Any, path: str) -> Dict[str, Any]:
     return manifest
 
 
+def _validate_shards(check: _ManifestChecker, record: dict, where: str, files: Set[str], allow_empty: bool) -> None:
+    """``record["shards"]``: shard and index file names (each listed once in the whole manifest) and sha256s."""
+    shards = check.objects(record, "shards", where)
+    if not shards and not allow_empty:
+        check.fail(f"{where}.shards", "is empty, expected at least one shard")
+    for number, shard in enumerate(shards):
+        at = f"{where}.shards[{number}]"
+        shard_file = check.file_name(shard, "file", at)
+        if not shard_file.endswith(SHARD_SUFFIX):
+            check.fail(f"{at}.file", f"is {_describe(shard_file)}, expected a {SHARD_SUFFIX} file")
+        index_file = check.file_name(shard, "index_file", at)
+        if index_file != shard_file + INDEX_SUFFIX:
+            check.fail(f"{at}.index_file", f"is {_describe(index_file)}, expected {shard_file + INDEX_SUFFIX!r} "
+                                           f"(MindRecord reads the index beside its shard)")
+        for listed in (shard_file, index_file):
+            if listed in files:
+                check.fail(f"{at}.file", f"{listed!r} is listed twice")
+            files.add(listed)
+        check.sha256(shard, "sha256", at)
+        check.sha256(shard, "index_sha256", at)
+
+
 def _validate_domain(check: _ManifestChecker, domain: dict, index: int, vocab_size: int,
                      names: Set[str], files: Set[str]) -> None:
     where = f"domains[{index}]"
@@ -150,24 +173,12 @@ def _validate_domain(check: _ManifestChecker, domain: dict, index: int, vocab_si
     skipped = check.value(domain, "skipped", dict, where)
     for reason in skipped:
         check.count(skipped, reason, f"{where}.skipped")
-    shards = check.objects(domain, "shards", where)
-    if not shards:
-        check.fail(f"{where}.shards", "is empty, expected at least one shard")
-    for number, shard in enumerate(shards):
-        at = f"{where}.shards[{number}]"
-        shard_file = check.file_name(shard, "file", at)
-        if not shard_file.endswith(SHARD_SUFFIX):
-            check.fail(f"{at}.file", f"is {_describe(shard_file)}, expected a {SHARD_SUFFIX} file")
-        index_file = check.file_name(shard, "index_file", at)
-        if index_file != shard_file + INDEX_SUFFIX:
-            check.fail(f"{at}.index_file", f"is {_describe(index_file)}, expected {shard_file + INDEX_SUFFIX!r} "
-                                           f"(MindRecord reads the index beside its shard)")
-        for listed in (shard_file, index_file):
-            if listed in files:
-                check.fail(f"{at}.file", f"{listed!r} is listed twice")
-            files.add(listed)
-        check.sha256(shard, "sha256", at)
-        check.sha256(shard, "index_sha256", at)
+    _validate_shards(check, domain, where, files, allow_empty=False)
+    if HELDOUT in domain:
+        heldout = check.value(domain, HELDOUT, dict, where)
+        for key in ("documents", "tokens", "samples"):
+            check.count(heldout, key, f"{where}.{HELDOUT}")
+        _validate_shards(check, heldout, f"{where}.{HELDOUT}", files, allow_empty=heldout["samples"] == 0)
     for number, source in enumerate(check.objects(domain, "sources", where)):
         check.value(source, "path", str, f"{where}.sources[{number}]")
         check.sha256(source, "sha256", f"{where}.sources[{number}]")
@@ -189,6 +200,11 @@ def _validate_domain(check: _ManifestChecker, domain: dict, index: int, vocab_si
             check.fail(f"{at}.ids[{number}]", f"is {token}, expected ids in increasing order without repeats")
         if count < 0:
             check.fail(f"{at}.counts[{number}]", f"is {count}, expected >= 0")
+
+
+def split_shards(domain: Dict[str, Any], split: str) -> List[dict]:
+    """A validated domain's shards of ``split``: ``train`` (what training reads) or ``heldout``."""
+    return domain["shards"] if split == TRAIN else domain.get(HELDOUT, {}).get("shards", [])
 
 
 def load_manifest(data_dir: str) -> Dict[str, Any]:
@@ -221,7 +237,7 @@ def verify_files(manifest: Dict[str, Any], data_dir: str) -> None:
     """
     manifest_path = os.path.join(data_dir, MANIFEST)
     for domain in manifest["domains"]:
-        for shard in domain["shards"]:
+        for shard in split_shards(domain, TRAIN) + split_shards(domain, HELDOUT):
             what = f"shard of domain {domain['name']!r}"
             _verify(os.path.join(data_dir, shard["file"]), shard["sha256"], what, manifest_path)
             _verify(os.path.join(data_dir, shard["index_file"]), shard["index_sha256"],
@@ -253,7 +269,10 @@ def files_written_by_prepare(data_dir: str) -> Optional[Set[str]]:
     domains = manifest.get("domains")
     for domain in domains if isinstance(domains, list) else []:
         shards = domain.get("shards") if isinstance(domain, dict) else None
-        for shard in shards if isinstance(shards, list) else []:
+        heldout = domain.get(HELDOUT) if isinstance(domain, dict) else None
+        heldout_shards = heldout.get("shards") if isinstance(heldout, dict) else None
+        for shard in (shards if isinstance(shards, list) else []) + \
+                (heldout_shards if isinstance(heldout_shards, list) else []):
             if isinstance(shard, dict) and isinstance(shard.get("file"), str):
                 owned.update((shard["file"], shard["file"] + INDEX_SUFFIX))
     return owned

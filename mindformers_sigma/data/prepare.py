@@ -26,8 +26,8 @@ from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
 import numpy as np
 
 from mindformers_sigma.atomic import atomic_directory, remove_stale_temporaries
-from mindformers_sigma.data.manifest import (INDEX_SUFFIX, MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE, file_sha256,
-                                             files_written_by_prepare, is_domain_name)
+from mindformers_sigma.data.manifest import (HELDOUT, INDEX_SUFFIX, MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE,
+                                             file_sha256, files_written_by_prepare, is_domain_name)
 from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, train_tokenizer
 from mindformers_sigma.errors import DataError
 
@@ -214,12 +214,12 @@ def unpack_documents(samples: np.ndarray, eod_id: int = EOD_ID) -> List[List[int
     return documents
 
 
-def _write_shards(out_dir: str, domain_id: int, name: str, samples: np.ndarray) -> List[str]:
+def _write_shards(out_dir: str, domain_id: int, name: str, samples: np.ndarray, prefix: str = "") -> List[str]:
     from mindspore.mindrecord import FileWriter
 
     files = []
     for index, start in enumerate(range(0, samples.shape[0], SAMPLES_PER_SHARD)):
-        file_name = f"{domain_id:03d}-{name}-{index:05d}.mindrecord"
+        file_name = f"{prefix}{domain_id:03d}-{name}-{index:05d}.mindrecord"
         writer = FileWriter(os.path.join(out_dir, file_name), shard_num=1, overwrite=True)
         writer.set_header_size(PAGE_SIZE)
         writer.set_page_size(PAGE_SIZE)
@@ -307,14 +307,42 @@ def _train(documents: Sequence[DomainDocuments], vocab_size: int) -> bytes:
                         f"({reason.split('] ', 1)[-1]}); check the input text") from None
 
 
+def split_heldout(documents: List[str], fraction: float, seed: int, domain_id: int) -> Tuple[List[str], List[str]]:
+    """(training, held-out) documents: ``round(fraction * n)`` whole documents drawn by ``(seed, domain)``
+    (at least one when ``fraction > 0``, never all of them), each list in the original order."""
+    count = len(documents)
+    held = min(count - 1, max(1, round(fraction * count))) if fraction > 0 and count > 1 else 0
+    chosen = set(np.random.default_rng([seed, domain_id]).permutation(count)[:held].tolist())
+    return ([doc for i, doc in enumerate(documents) if i not in chosen],
+            [doc for i, doc in enumerate(documents) if i in chosen])
+
+
+def _pack_and_write(tmp: str, tokenizer: Tokenizer, documents: List[str], domain_id: int, name: str,
+                    sample_length: int, prefix: str = "") -> Tuple[dict, np.ndarray, int]:
+    """Tokenize, pack and write one split of one domain: (manifest counts and shards, samples, stream tokens)."""
+    token_docs = [tokenizer.encode(doc) for doc in documents]
+    samples = pack_samples(token_docs, sample_length)
+    shards = _write_shards(tmp, domain_id, name, samples, prefix)
+    stream_tokens = sum(len(doc) + 1 for doc in token_docs)
+    entry = {"documents": len(documents), "tokens": stream_tokens, "samples": int(samples.shape[0]),
+             "shards": [{"file": f, "sha256": file_sha256(os.path.join(tmp, f)), "index_file": f + INDEX_SUFFIX,
+                         "index_sha256": file_sha256(os.path.join(tmp, f + INDEX_SUFFIX))} for f in shards]}
+    return entry, samples, stream_tokens
+
+
 def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: int,
                  vocab_size: Optional[int] = None, tokenizer_path: Optional[str] = None,
-                 include: Sequence[str] = ()) -> dict:
+                 include: Sequence[str] = (), holdout: float = 0.0, holdout_seed: int = 0) -> dict:
     """Run the whole pipeline and return the manifest that was written to ``out_dir``.
 
     ``include`` adds file-name patterns to the default ``*.txt``/``*.jsonl`` for folders and globs.
+    ``holdout``: the share of each domain's documents set aside, whole, into the held-out split
+    (``heldout-*`` shards, each domain's ``heldout`` manifest entry); the tokenizer, the training
+    shards and the token frequencies never see them.
     Every check that needs no text runs before the text is read and the tokenizer trained.
     """
+    if not 0.0 <= holdout < 1.0:
+        raise DataError(f"--holdout {holdout}: must be a fraction in [0, 1), e.g. 0.1")
     if not 2 <= seq_length <= MAX_SEQ_LENGTH:
         raise DataError(f"--seq-length {seq_length}: must be in [2, {MAX_SEQ_LENGTH:,}] (samples hold seq_length + 1 "
                         f"tokens; attention over S tokens needs S x S scores)")
@@ -329,6 +357,10 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
     _refuse_foreign_files(out_dir)
     patterns = (*DEFAULT_PATTERNS, *include)
     read = [read_domain(name, spec, patterns) for name, spec in domains]
+    heldout_documents = []
+    for domain_id, domain in enumerate(read):
+        domain.documents, held = split_heldout(domain.documents, holdout, holdout_seed, domain_id)
+        heldout_documents.append(held)
     if tokenizer_path is not None:
         tokenizer = Tokenizer.from_file(tokenizer_path)
         with open(tokenizer_path, "rb") as handle:
@@ -342,20 +374,22 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
         with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as handle:
             handle.write(model_bytes)
         for domain_id, domain in enumerate(read):
-            token_docs = [tokenizer.encode(doc) for doc in domain.documents]
-            samples = pack_samples(token_docs, seq_length + 1)
-            shards = _write_shards(tmp, domain_id, domain.name, samples)
-            stream_tokens = sum(len(doc) + 1 for doc in token_docs)
+            entry, samples, stream_tokens = _pack_and_write(tmp, tokenizer, domain.documents, domain_id, domain.name,
+                                                            seq_length + 1)
             frequency = np.bincount(samples.reshape(-1)[:stream_tokens], minlength=tokenizer.vocab_size)
+            heldout = {}
+            if holdout > 0:
+                heldout = {HELDOUT: _pack_and_write(tmp, tokenizer, heldout_documents[domain_id], domain_id,
+                                                    domain.name, seq_length + 1, prefix="heldout-")[0]}
             manifest_domains.append({
                 "id": domain_id,
                 "name": domain.name,
-                "documents": len(domain.documents),
-                "tokens": stream_tokens,
-                "samples": int(samples.shape[0]),
+                "documents": entry["documents"],
+                "tokens": entry["tokens"],
+                "samples": entry["samples"],
                 "skipped": domain.skipped,
-                "shards": [{"file": f, "sha256": file_sha256(os.path.join(tmp, f)), "index_file": f + INDEX_SUFFIX,
-                            "index_sha256": file_sha256(os.path.join(tmp, f + INDEX_SUFFIX))} for f in shards],
+                "shards": entry["shards"],
+                **heldout,
                 "sources": domain.files,
                 "provenance": [{"source": s, "license": lic, "documents": n}
                                for (s, lic), n in sorted(domain.provenance.items()) if s or lic],
@@ -371,6 +405,7 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
                           "vocab_size": tokenizer.vocab_size,
                           "trained": tokenizer_path is None},
             "domains": manifest_domains,
+            **({"holdout": {"fraction": holdout, "seed": holdout_seed}} if holdout > 0 else {}),
         }
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, ensure_ascii=False)
