@@ -297,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(sub)
         sub.set_defaults(handler=handler)
 
+    from mindformers_sigma.eval import command as eval_command
+
+    evaluation = commands.add_parser("eval", help="evaluate a checkpoint: perplexity per domain, zero-shot tasks")
+    kinds = evaluation.add_subparsers(dest="kind", required=True, parser_class=OneLineParser)
+    perplexity = kinds.add_parser("perplexity", help="token-level perplexity per domain and overall (EOD inputs "
+                                                     "excluded)")
+    eval_command.add_perplexity_arguments(perplexity)
+    perplexity.set_defaults(handler=eval_command.run_perplexity)
+    zeroshot = kinds.add_parser("zeroshot", help="zero-shot multiple choice / cloze accuracy with a 95% interval")
+    eval_command.add_zeroshot_arguments(zeroshot)
+    zeroshot.set_defaults(handler=eval_command.run_zeroshot)
+    make_task = commands.add_parser("make-task", help="a multiple-choice task from held-out documents")
+    eval_command.add_make_task_arguments(make_task)
+    make_task.set_defaults(handler=eval_command.run_make_task)
+
     demo = commands.add_parser("demo-corpus", help="build the real multi-domain demo corpus (.jsonl per domain)")
     demo.add_argument("--out", required=True, help="output folder (replaced atomically)")
     demo.add_argument("--cache", help="download cache (default: $PANGU_SIGMA_CACHE or ~/.cache/mindformers_sigma)")
