@@ -1,8 +1,9 @@
 """A real multiple-choice task from held-out documents: which continuation does this passage really have?
 
-Each record takes one held-out document of the domain: its first ``context_tokens`` tokens are the
-context, the next ``continuation_tokens`` the right choice; the wrong choices are spans of the same
-length cut at random from other held-out documents of the same domain.  The right choice's place
+Each record takes one passage of a held-out document of the domain: its first ``context_tokens``
+tokens are the context, the next ``continuation_tokens`` the right choice; the wrong choices are spans
+of the same length cut at random from other held-out passages of the same domain (other documents
+first).  The right choice's place
 is drawn from the seed, so chance is 1 / choices.
 """
 
@@ -19,27 +20,32 @@ from mindformers_sigma.errors import DataError
 
 def make_records(samples: np.ndarray, tokenizer: Tokenizer, domain: str, choices: int, count: int,
                  context_tokens: int, continuation_tokens: int, seed: int) -> List[dict]:
-    """Up to ``count`` records from the held-out ``samples`` of ``domain``."""
-    documents = unpack_documents(samples)
+    """Up to ``count`` records from the held-out ``samples`` of ``domain``.
+
+    A passage is a window of ``context_tokens + continuation_tokens`` tokens of one document (a long
+    document gives several, none overlapping).  Wrong choices come from other passages, those of
+    other documents first, so a domain with few long held-out documents still makes a task.
+    """
     need = context_tokens + continuation_tokens
-    passages = [doc for doc in documents if len(doc) >= need]
-    spans = [doc for doc in documents if len(doc) >= continuation_tokens]
-    if not passages or len(spans) < choices:
-        raise DataError(f"domain {domain!r}: its held-out split has {len(passages)} documents of at least {need} "
-                        f"tokens and {len(spans)} of at least {continuation_tokens}; make-task needs one and "
-                        f"{choices}: hold out more documents (prepare-data --holdout), or lower --choices / "
-                        f"--context-tokens / --continuation-tokens")
+    passages = [(number, doc[start:start + need]) for number, doc in enumerate(unpack_documents(samples))
+                for start in range(0, len(doc) - need + 1, need)]
+    if len(passages) < choices:
+        raise DataError(f"domain {domain!r}: its held-out split has {len(passages)} passages of {need} tokens; "
+                        f"{choices} choices need {choices}: hold out more documents (prepare-data --holdout), or "
+                        f"lower --choices / --context-tokens / --continuation-tokens")
     rng = np.random.default_rng(seed)
     records = []
-    for doc_index in rng.permutation(len(passages))[:count].tolist():
-        passage = passages[doc_index]
-        truth = tokenizer.decode(passage[context_tokens:need])
-        options, others = [truth], [d for d in spans if d is not passage]
-        for other in rng.permutation(len(others)).tolist():
+    for index in rng.permutation(len(passages))[:count].tolist():
+        document, passage = passages[index]
+        options = [tokenizer.decode(passage[context_tokens:])]
+        others = rng.permutation(len(passages)).tolist()
+        others = [i for i in others if passages[i][0] != document] + \
+                 [i for i in others if passages[i][0] == document and i != index]
+        for other in others:
             if len(options) == choices:
                 break
-            start = int(rng.integers(0, len(others[other]) - continuation_tokens + 1))
-            text = tokenizer.decode(others[other][start:start + continuation_tokens])
+            start = int(rng.integers(0, need - continuation_tokens + 1))
+            text = tokenizer.decode(passages[other][1][start:start + continuation_tokens])
             if text and text not in options:
                 options.append(text)
         if len(options) < choices:
