@@ -184,7 +184,7 @@ def _checkpoint_tokenizer(checkpoint: str, target: str) -> str:
     """``--tokenizer CKPT``: the tokenizer a checkpoint's description carries, written to ``target``."""
     from mindformers_sigma.training.description import describe_checkpoint
 
-    described = describe_checkpoint(checkpoint)
+    described = describe_checkpoint(checkpoint, flag="--tokenizer")
     if described.tokenizer is None:
         raise UserError(f"--tokenizer {checkpoint}: its model was trained on synthetic token ids and has no "
                         f"tokenizer; give a .model file")

@@ -27,8 +27,9 @@ def trained(real_corpus, tmp_path_factory):
     return config, prepared, summary.checkpoint
 
 
-def _rewrite_sidecar(weights, tmp_path, change):
-    """A copy of the checkpoint whose sidecar ``change`` edits (the weights, which its sha256 covers, stay)."""
+def _rewrite_sidecar(weights, tmp_path, change, reseal=False):
+    """A copy of the checkpoint whose sidecar ``change`` edits (the weights, which its sha256 covers, stay);
+    ``reseal``: with a matching description sha256, as if the damage had happened before it was computed."""
     import shutil
 
     target = tmp_path / "old"
@@ -38,6 +39,10 @@ def _rewrite_sidecar(weights, tmp_path, change):
     meta = json.loads(open(sidecar, encoding="utf-8").read())
     change(meta)
     meta.pop("description_sha256", None)  # as an older checkpoint, or a damaged one, the test says which
+    if reseal:
+        from mindformers_sigma.training.description import _digest
+
+        meta["description_sha256"] = _digest(meta)
     (target / (sidecar.rsplit("/", 1)[1])).write_text(json.dumps(meta))
     return str(target / weights.rsplit("/", 1)[1])
 
@@ -60,24 +65,32 @@ def test_an_older_checkpoint_is_refused_until_config_and_data_supply_what_it_lac
     with pytest.raises(DataError, match=r"records no domain names or tokenizer .* pass --data"):
         describe_checkpoint(undescribed)
     assert describe_checkpoint(undescribed, data_dir=str(prepared)).domains[:3] == ["code", "en", "zh"]
-    configless = _rewrite_sidecar(weights, tmp_path, lambda meta: meta.pop("config"))
+    configless = _rewrite_sidecar(weights, tmp_path, lambda meta: [meta.pop(k) for k in ("config", "domains", "tokenizer")])
     with pytest.raises(DataError, match="records no config; pass --config"):
         describe_checkpoint(configless)
     config_file = tmp_path / "micro.yaml"
     config_file.write_text(json.dumps(config_to_dict(config)))  # JSON is YAML
-    assert describe_checkpoint(configless, config_path=str(config_file)).config.model.vocab_size == REAL_VOCAB
+    assert describe_checkpoint(configless, config_path=str(config_file),
+                               data_dir=str(prepared)).config.model.vocab_size == REAL_VOCAB
+    with pytest.raises(DataError, match="records its own config, domains and tokenizer; drop --config"):
+        describe_checkpoint(weights, config_path=str(config_file))
+    unsealed = _rewrite_sidecar(weights, tmp_path, lambda meta: None)
+    with pytest.raises(DataError, match="do not match their sha256"):
+        describe_checkpoint(unsealed)  # a description without its sha256 is not trusted
 
 
 @pytest.mark.parametrize("damage,words", [
     (lambda meta: meta["tokenizer"].update(model_base64="not base64!"), "tokenizer field is damaged"),
     (lambda meta: meta["tokenizer"].update(sha256="0" * 64), "does not match its sha256"),
     (lambda meta: meta.update(domains=["a"] * 99), "do not fit moe.num_domains"),
-    (lambda meta: meta["config"]["model"].update(hidden_size=-1), "pass --config"),
+    (lambda meta: meta.update(domains=["a", "a", "b", "c"]), "do not fit moe.num_domains"),
+    (lambda meta: meta.update(domains=["a"]), "do not fit moe.num_domains"),
+    (lambda meta: meta["config"]["model"].update(hidden_size=-1), "recorded config is invalid"),
 ])
 def test_a_damaged_description_is_one_line(trained, tmp_path, damage, words):
     _, _, weights = trained
     with pytest.raises(DataError, match=words) as caught:
-        describe_checkpoint(_rewrite_sidecar(weights, tmp_path, damage))
+        describe_checkpoint(_rewrite_sidecar(weights, tmp_path, damage, reseal=True))
     assert "\n" not in str(caught.value)
 
 
@@ -98,8 +111,12 @@ def test_a_description_changed_behind_its_sha256_is_refused(trained, tmp_path):
 
 def test_bad_checkpoint_paths_and_unknown_domains_are_one_line(trained, tmp_path):
     _, _, weights = trained
+    with pytest.raises(DataError, match="no such file"):
+        describe_checkpoint(str(tmp_path / "model.txt"))
+    (tmp_path / "model.txt").write_text("x")
     with pytest.raises(DataError, match="not a checkpoint"):
         describe_checkpoint(str(tmp_path / "model.txt"))
+    (tmp_path / "step_00000001.ckpt").write_text("x")
     with pytest.raises(DataError, match="no sidecar"):
         describe_checkpoint(str(tmp_path / "step_00000001.ckpt"))
     corrupt = _rewrite_sidecar(weights, tmp_path, lambda meta: meta.update(sha256="f" * 64))

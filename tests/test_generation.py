@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import mindspore as ms
 import pytest
@@ -185,15 +187,29 @@ def test_generate_refuses_bad_input_in_one_line(trained_sigma, capsys, args, mes
 
 
 def test_generate_refuses_a_checkpoint_of_another_config(trained_sigma, capsys, tmp_path):
+    """An older checkpoint (its sidecar without config, domains, tokenizer) with the wrong --config."""
+    import shutil
+
     import yaml
 
     from mindformers_sigma.config import config_to_dict
 
-    config, _, weights = trained_sigma
+    config, prepared, weights = trained_sigma
     other = config_to_dict(config)
     other["model"]["ffn_hidden_size"] = 64
     path = tmp_path / "other.yaml"
     path.write_text(yaml.safe_dump(other))
-    code, _, err = _run(capsys, "--ckpt", weights, "--domain", "en", "--prompt", "The ", "--config", str(path))
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(weights, old)
+    sidecar = json.loads(open(weights.rsplit(".", 1)[0] + ".json", encoding="utf-8").read())
+    for key in ("config", "domains", "tokenizer", "description_sha256"):
+        sidecar.pop(key)
+    (old / (weights.rsplit("/", 1)[1].rsplit(".", 1)[0] + ".json")).write_text(json.dumps(sidecar))
+    old_weights = str(old / weights.rsplit("/", 1)[1])
+    code, _, err = _run(capsys, "--ckpt", old_weights, "--domain", "en", "--prompt", "The ", "--config", str(path),
+                        "--data", str(prepared))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "ffn.mapping.weight has shape (32, 48), the config's model needs (32, 64)" in err
+    code, _, err = _run(capsys, "--ckpt", weights, "--domain", "en", "--prompt", "The ", "--config", str(path))
+    assert code == 2 and "records its own config, domains and tokenizer; drop --config and --data" in err

@@ -253,3 +253,32 @@ def test_add_domain_refuses_a_taken_name_and_an_existing_output(trained_sigma, c
     code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "news", "--init-from", "legal",
                         "--out", str(tmp_path / "h.ckpt"))
     assert code == 2 and "known: code, en, zh" in err and not (tmp_path / "h.ckpt").exists()
+
+
+def test_training_or_balancing_on_text_of_another_tokenizer_is_refused(trained_sigma, capsys, tmp_path):
+    """Token ids mean other text under another tokenizer: resume, inherit and add-domain refuse such data."""
+    _, prepared, weights = trained_sigma
+    retokenized = tmp_path / "retokenized"
+    prepare_data([("en", str(_corpus_file(prepared, "en")))], str(retokenized), 16, vocab_size=400)
+    code, _, err = _cli(capsys, "train", "--resume", weights, "--data", str(retokenized), "--steps", "61",
+                        "--out", str(tmp_path / "run"))
+    assert code == 2 and "the data's tokenizer differs from the checkpoint's" in err, err
+    code, _, err = _cli(capsys, "train", "--resume", weights, "--set", "data.source=synthetic", "--steps", "61",
+                        "--out", str(tmp_path / "run2"))
+    assert code == 2 and "this run's data has none" in err, err
+    code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "en2", "--init-from", "dense",
+                        "--token-frequency", str(retokenized), "--out", str(tmp_path / "g.ckpt"))
+    assert code == 2 and "prepared with another tokenizer" in err
+    code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "x" * 65, "--init-from", "dense",
+                        "--out", str(tmp_path / "g.ckpt"))
+    assert code == 2 and "1-64 letters" in err and len(err) < 400
+    assert not (tmp_path / "g.ckpt").exists() and not (tmp_path / "g.json").exists()
+
+
+def test_weights_left_by_a_killed_write_do_not_block_the_output_name(trained_sigma, capsys, tmp_path):
+    _, _, weights = trained_sigma
+    (tmp_path / "g.ckpt").write_bytes(b"half a checkpoint")  # the weights renamed, the sidecar never written
+    code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "news", "--init-from", "dense",
+                        "--out", str(tmp_path / "g.ckpt"))
+    assert code == 0, err
+    assert describe_checkpoint(str(tmp_path / "g.ckpt")).domains == ["code", "en", "zh", "news"]

@@ -30,9 +30,12 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 
 
+MAX_DOMAIN_NAME = 64
+
+
 def is_domain_name(name: str) -> bool:
-    """Domain names become part of shard file names: letters, digits, '_' and '-' only."""
-    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+    """Domain names become part of shard file names: letters, digits, '_' and '-' only, at most 64 of them."""
+    return bool(name) and len(name) <= MAX_DOMAIN_NAME and name.replace("_", "").replace("-", "").isalnum()
 
 
 def file_sha256(path: str) -> str:
@@ -164,7 +167,7 @@ def _validate_domain(check: _ManifestChecker, domain: dict, index: int, vocab_si
         check.fail(f"{where}.id", f"is {domain_id}, expected {index} (domain ids are 0..n-1 in order)")
     name = check.value(domain, "name", str, where)
     if not is_domain_name(name):
-        check.fail(f"{where}.name", f"is {_describe(name)}, expected letters, digits, '_' or '-'")
+        check.fail(f"{where}.name", f"is {_describe(name)}, expected 1-64 letters, digits, '_' or '-'")
     if name in names:
         check.fail(f"{where}.name", f"{name!r} names two domains")
     names.add(name)

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", required=True, help="the domain whose experts generate (its name)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
-    prompt.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line (blank lines skipped)")
+    prompt.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line (empty lines skipped)")
     parser.add_argument("--max-new-tokens", type=_count(1, 1_000_000), default=64,
                         help="stop after this many tokens (or at the end-of-document token, or the sequence length)")
     parser.add_argument("--greedy", action="store_true", help="always the most likely token (the default)")

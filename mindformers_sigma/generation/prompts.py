@@ -11,7 +11,8 @@ MAX_PROMPT_FILE_BYTES = 64 * 2 ** 20
 
 
 def read_prompt_file(path: str) -> List[Tuple[str, str]]:
-    """``(where, text)`` per non-blank line of ``path`` (one prompt per line, UTF-8)."""
+    """``(where, text)`` per non-empty line of ``path`` (one prompt per line, UTF-8; whitespace is text,
+    as in code)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
@@ -24,7 +25,8 @@ def read_prompt_file(path: str) -> List[Tuple[str, str]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"--prompt-file {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    prompts = [(f"{path}:{number}", line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))  # CRLF files too
+    prompts = [(f"{path}:{number}", line) for number, line in enumerate(lines, 1) if line]
     if not prompts:
         raise DataError(f"--prompt-file {path}: holds no prompt; write one prompt per line")
     return prompts

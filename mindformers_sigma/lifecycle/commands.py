@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
+import re
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
+from mindformers_sigma.atomic import remove_stale_temporaries
 from mindformers_sigma.errors import DataError, UserError, one_line
 
 
@@ -36,9 +39,13 @@ def _checkpoint_target(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"--out {path}: its folder {folder} does not exist; create it first")
-    for taken in (path, os.path.splitext(path)[0] + ".json"):
-        if os.path.exists(taken):
-            raise UserError(f"--out {path}: {taken} exists; choose a new name (nothing is overwritten)")
+    sidecar = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(sidecar):
+        raise UserError(f"--out {path}: {sidecar} exists; choose a new name (nothing is overwritten)")
+    if os.path.isdir(path):
+        raise UserError(f"--out {path}: is a folder; name the checkpoint file to write")
+    # weights without a sidecar are what a write killed between the two renames leaves: not a checkpoint
+    remove_stale_temporaries(folder, re.escape(os.path.basename(path)) + "|" + re.escape(os.path.basename(sidecar)))
     return path
 
 
@@ -72,24 +79,59 @@ def add_add_domain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_seed, help="seed of the new routing rows (default: moe.routing_seed)")
 
 
-def _frequency(data_dir: Optional[str], num_domains: int, vocab_size: int, only: Optional[str] = None):
-    """Per-domain token counts of a prepare-data folder ([num_domains, V]), or the row of domain ``only``."""
+def _frequency(data_dir: Optional[str], domains: List[str], vocab_size: int, tokenizer: Optional[bytes],
+               only: Optional[str] = None):
+    """Token counts of a prepare-data folder, matched to the model's ``domains`` by name: ``[len(domains), V]``
+    (domains the folder lacks get its total), or the row of domain ``only``.  The folder must have been
+    prepared with the model's tokenizer, or its token ids would mean other text."""
     if data_dir is None:
         return None
     from mindformers_sigma.data.dataset import PreparedCorpus
 
     corpus = PreparedCorpus(data_dir)
+    if tokenizer is not None and corpus.manifest["tokenizer"]["sha256"] != hashlib.sha256(tokenizer).hexdigest():
+        raise DataError(f"--token-frequency {data_dir}: prepared with another tokenizer than the model's; prepare it "
+                        f"with prepare-data --tokenizer CKPT")
     if corpus.vocab_size > vocab_size:
         raise DataError(f"--token-frequency {data_dir}: its tokenizer has {corpus.vocab_size} tokens, the model "
-                        f"{vocab_size}; prepare it with the checkpoint's tokenizer (prepare-data --tokenizer)")
-    if only is None:
-        if len(corpus.names) > num_domains:
-            raise DataError(f"--token-frequency {data_dir}: {len(corpus.names)} domains, the config has {num_domains}")
-        return corpus.token_frequency(num_domains, vocab_size)
-    if only not in corpus.names and len(corpus.names) != 1:
-        raise DataError(f"--token-frequency {data_dir}: holds no domain {only!r} (has {', '.join(corpus.names)}); "
-                        f"prepare the new domain's text under that name")
-    return corpus.token_frequency(len(corpus.names), vocab_size)[corpus.names.index(only) if only in corpus.names else 0]
+                        f"{vocab_size}; prepare it with the model's tokenizer (prepare-data --tokenizer CKPT)")
+    counts = corpus.token_frequency(len(corpus.names), vocab_size)
+    if only is not None:
+        if only not in corpus.names:
+            raise DataError(f"--token-frequency {data_dir}: holds no domain {only!r} (has {', '.join(corpus.names)}); "
+                            f"prepare the new domain's text under that name")
+        return counts[corpus.names.index(only)]
+    matched = [name for name in domains if name in corpus.names]
+    if not matched:
+        raise DataError(f"--token-frequency {data_dir}: none of its domains ({', '.join(corpus.names)}) is a domain "
+                        f"of the model ({', '.join(domains)})")
+    table = np.broadcast_to(counts.sum(0), (len(domains), vocab_size)).copy()
+    for row, name in enumerate(domains):
+        if name in corpus.names:
+            table[row] = counts[corpus.names.index(name)]
+    return table
+
+
+def _require_experts(described, path: str) -> None:
+    """Domains own experts only in an RRE model with sparse layers."""
+    config = described.config
+    if config.moe.router != "rre" or not config.model.sparse_layers:
+        raise DataError(f"--ckpt {path}: a {'dense' if not config.model.sparse_layers else config.moe.router} model "
+                        f"has no per-domain experts; give a PanGu-Σ (RRE) checkpoint")
+
+
+def _new_folder(path: str) -> str:
+    """--out for a folder the command creates: a new path in an existing, writable folder."""
+    if not path.strip():
+        raise UserError("--out: an empty path; give a new folder")
+    if os.path.exists(path):
+        raise UserError(f"--out {path}: exists; give a new folder (nothing is overwritten)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {path}: its parent folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {path}: cannot write in {parent}; choose a writable place")
+    return path
 
 
 def _described_tokenizer(described) -> Optional[bytes]:
@@ -115,14 +157,16 @@ def run_inherit(args: argparse.Namespace) -> int:
     check_same_backbone(dense.config, sigma, args.dense)
     shapes = {layout.name: layout.shape for layout in parameter_layouts(inference_config(sigma))
               if layout.name.startswith("backbone.")}
-    frequency = _frequency(args.token_frequency, sigma.moe.num_domains, sigma.model.vocab_size)
+    domains = dense.domains[:sigma.moe.num_domains]
+    domains += [f"domain{i}" for i in range(len(domains), sigma.moe.num_domains)]
+    frequency = _frequency(args.token_frequency, domains, sigma.model.vocab_size, _described_tokenizer(dense))
     if frequency is None and sigma.moe.table_balance == "frequency":
         print("inherit: no --token-frequency: the routing tables are drawn uniformly (moe.table_balance frequency "
               "needs the data's token counts)", file=sys.stderr)
     weights = inherit_weights(model_weights(dense), args.dense, sigma, shapes, frequency, args.noise_std, args.seed)
-    domains = dense.domains[:sigma.moe.num_domains]
     write_model(target, weights, sigma, domains, _described_tokenizer(dense),
-                f"inherit --dense {dense.info.weights_path} --noise-std {args.noise_std}")
+                f"inherit --dense {dense.info.weights_path} --config {args.config} --noise-std {args.noise_std} "
+                f"--seed {args.seed}" + (f" --token-frequency {args.token_frequency}" if args.token_frequency else ""))
     print(f"wrote {target}: {_count(sigma):,} parameters; every expert of the {sigma.model.sparse_layers} sparse "
           f"layers starts as the dense FFN" + (f" plus noise of std {args.noise_std}" if args.noise_std else ""))
     return 0
@@ -135,15 +179,10 @@ def run_extract(args: argparse.Namespace) -> int:
     from mindformers_sigma.lifecycle.model_checkpoint import model_weights, write_model
     from mindformers_sigma.training.description import describe_checkpoint
 
-    if os.path.exists(args.out):
-        raise UserError(f"--out {args.out}: exists; give a new folder for the sub-model (nothing is overwritten)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out}: its parent folder does not exist; create it first")
+    _new_folder(args.out)
     described = describe_checkpoint(args.ckpt)
     domain = described.domain_id(args.domain)
-    if described.config.moe.router != "rre":
-        raise DataError(f"--ckpt {args.ckpt}: moe.router is {described.config.moe.router!r}; only RRE models have "
-                        f"per-domain experts to extract")
+    _require_experts(described, args.ckpt)
     config, weights = extract_domain(described.config, model_weights(described), domain)
     import yaml
 
@@ -170,16 +209,16 @@ def run_add_domain(args: argparse.Namespace) -> int:
     target = _checkpoint_target(args.out)
     described = describe_checkpoint(args.ckpt)
     config = described.config
-    if config.moe.router != "rre":
-        raise DataError(f"--ckpt {args.ckpt}: moe.router is {config.moe.router!r}; domains are an RRE notion")
+    _require_experts(described, args.ckpt)
     from mindformers_sigma.data.manifest import is_domain_name
 
     if not is_domain_name(args.name) or args.name == DENSE_INIT:
-        raise UserError(f"--name {args.name!r}: a domain name is letters, digits, '_' or '-' (and not 'dense')")
+        raise UserError(f"--name {args.name[:80]!r}: a domain name is 1-64 letters, digits, '_' or '-' (and not 'dense')")
     if args.name in described.domains:
         raise UserError(f"--name {args.name!r}: already a domain of {args.ckpt} ({', '.join(described.domains)})")
-    init_from = None if args.init_from == DENSE_INIT else described.domain_id(args.init_from)
-    frequency = _frequency(args.token_frequency, 1, config.model.vocab_size, only=args.name)
+    init_from = None if args.init_from == DENSE_INIT else described.domain_id(args.init_from, "--init-from")
+    frequency = _frequency(args.token_frequency, described.domains, config.model.vocab_size,
+                           _described_tokenizer(described), only=args.name)
     seed = config.moe.routing_seed if args.seed is None else args.seed
     weights = add_domain(config, model_weights(described), init_from, frequency, seed)
     grown = grown_config(config)

@@ -35,6 +35,9 @@ def check_same_backbone(dense: SigmaConfig, sigma: SigmaConfig, dense_source: st
                         f"dense model (model.sparse_layers 0)")
     if sigma.moe.router != "rre":
         raise DataError(f"{sigma.source}: moe.router = {sigma.moe.router!r}; inherit builds RRE models")
+    if not sigma.model.sparse_layers:
+        raise DataError(f"{sigma.source}: model.sparse_layers = 0; inherit builds a sparse model: give a PanGu-Σ "
+                        f"config with sparse layers")
 
 
 def _dense_tensor(dense: Dict[str, np.ndarray], name: str, source: str) -> np.ndarray:

@@ -50,22 +50,24 @@ class Description:
     domains: List[str]
     tokenizer: Optional[Tokenizer]  # None: trained on synthetic token ids
 
-    def domain_id(self, name: str) -> int:
+    def domain_id(self, name: str, flag: str = "--domain") -> int:
         """The id of domain ``name``; an unknown name is one line listing the known ones."""
         if name not in self.domains:
-            raise DataError(f"--domain {name!r}: not a domain of {self.info.weights_path}; known: "
+            raise DataError(f"{flag} {name!r}: not a domain of {self.info.weights_path}; known: "
                             f"{', '.join(self.domains)}")
         return self.domains.index(name)
 
 
-def _sidecar_of(path: str) -> str:
+def _sidecar_of(path: str, flag: str) -> str:
     """The sidecar of a checkpoint named by its weights file or by the sidecar itself."""
+    if not os.path.exists(path):
+        raise DataError(f"{flag} {path}: no such file; give a checkpoint's .ckpt, .safetensors or .json file")
     if path.endswith(".json"):
         return path
     stem, suffix = os.path.splitext(path)
     if suffix not in ckpt.SUFFIX.values():
-        raise DataError(f"--ckpt {path}: not a checkpoint; give a step_N.ckpt, step_N.safetensors or step_N.json "
-                        f"file of a run's checkpoints/ folder")
+        raise DataError(f"{flag} {path}: not a checkpoint; give a step_N.ckpt, step_N.safetensors or step_N.json "
+                        f"file of a run's checkpoints/ folder (or a NAME.ckpt written by inherit/extract/add-domain)")
     return stem + ".json"
 
 
@@ -82,28 +84,36 @@ def _tokenizer_from(record: dict, where: str) -> Tokenizer:
     return Tokenizer(model, f"{where} (tokenizer)")
 
 
-def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: Optional[str] = None) -> Description:
+def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: Optional[str] = None,
+                        flag: str = "--ckpt") -> Description:
     """The checkpoint at ``path`` (weights file or sidecar, verified against its sha256) and what it was trained
-    with; ``config_path`` / ``data_dir`` supply the config / domains and tokenizer of an older checkpoint."""
-    sidecar = _sidecar_of(path)
+    with; ``config_path`` / ``data_dir`` supply the config / domains and tokenizer of an older checkpoint (one
+    that records them refuses both: two sources of truth would disagree silently)."""
+    sidecar = _sidecar_of(path, flag)
     if not os.path.isfile(sidecar):
-        raise DataError(f"--ckpt {path}: no sidecar {os.path.basename(sidecar)} beside it; a checkpoint is the "
-                        f"weights file and its sidecar, written together by training")
+        raise DataError(f"{flag} {path}: no sidecar {os.path.basename(sidecar)} beside it; a checkpoint is the "
+                        f"weights file and its sidecar, written together (keep the names they were written with)")
     try:
         info = ckpt.read_checkpoint(sidecar)
     except ValueError as err:
-        raise DataError(f"--ckpt {path}: {err}") from None
+        raise DataError(f"{flag} {path}: {err}; keep a checkpoint's files under the names they were written "
+                        f"with") from None
     meta = info.meta
-    if DESCRIPTION_SHA256 in meta and meta[DESCRIPTION_SHA256] != _digest(meta):
-        raise DataError(f"{sidecar}: its config, domains or tokenizer do not match their sha256 (damaged); pass "
-                        f"--config and --data with the config and prepare-data folder the run trained on")
+    described = DOMAINS in meta or TOKENIZER in meta
+    if described and meta.get(DESCRIPTION_SHA256) != _digest(meta):
+        raise DataError(f"{sidecar}: its config, domains or tokenizer do not match their sha256 (damaged or "
+                        f"edited); use an undamaged copy of the checkpoint")
+    if described and (config_path is not None or data_dir is not None):
+        raise DataError(f"{flag} {path}: records its own config, domains and tokenizer; drop --config and --data "
+                        f"(they are for checkpoints written before sidecars described themselves)")
     if config_path is not None:
         config = load_config(config_path)
     elif meta.get(CONFIG):
         try:
             config = config_from_dict(meta[CONFIG], source=sidecar)
         except ConfigError as err:
-            raise DataError(f"{err}; pass --config with the config the run trained with") from None
+            raise DataError(f"{err}; the recorded config is invalid: use an undamaged copy of the checkpoint, or "
+                            f"one written by this version") from None
     else:
         raise DataError(f"{sidecar}: records no config; pass --config with the config the run trained with")
     if data_dir is not None:
@@ -119,7 +129,8 @@ def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: 
         raise DataError(f"{sidecar}: records no domain names or tokenizer (written before checkpoints described "
                         f"themselves); pass --data with the prepare-data folder the run trained on")
     if not (isinstance(domains, list) and all(isinstance(name, str) for name in domains)
-            and len(domains) <= config.moe.num_domains):
+            and len(set(domains)) == len(domains) and len(domains) <= config.moe.num_domains
+            and (data_dir is not None or len(domains) == config.moe.num_domains)):
         raise DataError(f"{sidecar}: its domain names {domains!r} do not fit moe.num_domains "
                         f"({config.moe.num_domains}); pass --data with the prepare-data folder the run trained on")
     domains = domains + [f"domain{i}" for i in range(len(domains), config.moe.num_domains)]

@@ -9,6 +9,7 @@ unless the user passes ``--allow-config-change``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -133,6 +134,22 @@ def check_same_experiment(info: ckpt.CheckpointInfo, config: SigmaConfig, data_f
         f"are the checkpoint's")
 
 
+def check_same_tokenizer(info: ckpt.CheckpointInfo, tokenizer_model: Optional[bytes]) -> None:
+    """A checkpoint trained on text continues only on text tokenized by the same tokenizer: token ids
+    mean nothing under another one."""
+    record = info.meta.get("tokenizer")
+    if not isinstance(record, dict):
+        return  # trained on synthetic ids, or written before checkpoints recorded their tokenizer
+    fix = f"prepare the data with the checkpoint's tokenizer (prepare-data --tokenizer {info.weights_path}) and pass --data"
+    if tokenizer_model is None:
+        raise DataError(f"--resume {info.weights_path}: its model reads text tokenized by its own tokenizer, and this "
+                        f"run's data has none (synthetic, or no tokenizer.model); {fix}")
+    if hashlib.sha256(tokenizer_model).hexdigest() != record.get("sha256"):
+        raise DataError(f"--resume {info.weights_path}: the data's tokenizer differs from the checkpoint's (sha256 "
+                        f"{hashlib.sha256(tokenizer_model).hexdigest()[:12]}... vs {str(record.get('sha256'))[:12]}...); "
+                        f"{fix}")
+
+
 def is_model_parameter(name: str) -> bool:
     """The network's own weights and routing tables (the rest of a train step is optimizer and scale state)."""
     return name.startswith("backbone.")
@@ -159,6 +176,9 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
         raise DataError(f"--resume {info.weights_path}: does not fit this model "
                         f"({str(err).splitlines()[0][:200]}); was it written with another config?") from None
     missing = [name for name in missing if name in wanted]
+    if missing and all(name.startswith(("adam_m.", "adam_v.")) and ".experts." not in name for name in missing):
+        raise DataError(f"--resume {info.weights_path}: holds AdamW moments for the experts only (trained with "
+                        f"train.freeze_shared); continue with --set train.freeze_shared=true")
     if missing:
         raise DataError(f"--resume {info.weights_path}: lacks {len(missing)} parameters of this model "
                         f"(first: {missing[0]}); was it written with another config?")

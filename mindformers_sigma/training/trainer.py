@@ -38,8 +38,8 @@ from mindformers_sigma.training.memory_check import check_fits_in_memory, check_
 from mindformers_sigma.training.metrics import (MetricsLog, domain_losses, flops_per_token, measure_matmul_peak,
                                                 plot_losses, progress_line)
 from mindformers_sigma.training.optimizer import build_optimizer, is_expert_parameter
-from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, choose_start, is_in_folder,
-                                               restore)
+from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, check_same_tokenizer,
+                                               choose_start, is_in_folder, restore)
 from mindformers_sigma.training.run_folder import ECSS_STORE, RunFolder
 from mindformers_sigma.training.train_step import (ApplyGradients, DynamicLossScale, ForwardBackward,
                                                    TrainOneStepCell, declare_dynamic_plan, run_step)
@@ -179,6 +179,8 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     if out_dir:
         check_store_fits_on_disk(config, out_dir, parallel.group_size if config.context.device_target == "CPU" else 1)
     data = open_training_data(config, info.meta.get("domains") if info is not None else None)
+    if info is not None:
+        check_same_tokenizer(info, data.tokenizer_model)
     folder = RunFolder(out_dir, parallel.is_main) if out_dir else None
     try:
         return _train_in(config, data, parallel, info, folder, overwrite, allow_config_change, say)

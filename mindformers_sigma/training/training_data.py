@@ -97,12 +97,18 @@ def open_training_data(config: SigmaConfig, model_domains: Optional[List[str]] =
     frequency = corpus.token_frequency(config.moe.num_domains, model.vocab_size)
     source = MixedCorpusSource(corpus, schedule)
     names = corpus.names + [f"domain{i}" for i in range(len(corpus.names), config.moe.num_domains)]
-    if model_domains is not None and list(model_domains[:len(corpus.names)]) != corpus.names:
-        ids = _model_domain_ids(corpus.names, list(model_domains[:config.moe.num_domains]), data.path)
-        source, names = DomainsRenumbered(source, ids), list(model_domains[:config.moe.num_domains])
-        counts = frequency[:len(corpus.names)]
-        frequency = np.broadcast_to(counts.sum(0), frequency.shape).copy()  # domains without data: the total
-        frequency[ids] = counts
+    if model_domains is not None:  # continuing a checkpoint: its names (and ids) stay, whatever the corpus holds
+        if len(model_domains) != config.moe.num_domains:
+            raise DataError(f"{config.source}: moe.num_domains = {config.moe.num_domains}, but the checkpoint being "
+                            f"continued has {len(model_domains)} domains ({', '.join(model_domains)}); resume "
+                            f"without --config to use the checkpoint's own config")
+        ids = _model_domain_ids(corpus.names, list(model_domains), data.path)
+        names = list(model_domains)
+        if ids.tolist() != list(range(len(ids))):
+            source = DomainsRenumbered(source, ids)
+            counts = frequency[:len(corpus.names)]
+            frequency = np.broadcast_to(counts.sum(0), frequency.shape).copy()  # domains without data: the total
+            frequency[ids] = counts
     tokenizer_path = os.path.join(data.path, corpus.manifest["tokenizer"]["file"])
     tokenizer = None
     if os.path.isfile(tokenizer_path):
