@@ -145,14 +145,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.name == "generate":
-        from mindformers_sigma.benchmarks import generation
+    from mindformers_sigma.benchmarks.suite import run_suite
 
-        generation.run(args.quick, args.out)
-    else:
-        from mindformers_sigma.benchmarks import ecss
-
-        ecss.run(args.quick, args.out)
+    if args.name is not None and args.only is not None:
+        raise UserError("bench: give a part name or --only, not both")
+    run_suite(args.quick, args.only if args.name is None else {"generate": "generation"}.get(args.name, args.name),
+              args.out, args.docs)
     return 0
 
 
@@ -317,12 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", help="download cache (default: $PANGU_SIGMA_CACHE or ~/.cache/mindformers_sigma)")
     demo.set_defaults(handler=_cmd_demo_corpus)
 
-    bench = commands.add_parser("bench", help="run a benchmark on this machine; writes OUT/NAME.json and a table")
-    bench.add_argument("name", choices=["ecss", "generate"],
-                       help="ecss: expert scaling and the 640-expert MoE comparison; generate: KV-cache decoding "
-                            "against full recompute, and an extracted sub-model against the full model")
-    bench.add_argument("--quick", action="store_true", help="a small model and few steps (checks it runs, not speed)")
-    bench.add_argument("--out", required=True, help="output folder")
+    bench = commands.add_parser("bench", help="run the project's benchmarks on this machine: OUT/bench.json, "
+                                              "bench.md, bench.png and each part's OUT/PART.json")
+    bench.add_argument("name", nargs="?", choices=["training", "routers", "ecss", "data", "generation", "generate",
+                                                   "kernels"],
+                       help="one part only (default: all; see --only)")
+    bench.add_argument("--only", metavar="PART[,PART...]", help="these parts: training, routers, ecss, data, "
+                                                               "generation, kernels")
+    bench.add_argument("--quick", action="store_true", help="small models and few steps (checks it runs, not speed)")
+    bench.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    bench.add_argument("--docs", metavar="FILE", help="also write the tables to FILE (docs/PERFORMANCE.md)")
     bench.set_defaults(handler=_cmd_bench)
     return parser
 

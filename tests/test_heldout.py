@@ -6,7 +6,6 @@ import json
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mindformers_sigma.data.dataset import PreparedCorpus

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import mindspore as ms
@@ -24,7 +23,6 @@ from mindformers_sigma.parallel.planner import check_fits, plan_layout
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
 from mindformers_sigma.parallel.strategies import _primitive, apply_layout, op_strategies
 from mindformers_sigma.parallel.strategy_file import PRODUCER_FIELD, strategy_document, write_strategy_file
-from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.trainer import NOT_CHECKPOINTED, build_train_step, train
 
 from conftest import CONFIGS, REAL_VOCAB, REPO, micro_config

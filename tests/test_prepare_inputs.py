@@ -90,7 +90,8 @@ def test_folder_without_matching_files_suggests_include(tmp_path):
 
 
 @pytest.mark.parametrize("value,message", [
-    ("a b=x.txt", "domain name 'a b' must be letters, digits"),
+    ("a b=x.txt", "domain name 'a b' must be 1-64 letters, digits"),
+    ("x" * 65 + "=x.txt", "must be 1-64 letters, digits"),
     ("=x.txt", "expected NAME=PATH"),
     ("code=", "expected NAME=PATH"),
 ])

@@ -45,7 +45,6 @@ def _speeds(generators: Dict[str, object], prompts, new_tokens: int, rounds: int
 
 
 def run(quick: bool, out_dir: str) -> dict:
-    import mindspore as ms
 
     from mindformers_sigma.config import apply_overrides, load_config
     from mindformers_sigma.context import configure_context
@@ -84,7 +83,7 @@ def run(quick: bool, out_dir: str) -> dict:
              for name, cfg, arrays in (("full", config, weights), ("sub_model", sub_config, sub_weights))}
     record = {"benchmark": "generate", "quick": quick, "config": str(TINY), "overrides": [f"model.seq_length={model.seq_length}"],
               "new_tokens": new_tokens, "decoding": decoding, "extracted": sizes}
-    write_record(os.path.join(out_dir, "generate.json"), record, echo=False)
+    write_record(os.path.join(out_dir, "generation.json"), record, echo=False)
     print(table(record))
     return record
 

@@ -65,7 +65,8 @@ def parse_domain_args(values: Sequence[str]) -> List[Tuple[str, str]]:
         if not sep or not name or not spec:
             raise DataError(f"--domain {value!r}: expected NAME=PATH (a file, folder or glob)")
         if not is_domain_name(name):
-            raise DataError(f"--domain {value[:80]!r}: a domain name must be 1-64 letters, digits, '_' or '-'")
+            raise DataError(f"--domain {value[:80]!r}: domain name {name[:80]!r} must be 1-64 letters, digits, '_' or "
+                            f"'-'")
         if name in seen:
             raise DataError(f"--domain {value!r}: domain {name!r} given twice; merge its paths into one glob or folder")
         seen.add(name)

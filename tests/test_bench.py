@@ -1,0 +1,58 @@
+"""`pangu-sigma bench --quick`: every part runs and lands in one record and one table (speed is not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from mindformers_sigma.benchmarks.suite import PARTS, parts_of
+from mindformers_sigma.errors import UserError
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_part_into_one_record(tmp_path):
+    out = tmp_path / "bench"
+    docs = tmp_path / "PERFORMANCE.md"
+    done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--quick", "--out", str(out),
+                           "--docs", str(docs)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "bench.json").read_text())
+    assert record["quick"] and set(record["parts"]) == set(PARTS)
+    for key in ("cpu_model", "cpus", "mindspore", "git_commit", "date"):
+        assert record["machine"][key]
+    parts = record["parts"]
+    assert {"tiny", "t1"} <= set(parts["training"]["results"]) and parts["training"]["results"]["t1"]["mfu"] > 0
+    assert set(parts["routers"]["results"]) == {"rre", "top1", "top2"}
+    _check_ecss(parts["ecss"])
+    assert parts["data"]["prepare_data_tokens_per_second"] > 0
+    assert set(parts["generation"]["decoding"]) == {"1", "8"}
+    assert parts["kernels"]["rows"]
+    table = (out / "bench.md").read_text()
+    assert all(f"## {part}" in table for part in PARTS) and docs.read_text().endswith(table)
+
+
+def test_an_unknown_part_is_one_line():
+    with pytest.raises(UserError, match=r"--only 'trainig': unknown part 'trainig'; parts: training, routers"):
+        parts_of("trainig")
+    assert parts_of("ecss, kernels") == ["ecss", "kernels"]
+
+
+def _check_ecss(record):
+    """What the ECSS part's figures must satisfy whatever the machine's speed."""
+    scaling = record["scaling"]
+    assert [row["experts"] for row in scaling] == [16, 64]
+    # The slab is the same size in every case and the routing tables are on the host: device
+    # memory must not grow with the experts; the host store (weights, two moments) grows in proportion.
+    assert scaling[0]["device_resident_bytes"] == scaling[1]["device_resident_bytes"]
+    assert scaling[1]["host_resident_bytes"] == 4 * scaling[0]["host_resident_bytes"]
+    comparison = record["comparison"]
+    assert comparison["moe"]["device_resident_bytes"] > comparison["ecss"]["device_resident_bytes"]
+    assert record["speedup_vs_moe"] == comparison["ecss"]["tokens_per_s"] / comparison["moe"]["tokens_per_s"]
+    reload = record["reload"]  # 64 experts, 8 samples in 4 micro-batches: 4 x 16 in one load, or 2 x 16
+    assert (reload["whole_step_slab"]["slab_experts"], reload["smallest_safe_slab"]["slab_experts"]) == (64, 32)
+    assert reload["whole_step_slab"]["slab_loads_per_step"] == 1 < reload["smallest_safe_slab"]["slab_loads_per_step"]
+    assert reload["smallest_safe_slab"]["device_resident_bytes"] < reload["whole_step_slab"]["device_resident_bytes"]
