@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 # MindSpore's C++ warnings (graph-compiler notes) drown the progress lines; GLOG_v=2 shows them.
 os.environ.setdefault("GLOG_v", "3")
 
+from mindformers_sigma.arg_types import integer_in, number_in  # noqa: E402
 from mindformers_sigma.config import SigmaConfig, apply_overrides, load_config  # noqa: E402
 from mindformers_sigma.errors import UserError, one_line, run_reporting_errors  # noqa: E402
 from mindformers_sigma.one_line_parser import OneLineParser  # noqa: E402
@@ -49,22 +50,6 @@ def _cmd_params(args: argparse.Namespace) -> int:
         print(f"ECSS slab, experts     {slab['smallest_safe']:>20,}  (smallest safe; {slab['whole_step']:,} hold a whole "
               f"step without reloads)")
     return 0
-
-
-def _fraction_below_one(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), e.g. 0.1, got {text!r}")
-    return value
-
-
-def _positive_int_or_zero(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > 2 ** 31 - 1:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2147483647], got {text!r}")
-    return int(text)
 
 
 def _memory_gib(text: str) -> float:
@@ -263,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--vocab-size", type=_positive_int, help="train a SentencePiece model of this size")
     source.add_argument("--tokenizer", help="use this SentencePiece model instead, or the one a checkpoint "
                                             "(.ckpt/.safetensors/.json) carries")
-    prepare.add_argument("--holdout", type=_fraction_below_one, default=0.0, metavar="FRACTION",
+    prepare.add_argument("--holdout", type=number_in("[0, 1)", "a fraction"), default=0.0, metavar="FRACTION",
                          help="set this share of each domain's documents aside, whole, as the held-out split "
                               "(for eval perplexity and make-task; training never reads it)")
-    prepare.add_argument("--holdout-seed", type=_positive_int_or_zero, default=0, help="which documents are held out")
+    prepare.add_argument("--holdout-seed", type=integer_in(0, 2 ** 31 - 1), default=0, help="which documents are held out")
     prepare.set_defaults(handler=_cmd_prepare_data)
 
     rank_table = commands.add_parser("rank-table", help="HCCL rank tables: generate, merge, validate, plan")

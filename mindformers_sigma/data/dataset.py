@@ -43,7 +43,6 @@ class PreparedCorpus:
             raise DataError(f"{data_dir}: has no held-out split; rerun prepare-data with --holdout FRACTION "
                             f"(e.g. 0.1)")
         verify_files(manifest, data_dir)
-        self.split = split
         self.manifest = manifest
         self.data_dir = data_dir
         self.sample_length = int(manifest["sample_length"])

@@ -7,19 +7,8 @@ import json
 import os
 import sys
 
+from mindformers_sigma.arg_types import integer_in
 from mindformers_sigma.errors import DataError, UserError, one_line
-
-
-def _batch(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 4096:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, 4096], got {text!r}")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, 1000000], got {text!r}")
-    return int(text)
 
 
 def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +16,7 @@ def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a prepare-data folder (prepared with the checkpoint's tokenizer)")
     parser.add_argument("--split", choices=["heldout", "train"], default="heldout",
                         help="heldout (prepare-data --holdout) or the training samples")
-    parser.add_argument("--batch-size", type=_batch, default=8)
+    parser.add_argument("--batch-size", type=integer_in(1, 4096), default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -37,7 +26,7 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", required=True, help="the domain whose experts answer")
     parser.add_argument("--norm", choices=["none", "tokens", "chars"], default="tokens",
                         help="divide a choice's loss by nothing, its tokens or its characters")
-    parser.add_argument("--batch-size", type=_batch, default=16)
+    parser.add_argument("--batch-size", type=integer_in(1, 4096), default=16)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -45,11 +34,11 @@ def add_make_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a prepare-data folder with a held-out split")
     parser.add_argument("--domain", required=True, help="the domain whose held-out documents make the task")
     parser.add_argument("--out", required=True, help="the .jsonl file to write")
-    parser.add_argument("--choices", type=_count, default=4)
-    parser.add_argument("--n", type=_count, default=500, help="records (at most one per held-out document)")
-    parser.add_argument("--context-tokens", type=_count, default=48)
-    parser.add_argument("--continuation-tokens", type=_count, default=16)
-    parser.add_argument("--seed", type=_count, default=1)
+    parser.add_argument("--choices", type=integer_in(1, 1_000_000), default=4)
+    parser.add_argument("--n", type=integer_in(1, 1_000_000), default=500, help="records (at most one per held-out document)")
+    parser.add_argument("--context-tokens", type=integer_in(1, 1_000_000), default=48)
+    parser.add_argument("--continuation-tokens", type=integer_in(1, 1_000_000), default=16)
+    parser.add_argument("--seed", type=integer_in(1, 1_000_000), default=1)
 
 
 def _scorer(described):

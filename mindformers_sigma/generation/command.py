@@ -3,43 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
+from mindformers_sigma.arg_types import integer_in, number_in
 from mindformers_sigma.errors import UserError, one_line
 from mindformers_sigma.generation.sampling import Sampling
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 1e-6 <= value <= 1e6):
-        raise argparse.ArgumentTypeError(f"expected a number in [1e-6, 1e6], got {text!r}")
-    return value
-
-
-def _count(minimum: int, maximum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{minimum}, {maximum:,}], got {text!r}")
-        return value
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,16 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
     prompt.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line (empty lines skipped)")
-    parser.add_argument("--max-new-tokens", type=_count(1, 1_000_000), default=64,
+    parser.add_argument("--max-new-tokens", type=integer_in(1, 1_000_000), default=64,
                         help="stop after this many tokens (or at the end-of-document token, or the sequence length)")
     parser.add_argument("--greedy", action="store_true", help="always the most likely token (the default)")
-    parser.add_argument("--temperature", type=_temperature, help="sample from softmax(logits / T)")
-    parser.add_argument("--top-k", type=_count(0, 10_000_000), help="sample among the K most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=_fraction, help="sample from the smallest set of tokens holding mass P")
-    parser.add_argument("--seed", type=_count(0, 2 ** 63 - 1), default=0, help="the sampler's seed")
+    parser.add_argument("--temperature", type=number_in("[1e-6, 1e6]"), help="sample from softmax(logits / T)")
+    parser.add_argument("--top-k", type=integer_in(0, 10_000_000), help="sample among the K most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=number_in("(0, 1]"), help="sample from the smallest set of tokens holding mass P")
+    parser.add_argument("--seed", type=integer_in(0, 2 ** 63 - 1), default=0, help="the sampler's seed")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole sequence for every token (the KV cache's reference)")
-    parser.add_argument("--batch-size", type=_count(1, 4096), default=8, help="prompts decoded together")
+    parser.add_argument("--batch-size", type=integer_in(1, 4096), default=8, help="prompts decoded together")
     parser.add_argument("--config", help="the config an older checkpoint (without its own) was trained with")
     parser.add_argument("--data", help="the prepare-data folder an older checkpoint was trained on")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import re
 import sys
@@ -12,24 +11,9 @@ from typing import List, Optional
 
 import numpy as np
 
+from mindformers_sigma.arg_types import integer_in, number_in
 from mindformers_sigma.atomic import remove_stale_temporaries
 from mindformers_sigma.errors import DataError, UserError, one_line
-
-
-def _noise(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 10):
-        raise argparse.ArgumentTypeError(f"expected a standard deviation in [0, 10], got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > 2 ** 31 - 1:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2147483647], got {text!r}")
-    return int(text)
 
 
 def _checkpoint_target(path: str) -> str:
@@ -53,9 +37,9 @@ def add_inherit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", required=True, help="a dense PanGu-α checkpoint (model.sparse_layers 0)")
     parser.add_argument("--config", required=True, help="the PanGu-Σ config to build (same backbone shapes)")
     parser.add_argument("--out", required=True, help="the checkpoint to write: NAME.ckpt or NAME.safetensors")
-    parser.add_argument("--noise-std", type=_noise, default=0.0, help="Gaussian noise added to each expert's "
+    parser.add_argument("--noise-std", type=number_in("[0, 10]", "a standard deviation"), default=0.0, help="Gaussian noise added to each expert's "
                                                                       "matrices (default 0: exact copies)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the noise")
+    parser.add_argument("--seed", type=integer_in(0, 2 ** 31 - 1), default=0, help="seed of the noise")
     parser.add_argument("--token-frequency", metavar="DATA_DIR",
                         help="prepare-data folder whose per-domain token counts balance the routing tables")
     parser.add_argument("--dense-config", help="the config an older dense checkpoint was trained with")
@@ -76,7 +60,7 @@ def add_add_domain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the checkpoint to write: NAME.ckpt or NAME.safetensors")
     parser.add_argument("--token-frequency", metavar="DATA_DIR",
                         help="prepare-data folder holding the new domain: its token counts balance the new rows")
-    parser.add_argument("--seed", type=_seed, help="seed of the new routing rows (default: moe.routing_seed)")
+    parser.add_argument("--seed", type=integer_in(0, 2 ** 31 - 1), help="seed of the new routing rows (default: moe.routing_seed)")
 
 
 def _frequency(data_dir: Optional[str], domains: List[str], vocab_size: int, tokenizer: Optional[bytes],
