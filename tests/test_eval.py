@@ -10,6 +10,7 @@ import mindspore as ms
 import pytest
 
 from mindformers_sigma.cli import main
+from mindformers_sigma.eval.make_task import make_records
 from mindformers_sigma.eval.perplexity import domain_perplexity
 from mindformers_sigma.eval.scoring import TokenLogProbs
 from mindformers_sigma.eval.zeroshot import Record, continuation_rows, evaluate
@@ -143,6 +144,35 @@ def test_make_task_then_zeroshot_scores_against_chance(trained_sigma, heldout_da
     result = json.loads(out)
     assert result["records"] == len(records) and result["chance"] == pytest.approx(1 / 3)
     assert result["ci95"][0] <= result["accuracy"] <= result["ci95"][1]
+
+
+class _PositionTokenizer:
+    """Decodes ids to their numbers, so a choice tells which document and position it was cut from."""
+
+    @staticmethod
+    def decode(ids):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_wrong_choices_are_other_documents_continuations_cut_where_the_right_one_is():
+    """Right and wrong choices drawn alike, so a model blind to the context is at chance."""
+    context_tokens, continuation_tokens, choices = 5, 3, 4
+    need = context_tokens + continuation_tokens
+    # 60 documents of 1-3 passages each; token = 1000 * document + position + 10 (never EOD)
+    documents = [[1000 * d + t + 10 for t in range(need * (1 + d % 3) + d % 2)] for d in range(60)]
+    stream = np.asarray([t for doc in documents for t in doc + [EOD]], np.int64)
+    samples = np.concatenate([stream, np.full(-len(stream) % 17, EOD)]).reshape(-1, 17)
+    records = make_records(samples, _PositionTokenizer(), "x", choices, 500, context_tokens, continuation_tokens, 3)
+    assert len(records) == sum(len(doc) // need for doc in documents)  # one record per passage
+    for record in records:
+        context = [int(t) for t in record["context"].split()]
+        spans = [[int(t) for t in choice.split()] for choice in record["choices"]]
+        assert spans[record["label"]] == list(range(context[-1] + 1, context[-1] + 1 + continuation_tokens))
+        for span in spans:  # every choice sits where a continuation sits in its passage
+            assert (span[0] % 1000 - 10) % need == context_tokens and len(span) == continuation_tokens
+        own = spans[record["label"]][0] // 1000
+        assert all(span[0] // 1000 != own for i, span in enumerate(spans) if i != record["label"])
+    assert len({record["label"] for record in records}) == choices
 
 
 @pytest.mark.parametrize("line, problem", [

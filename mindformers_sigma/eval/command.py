@@ -35,7 +35,7 @@ def add_make_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", required=True, help="the domain whose held-out documents make the task")
     parser.add_argument("--out", required=True, help="the .jsonl file to write")
     parser.add_argument("--choices", type=integer_in(1, 1_000_000), default=4)
-    parser.add_argument("--n", type=integer_in(1, 1_000_000), default=500, help="records (at most one per held-out document)")
+    parser.add_argument("--n", type=integer_in(1, 1_000_000), default=500, help="records (at most one per held-out passage)")
     parser.add_argument("--context-tokens", type=integer_in(1, 1_000_000), default=48)
     parser.add_argument("--continuation-tokens", type=integer_in(1, 1_000_000), default=16)
     parser.add_argument("--seed", type=integer_in(1, 1_000_000), default=1)
