@@ -113,6 +113,8 @@ class ExpertOffload:
             for name in ("w1", "w2"):  # expert by expert: the same stream as one [E, ...] draw
                 for expert in range(moe.num_experts):
                     layer.weights[name][expert] = rng.standard_normal(shapes[name], dtype=np.float32) * scale
+        if directory is None:
+            store.fault_in_zeros()
         settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
                                  {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
         return cls(slab_params, store, slab_size(config), settings, routing_tables, directory)
