@@ -138,6 +138,12 @@ def test_make_task_then_zeroshot_scores_against_chance(trained_sigma, heldout_da
     records = [json.loads(line) for line in task.read_text().splitlines()]
     assert records and all(len(r["choices"]) == 3 and 0 <= r["label"] < 3 for r in records)
     assert len({r["label"] for r in records}) > 1  # the right answer's place varies
+    code, _, err = _cli(capsys, "make-task", "--data", str(heldout_data), "--domain", "en", "--out", str(task))
+    assert code == 2 and "exists; choose a new name" in err  # never overwritten
+    code, _, err = _cli(capsys, "make-task", "--data", str(heldout_data), "--domain", "en", "--out",
+                        str(tmp_path / "long.jsonl"), "--context-tokens", "16", "--continuation-tokens", "4")
+    assert code == 2 and "contexts would be cut" in err and not (tmp_path / "long.jsonl").exists()
+    task.write_bytes(b"\xef\xbb\xbf" + task.read_bytes())  # saved by an editor with a byte-order mark
     code, out, err = _cli(capsys, "eval", "zeroshot", "--ckpt", weights, "--task", str(task), "--domain", "en",
                           "--json")
     assert code == 0, err
@@ -181,6 +187,8 @@ def test_wrong_choices_are_other_documents_continuations_cut_where_the_right_one
     ('{"choices": ["b", "c"], "label": 0}', r"context: missing"),
     ('{"context": "a", "answer": ""}', r"answer: must be a non-empty string"),
     ('{"context": "a", ', r"not valid JSON"),
+    ('{"context": "a", "choices": ["b", "b"], "label": 0}', r"choices: two are the same text"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 0, "answer": "b"}', r"give choices and label .* not both"),
 ])
 def test_a_bad_task_record_is_one_line_naming_file_and_line(trained_sigma, capsys, tmp_path, line, problem):
     _, _, weights = trained_sigma

@@ -154,9 +154,9 @@ def test_generate_command_prints_the_continuation_and_its_speed(trained_sigma, c
     assert code == 0 and out.startswith(PROMPTS["code"]) and len(out) > len(PROMPTS["code"]) + 1
     assert "prefill" in err and "decode" in err and "tokens/s" in err
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPTS['code']}\n\n{PROMPTS['zh']}\n", encoding="utf-8")
+    prompts.write_text(f"{PROMPTS['code']}\n\n{PROMPTS['zh']}\n", encoding="utf-8-sig")  # a byte-order mark too
     code, cached_out, _ = _run(capsys, "--ckpt", weights, "--domain", "zh", "--prompt-file", str(prompts))
-    assert code == 0 and cached_out.count("--- ") == 2 and f"{prompts}:3" in cached_out
+    assert code == 0 and cached_out.count("--- ") == 2 and f"{prompts}:3" in cached_out and "\ufeff" not in cached_out
     code, full_out, _ = _run(capsys, "--ckpt", weights, "--domain", "zh", "--prompt-file", str(prompts), "--no-cache")
     assert code == 0 and full_out == cached_out
 

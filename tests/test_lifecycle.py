@@ -256,7 +256,7 @@ def test_add_domain_refuses_a_taken_name_and_an_existing_output(trained_sigma, c
 
 
 def test_training_or_balancing_on_text_of_another_tokenizer_is_refused(trained_sigma, capsys, tmp_path):
-    """Token ids mean other text under another tokenizer: resume, inherit and add-domain refuse such data."""
+    """Token ids mean other text under another tokenizer: resume, add-domain and eval refuse such data."""
     _, prepared, weights = trained_sigma
     retokenized = tmp_path / "retokenized"
     prepare_data([("en", str(_corpus_file(prepared, "en")))], str(retokenized), 16, vocab_size=400)
@@ -269,16 +269,24 @@ def test_training_or_balancing_on_text_of_another_tokenizer_is_refused(trained_s
     code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "en2", "--init-from", "dense",
                         "--token-frequency", str(retokenized), "--out", str(tmp_path / "g.ckpt"))
     assert code == 2 and "prepared with another tokenizer" in err
+    code, _, err = _cli(capsys, "eval", "perplexity", "--ckpt", weights, "--data", str(retokenized), "--split", "train")
+    assert code == 2 and "--data" in err and "prepared with another tokenizer" in err, err
     code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "x" * 65, "--init-from", "dense",
                         "--out", str(tmp_path / "g.ckpt"))
     assert code == 2 and "1-64 letters" in err and len(err) < 400
     assert not (tmp_path / "g.ckpt").exists() and not (tmp_path / "g.json").exists()
 
 
-def test_weights_left_by_a_killed_write_do_not_block_the_output_name(trained_sigma, capsys, tmp_path):
+def test_a_file_at_out_without_a_sidecar_is_never_overwritten(trained_sigma, capsys, tmp_path):
+    """Another tool's checkpoint (or a killed write's weights) at --out: refused, the file untouched."""
     _, _, weights = trained_sigma
-    (tmp_path / "g.ckpt").write_bytes(b"half a checkpoint")  # the weights renamed, the sidecar never written
+    (tmp_path / "g.ckpt").write_bytes(b"someone's PanGu-alpha checkpoint")
     code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "news", "--init-from", "dense",
                         "--out", str(tmp_path / "g.ckpt"))
-    assert code == 0, err
-    assert describe_checkpoint(str(tmp_path / "g.ckpt")).domains == ["code", "en", "zh", "news"]
+    assert code == 2 and "exists (without a sidecar g.json)" in err, err
+    assert (tmp_path / "g.ckpt").read_bytes() == b"someone's PanGu-alpha checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.ckpt"]
+    code, _, err = _cli(capsys, "extract", "--ckpt", weights, "--domain", "en", "--out", str(tmp_path / "sub.ckpt"))
+    assert code == 2 and "names a folder" in err and not (tmp_path / "sub.ckpt").exists()
+
+

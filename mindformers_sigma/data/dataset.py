@@ -15,6 +15,7 @@ so ranks read disjoint samples that together are the single-process global batch
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -89,6 +90,13 @@ class PreparedCorpus:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["tokenizer"]["vocab_size"])
+
+    def require_tokenizer(self, model: Optional[bytes], flag: str) -> None:
+        """Refuse a folder prepared with another tokenizer than ``model`` (a checkpoint's): its token
+        ids would mean other text.  ``model`` None: the checkpoint has no tokenizer to compare."""
+        if model is not None and self.manifest["tokenizer"]["sha256"] != hashlib.sha256(model).hexdigest():
+            raise DataError(f"{flag} {self.data_dir}: prepared with another tokenizer than the model's; prepare it "
+                            f"with prepare-data --tokenizer CKPT")
 
     def token_frequency(self, num_domains: int, vocab_size: int) -> np.ndarray:
         """``[num_domains, vocab_size]`` counts for the RRE tables; domains without data get the total."""

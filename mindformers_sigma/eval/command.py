@@ -57,6 +57,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
     described = describe_checkpoint(args.ckpt)
     corpus = PreparedCorpus(args.data, split=args.split)
+    corpus.require_tokenizer(described.tokenizer_model, "--data")
     config = described.config
     if corpus.sample_length != config.model.seq_length + 1:
         raise DataError(f"--data {args.data}: samples of {corpus.sample_length} tokens, the model reads "
@@ -114,9 +115,15 @@ def run_make_task(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"--out {args.out}: its folder does not exist; create it first")
+    if os.path.lexists(args.out):
+        raise UserError(f"--out {args.out}: exists; choose a new name (nothing is overwritten)")
     if args.choices < 2:
         raise UserError("--choices: a multiple-choice task needs at least 2")
     corpus = PreparedCorpus(args.data, split="heldout")
+    if args.context_tokens + args.continuation_tokens > corpus.sample_length:
+        raise UserError(f"--context-tokens {args.context_tokens} + --continuation-tokens {args.continuation_tokens}: "
+                        f"more than the {corpus.sample_length} tokens a model of {args.data} reads at once, so "
+                        f"contexts would be cut; lower them")
     if args.domain not in corpus.names:
         raise DataError(f"--domain {args.domain!r}: not a domain of {args.data}; known: {', '.join(corpus.names)}")
     tokenizer = Tokenizer.from_file(os.path.join(args.data, corpus.manifest["tokenizer"]["file"]))

@@ -46,12 +46,16 @@ def _record(raw: object, where: str) -> Record:
     if not isinstance(context, str):
         raise bad("context: missing or not a string")
     if "answer" in raw:
+        if "choices" in raw or "label" in raw:
+            raise bad("give choices and label (multiple choice) or answer (cloze), not both")
         if not isinstance(raw["answer"], str) or not raw["answer"]:
             raise bad("answer: must be a non-empty string")
         return Record(where, context, None, None, raw["answer"])
     choices, label = raw.get("choices"), raw.get("label")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise bad("choices: must be a list of at least 2 non-empty strings (or give answer for a cloze record)")
+    if len(set(choices)) < len(choices):
+        raise bad("choices: two are the same text, so the record cannot tell them apart; make them distinct")
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
         raise bad(f"label: must be an integer in [0, {len(choices) - 1}], the index of the right choice")
     return Record(where, context, choices, label, None)
@@ -66,6 +70,7 @@ def read_task(path: str) -> List[Record]:
         raise DataError(f"--task {path}: cannot read it ({err.strerror})") from None
     if len(data) > MAX_TASK_BYTES:
         raise DataError(f"--task {path}: larger than {MAX_TASK_BYTES >> 20} MiB; split it")
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte-order mark
     records = []
     for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():

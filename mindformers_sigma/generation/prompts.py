@@ -22,7 +22,7 @@ def read_prompt_file(path: str) -> List[Tuple[str, str]]:
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise DataError(f"--prompt-file {path}: larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB; split it")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not prompt text
     except UnicodeDecodeError as err:
         raise DataError(f"--prompt-file {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))  # CRLF files too

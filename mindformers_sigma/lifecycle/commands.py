@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -28,7 +27,9 @@ def _checkpoint_target(path: str) -> str:
         raise UserError(f"--out {path}: {sidecar} exists; choose a new name (nothing is overwritten)")
     if os.path.isdir(path):
         raise UserError(f"--out {path}: is a folder; name the checkpoint file to write")
-    # weights without a sidecar are what a write killed between the two renames leaves: not a checkpoint
+    if os.path.lexists(path):  # without a sidecar: another tool's checkpoint, or what a killed write left
+        raise UserError(f"--out {path}: exists (without a sidecar {os.path.basename(sidecar)}); choose a new name, "
+                        f"or remove it if it is a killed write's leftover (nothing is overwritten)")
     remove_stale_temporaries(folder, re.escape(os.path.basename(path)) + "|" + re.escape(os.path.basename(sidecar)))
     return path
 
@@ -73,9 +74,7 @@ def _frequency(data_dir: Optional[str], domains: List[str], vocab_size: int, tok
     from mindformers_sigma.data.dataset import PreparedCorpus
 
     corpus = PreparedCorpus(data_dir)
-    if tokenizer is not None and corpus.manifest["tokenizer"]["sha256"] != hashlib.sha256(tokenizer).hexdigest():
-        raise DataError(f"--token-frequency {data_dir}: prepared with another tokenizer than the model's; prepare it "
-                        f"with prepare-data --tokenizer CKPT")
+    corpus.require_tokenizer(tokenizer, "--token-frequency")
     if corpus.vocab_size > vocab_size:
         raise DataError(f"--token-frequency {data_dir}: its tokenizer has {corpus.vocab_size} tokens, the model "
                         f"{vocab_size}; prepare it with the model's tokenizer (prepare-data --tokenizer CKPT)")
@@ -108,18 +107,18 @@ def _new_folder(path: str) -> str:
     """--out for a folder the command creates: a new path in an existing, writable folder."""
     if not path.strip():
         raise UserError("--out: an empty path; give a new folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):  # a killed earlier write's temporary folder
+        remove_stale_temporaries(parent, re.escape(os.path.basename(os.path.abspath(path))))
     if os.path.exists(path):
         raise UserError(f"--out {path}: exists; give a new folder (nothing is overwritten)")
-    parent = os.path.dirname(os.path.abspath(path))
+    if path.endswith((".ckpt", ".safetensors")):
+        raise UserError(f"--out {path}: names a folder (it will hold model.ckpt and model.json); drop the extension")
     if not os.path.isdir(parent):
         raise UserError(f"--out {path}: its parent folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {path}: cannot write in {parent}; choose a writable place")
     return path
-
-
-def _described_tokenizer(described) -> Optional[bytes]:
-    return described.tokenizer.model_bytes if described.tokenizer is not None else None
 
 
 def _count(config) -> int:
@@ -143,12 +142,12 @@ def run_inherit(args: argparse.Namespace) -> int:
               if layout.name.startswith("backbone.")}
     domains = dense.domains[:sigma.moe.num_domains]
     domains += [f"domain{i}" for i in range(len(domains), sigma.moe.num_domains)]
-    frequency = _frequency(args.token_frequency, domains, sigma.model.vocab_size, _described_tokenizer(dense))
+    frequency = _frequency(args.token_frequency, domains, sigma.model.vocab_size, dense.tokenizer_model)
     if frequency is None and sigma.moe.table_balance == "frequency":
         print("inherit: no --token-frequency: the routing tables are drawn uniformly (moe.table_balance frequency "
               "needs the data's token counts)", file=sys.stderr)
     weights = inherit_weights(model_weights(dense), args.dense, sigma, shapes, frequency, args.noise_std, args.seed)
-    write_model(target, weights, sigma, domains, _described_tokenizer(dense),
+    write_model(target, weights, sigma, domains, dense.tokenizer_model,
                 f"inherit --dense {dense.info.weights_path} --config {args.config} --noise-std {args.noise_std} "
                 f"--seed {args.seed}" + (f" --token-frequency {args.token_frequency}" if args.token_frequency else ""))
     print(f"wrote {target}: {_count(sigma):,} parameters; every expert of the {sigma.model.sparse_layers} sparse "
@@ -172,7 +171,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
     with atomic_directory(args.out) as folder:
         write_model(os.path.join(folder, "model.ckpt"), weights, config, [args.domain],
-                    _described_tokenizer(described), f"extract --ckpt {described.info.weights_path} --domain "
+                    described.tokenizer_model, f"extract --ckpt {described.info.weights_path} --domain "
                                                      f"{args.domain}")
         with open(os.path.join(folder, "config.yaml"), "w", encoding="utf-8") as handle:
             yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
@@ -202,11 +201,11 @@ def run_add_domain(args: argparse.Namespace) -> int:
         raise UserError(f"--name {args.name!r}: already a domain of {args.ckpt} ({', '.join(described.domains)})")
     init_from = None if args.init_from == DENSE_INIT else described.domain_id(args.init_from, "--init-from")
     frequency = _frequency(args.token_frequency, described.domains, config.model.vocab_size,
-                           _described_tokenizer(described), only=args.name)
+                           described.tokenizer_model, only=args.name)
     seed = config.moe.routing_seed if args.seed is None else args.seed
     weights = add_domain(config, model_weights(described), init_from, frequency, seed)
     grown = grown_config(config)
-    write_model(target, weights, grown, described.domains + [args.name], _described_tokenizer(described),
+    write_model(target, weights, grown, described.domains + [args.name], described.tokenizer_model,
                 f"add-domain --ckpt {described.info.weights_path} --name {args.name} --init-from {args.init_from}")
     print(one_line(f"wrote {target}: domain {args.name!r} is id {config.moe.num_domains}, {grown.moe.num_experts} "
                    f"experts per sparse layer; routing rows drawn with seed {seed}"

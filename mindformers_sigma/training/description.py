@@ -50,6 +50,11 @@ class Description:
     domains: List[str]
     tokenizer: Optional[Tokenizer]  # None: trained on synthetic token ids
 
+    @property
+    def tokenizer_model(self) -> Optional[bytes]:
+        """The tokenizer's model file, as written next to data and models (None: synthetic ids)."""
+        return self.tokenizer.model_bytes if self.tokenizer is not None else None
+
     def domain_id(self, name: str, flag: str = "--domain") -> int:
         """The id of domain ``name``; an unknown name is one line listing the known ones."""
         if name not in self.domains:
