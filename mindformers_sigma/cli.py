@@ -159,6 +159,9 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
               f"{domain['samples']} samples (skipped: {skipped})"
               + (f"; held out {heldout['documents']} documents, {heldout['tokens']:,} tokens, {heldout['samples']} "
                  f"samples" if heldout else ""))
+        if heldout is not None and not heldout["documents"]:
+            print(one_line(f"warning: domain {domain['name']!r} has {domain['documents']} document(s), so none is "
+                           f"held out (training keeps at least one): eval has no held-out text for it"), file=sys.stderr)
     print(f"wrote {args.out}/manifest.json (tokenizer vocabulary {manifest['tokenizer']['vocab_size']})")
     return 0
 

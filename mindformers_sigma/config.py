@@ -22,6 +22,7 @@ from mindformers_sigma.errors import UserError
 
 MAX_SEED = 2 ** 31 - 1
 MAX_STEPS = 100_000_000
+MAX_LAYERS = 1_000  # PanGu-Σ has 40; every layer is a Cell, a plan entry per parameter and a strategy-file item
 
 
 class ConfigError(UserError):
@@ -62,6 +63,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "ffn_hidden_size", "num_layers", "seq_length"):
             _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        _require(self.num_layers <= MAX_LAYERS, "model.num_layers", self.num_layers, f"must be <= {MAX_LAYERS:,}")
         _require(self.dense_layers >= 0, "model.dense_layers", self.dense_layers, "must be >= 0")
         _require(self.sparse_layers >= 0, "model.sparse_layers", self.sparse_layers, "must be >= 0")
         _require(

@@ -30,6 +30,7 @@ RULES = [
     ("model", {"hidden_size": 130}, "model.hidden_size", "divisible by model.num_heads"),
     ("moe", {"num_experts": 9}, "moe.num_experts", "num_domains * experts_per_domain"),
     ("model", {"dense_layers": 3}, "model.num_layers", "dense_layers + sparse_layers"),
+    ("model", {"num_layers": 10 ** 9, "dense_layers": 10 ** 9 - 2}, "model.num_layers", "must be <= 1,000"),
     ("parallel", {"device_num": 4, "data_parallel": 2}, "parallel.device_num",
      "data_parallel * model_parallel * pipeline_stage"),
     ("parallel", {"expert_parallel": 3, "device_num": 3, "data_parallel": 3, "mode": "semi_auto_parallel"},

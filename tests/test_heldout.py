@@ -93,3 +93,17 @@ def test_no_held_out_split_and_a_damaged_one_are_one_line_errors(prepared, tmp_p
         PreparedCorpus(str(damaged))  # checked even when only the training split is read
     with pytest.raises(DataError, match=r"--holdout 1.0: must be a fraction in \[0, 1\)"):
         prepare_data(list(sources.items()), str(tmp_path / "x"), 16, vocab_size=400, holdout=1.0)
+
+
+def test_a_domain_too_small_to_hold_out_from_is_a_warning_naming_it(tmp_path, capsys):
+    from mindformers_sigma.cli import main
+
+    sources = _sources(tmp_path)
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "the only document of this domain"}) + "\n")
+    args = ["prepare-data", "--out", str(tmp_path / "out"), "--seq-length", "16", "--vocab-size", "400",
+            "--holdout", "0.25", "--domain", f"one={tmp_path / 'one.jsonl'}"]
+    for name, path in sources.items():
+        args += ["--domain", f"{name}={path}"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "domain 'one' has 1 document(s), so none is held out" in warnings[0]

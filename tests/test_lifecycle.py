@@ -288,5 +288,9 @@ def test_a_file_at_out_without_a_sidecar_is_never_overwritten(trained_sigma, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.ckpt"]
     code, _, err = _cli(capsys, "extract", "--ckpt", weights, "--domain", "en", "--out", str(tmp_path / "sub.ckpt"))
     assert code == 2 and "names a folder" in err and not (tmp_path / "sub.ckpt").exists()
+    code, _, err = _cli(capsys, "add-domain", "--ckpt", weights, "--name", "news", "--init-from", "dense",
+                        "--out", str(tmp_path / "step_00000300.ckpt"))
+    assert code == 2 and "step_N names belong to a training run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.ckpt"]
 
 

@@ -17,6 +17,8 @@ from mindformers_sigma.errors import DataError, UserError, one_line
 
 def _checkpoint_target(path: str) -> str:
     """--out for a checkpoint: NAME.ckpt or NAME.safetensors in an existing folder, not yet taken."""
+    from mindformers_sigma.training.checkpoint import file_step
+
     if not path.endswith((".ckpt", ".safetensors")):
         raise UserError(f"--out {path}: name the checkpoint file to write, ending in .ckpt or .safetensors")
     folder = os.path.dirname(os.path.abspath(path))
@@ -27,6 +29,9 @@ def _checkpoint_target(path: str) -> str:
         raise UserError(f"--out {path}: {sidecar} exists; choose a new name (nothing is overwritten)")
     if os.path.isdir(path):
         raise UserError(f"--out {path}: is a folder; name the checkpoint file to write")
+    if file_step(os.path.basename(path)) is not None:
+        raise UserError(f"--out {path}: step_N names belong to a training run's checkpoints (--resume auto would take "
+                        f"this weights-only file for step N); choose another name")
     if os.path.lexists(path):  # without a sidecar: another tool's checkpoint, or what a killed write left
         raise UserError(f"--out {path}: exists (without a sidecar {os.path.basename(sidecar)}); choose a new name, "
                         f"or remove it if it is a killed write's leftover (nothing is overwritten)")
