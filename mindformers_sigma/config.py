@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -25,6 +26,18 @@ MAX_STEPS = 100_000_000
 MAX_LAYERS = 1_000  # PanGu-Σ has 40; every layer is a Cell, a plan entry per parameter and a strategy-file item
 
 
+def _short_repr() -> reprlib.Repr:
+    """A bounded repr: a YAML anchor bomb or a huge list in a config value is shown in a few words,
+    never expanded (a 2 KB anchor bomb's full repr is gigabytes)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 2, 4, 4, 4, 4
+    short.maxstring, short.maxother, short.maxlong = 80, 80, 40
+    return short
+
+
+_SHORT = _short_repr()
+
+
 class ConfigError(UserError):
     """A config value breaks a rule; the message is one line that names file, field and fix."""
 
@@ -36,7 +49,7 @@ class ConfigError(UserError):
         super().__init__(self._message())
 
     def _message(self) -> str:
-        return f"{self.source}: {self.field_path} = {self.value!r}: {self.rule}"
+        return f"{self.source}: {self.field_path} = {_SHORT.repr(self.value)}: {self.rule}"
 
     def with_source(self, source: str) -> "ConfigError":
         return ConfigError(self.field_path, self.value, self.rule, source)
@@ -427,13 +440,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str):
-    """``yaml.safe_load`` with duplicate keys refused (a ConfigError without source)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` with duplicate keys refused; this and nesting too deep for the parser, or an
+    integer of more digits than Python converts, are a ConfigError without source."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError("<yaml>", "...", "invalid YAML (nested too deeply); a config is a shallow mapping") from None
+    except ValueError as err:  # int() of a number with thousands of digits
+        raise ConfigError("<yaml>", "...", f"invalid YAML value ({err})") from None
 
 
 def config_from_dict(raw: Any, source: str = "<config>") -> SigmaConfig:
     """Build and validate a SigmaConfig from a parsed YAML mapping."""
     try:
+        if raw is None:
+            raise ConfigError("<top level>", "", f"the config is empty; give a mapping with sections {', '.join(_SECTIONS)}")
         if not isinstance(raw, dict):
             raise ConfigError("<top level>", type(raw).__name__, f"must be a mapping with sections {', '.join(_SECTIONS)}")
         for key in raw:
@@ -448,7 +471,7 @@ def config_from_dict(raw: Any, source: str = "<config>") -> SigmaConfig:
     return config
 
 
-MAX_CONFIG_BYTES = 16 * 2 ** 20
+MAX_CONFIG_BYTES = 2 ** 20  # configs are a few KB; PyYAML parses a MiB in about a second
 
 
 def load_config(path: str | os.PathLike) -> SigmaConfig:

@@ -100,6 +100,31 @@ def test_missing_file_and_broken_yaml(tmp_path):
         load_config(binary)
 
 
+def test_hostile_yaml_is_a_short_config_error(tmp_path):
+    """An anchor bomb in a value, nesting deeper than the parser recurses, a 5,000-digit integer, an
+    empty file: each one short ConfigError, never an expanded value or an internal error."""
+    value = "&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"
+    for level in range(1, 9):  # each level: its own anchor, then 8 aliases of the level below
+        value = f"&a{level} [{value}, " + ", ".join([f"*a{level - 1}"] * 8) + "]"
+    bomb = tmp_path / "bomb.yaml"  # 9 ** 9 leaves when expanded, about 700 bytes of YAML
+    bomb.write_text(yaml.safe_dump(tiny_raw()).replace("vocab_size: ", f"vocab_size: {value} #", 1))
+    with pytest.raises(ConfigError) as caught:
+        load_config(bomb)
+    assert "model.vocab_size = [[" in str(caught.value) and len(str(caught.value)) < 400, str(caught.value)[:400]
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 5_000 + "]" * 5_000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+    digits = tmp_path / "digits.yaml"
+    digits.write_text(yaml.safe_dump(tiny_raw()).replace("vocab_size: ", "vocab_size: 1" + "0" * 5000 + " #", 1))
+    with pytest.raises(ConfigError, match="invalid YAML value"):
+        load_config(digits)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="the config is empty"):
+        load_config(empty)
+
+
 def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
     raw = tiny_raw()
     raw["model"]["hidden_size"] = 130

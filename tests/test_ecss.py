@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -287,6 +288,40 @@ def test_mmap_store_without_out_is_one_error_line(tmp_path):
     config = micro_config(ecss={"enabled": True, "host_store": "mmap"})
     with pytest.raises(DataError, match="ecss.host_store: mmap keeps the expert store in files under --out"):
         train(config, steps=1)
+
+
+def test_an_mmap_store_that_does_not_fit_on_the_disk_says_how_much_in_units_that_show_it(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from mindformers_sigma.training.memory_check import check_store_fits_on_disk
+
+    config = micro_config(ecss={"enabled": True, "host_store": "mmap"})
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 ** 30, 2 ** 30 - 4096, 4096))
+    with pytest.raises(DataError, match=r"mmap needs \d+\.\d MiB under --out .* but 0\.0 MiB is free there"):
+        check_store_fits_on_disk(config, str(tmp_path / "run"), 1)
+
+
+def test_a_checkpoint_that_fails_on_a_full_disk_leaves_neither_its_temporary_nor_the_scratch_store(
+        real_corpus, tmp_path, monkeypatch):
+    """MindSpore writes STEM.tmp and renames it; when the disk fills up mid-write both that file and the
+    memory-mapped store (scratch) must go, or the disk stays full."""
+    _, prepared = real_corpus
+    config = apply_overrides(_real_config(prepared, steps=2, checkpoint_interval=1),
+                             ["ecss.enabled=true", "ecss.host_store=mmap"])
+    real_save = ms.save_checkpoint
+
+    def save_until_the_disk_fills(save_obj, ckpt_file_name, **kwargs):
+        real_save(save_obj, ckpt_file_name, **kwargs)  # the whole file, under MindSpore's own temporary name
+        os.replace(ckpt_file_name, os.path.splitext(ckpt_file_name)[0] + ".tmp")  # as if its rename never came
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ms, "save_checkpoint", save_until_the_disk_fills)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(config, out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "ecss_store").exists()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
 
 
 def test_prefetching_the_next_step_changes_nothing_even_for_experts_both_steps_share(real_corpus, tmp_path):

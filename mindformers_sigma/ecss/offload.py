@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -290,6 +290,18 @@ class ExpertOffload:
     def host_arrays(self) -> Dict[str, np.ndarray]:
         """What the host holds, under the plain model's names: the store and the routing tables."""
         return {**self.store.entries(), **self.routing_tables}
+
+
+@contextlib.contextmanager
+def scratch_store(offload: Optional[ExpertOffload]) -> Iterator[None]:
+    """A memory-mapped store's files are scratch (every checkpoint holds the whole store): removed when
+    the run leaves its loop, finished, stopped or failed (a disk that filled up gets its space back).
+    A SIGKILL leaves them; the next run replaces them."""
+    try:
+        yield
+    finally:
+        if offload is not None:
+            offload.discard_store_files()
 
 
 def _every_expert(weights: Dict[str, np.ndarray], experts: np.ndarray, grads: Dict[str, np.ndarray]):

@@ -62,9 +62,13 @@ def _write_pair(weights: str, parameters: Mapping[str, Union[ms.Tensor, np.ndarr
             write_safetensors(tmp, {name: value if isinstance(value, np.ndarray) else value.asnumpy()
                                     for name, value in parameters.items()})
         else:
-            ms.save_checkpoint([{"name": name, "data": value if isinstance(value, ms.Tensor)
-                                 else ms.Tensor.from_numpy(value)} for name, value in parameters.items()],
-                               tmp, format=fmt)
+            try:
+                ms.save_checkpoint([{"name": name, "data": value if isinstance(value, ms.Tensor)
+                                     else ms.Tensor.from_numpy(value)} for name, value in parameters.items()],
+                                   tmp, format=fmt)
+            finally:  # MindSpore writes STEM.tmp and renames it to STEM.ckpt: a failed write (a full disk) leaves it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.splitext(tmp)[0] + ".tmp")
     record = dict(record, format=fmt, weights=os.path.basename(weights), sha256=file_sha256(weights))
     write_bytes_atomic(os.path.splitext(weights)[0] + ".json", json.dumps(record, indent=1).encode() + b"\n")
     _fsync_dir(os.path.dirname(os.path.abspath(weights)))

@@ -95,8 +95,14 @@ def check_store_fits_on_disk(config: SigmaConfig, out_dir: str, local_processes:
     existing = os.path.abspath(out_dir)
     while not os.path.isdir(existing):
         existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        return  # the run folder's own check says that nothing can be written there, and why
     free = shutil.disk_usage(existing).free
     if needed > free:
-        raise DataError(f"{config.source}: ecss.host_store: mmap needs {needed / GIB:,.1f} GiB under --out {out_dir} "
-                        f"for the expert store but {free / GIB:,.1f} GiB is free there; free space, choose another "
+        raise DataError(f"{config.source}: ecss.host_store: mmap needs {_size(needed)} under --out {out_dir} "
+                        f"for the expert store but {_size(free)} is free there; free space, choose another "
                         f"--out, or reduce moe.num_experts")
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:,.1f} GiB" if count >= GIB else f"{count / 2 ** 20:,.1f} MiB"

@@ -21,7 +21,7 @@ import numpy as np
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.context import ParallelInfo, configure_context
-from mindformers_sigma.ecss.offload import ExpertOffload
+from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
 from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
@@ -224,7 +224,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
     # their time is reported as compile time, not as throughput.
     losses, run_seconds, compile_seconds, compiled_graph_keys = [], [], [], set()
     dropped_total, skipped, saved = 0, 0, None
-    with stop_requests() as stop, prefetching(reader, bool(offload) and config.ecss.prefetch) as reader:
+    with scratch_store(offload), stop_requests() as stop, \
+            prefetching(reader, bool(offload) and config.ecss.prefetch) as reader:
         for step in range(start_step, train_cfg.steps):
             stop.arm()  # again each step: MindSpore replaces the handlers while a graph runs
             started = time.perf_counter()  # a step's time includes reading and planning (and ECSS's loading)
@@ -283,8 +284,6 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                     f"checkpoint saved in {folder.checkpoints}; continue with --resume auto" if folder
                     else "nothing saved (no --out)"))
 
-    if offload:
-        offload.discard_store_files()  # scratch once the run is done: the last checkpoint holds the store
     timed = run_seconds or compile_seconds
     tail = max(1, min(10, len(losses) // 5))
     tokens_per_second = tokens_per_step * len(timed) / float(np.sum(timed))
