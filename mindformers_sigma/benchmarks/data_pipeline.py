@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import List, Tuple
 
-from mindformers_sigma.benchmarks.record import check_out_dir, write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ascend_configs",
                     "pangu_sigma_tiny_cpu.yaml")
@@ -81,10 +81,9 @@ def run(quick: bool, out_dir: str) -> dict:
 
 
 def table(record: dict) -> str:
-    return "\n".join([
-        "| figure | value |", "| --- | --- |",
-        f"| prepare-data tokens/s (read, tokenizer training, tokenize, pack, write) | "
-        f"{record['prepare_data_tokens_per_second']:,.0f} |",
-        f"| batch fetch ms | {record['batch_fetch_seconds'] * 1e3:.3f} |",
-        f"| training step ms (tiny config) | {record['train_step_seconds'] * 1e3:.1f} |",
-        f"| input share of a step | {record['input_share_of_step']:.2%} |"])
+    return "\n".join(markdown_table(["figure", "value"], [
+        ["prepare-data tokens/s (read, tokenizer training, tokenize, pack, write)",
+         f"{record['prepare_data_tokens_per_second']:,.0f}"],
+        ["batch fetch ms", f"{record['batch_fetch_seconds'] * 1e3:.3f}"],
+        ["training step ms (tiny config)", f"{record['train_step_seconds'] * 1e3:.1f}"],
+        ["input share of a step", f"{record['input_share_of_step']:.2%}"]]))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from mindformers_sigma.benchmarks.record import check_out_dir, write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
 from mindformers_sigma.errors import UserError
 
 T1 = Path(__file__).resolve().parents[2] / "ascend_configs" / "bench_t1_cpu.yaml"
@@ -148,32 +148,32 @@ def run(quick: bool, out_dir: str) -> dict:
 
 
 def table(record: dict) -> str:
-    lines = ["| experts | tokens/s | vs 16 | device-resident MiB | host-resident MiB | loaded per step MiB |",
-             "| --- | --- | --- | --- | --- | --- |"]
     base = record["scaling"][0]["tokens_per_s"]
-    for row in record["scaling"]:
-        lines.append(f"| {row['experts']} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s'] / base:.2f}x | "
-                     f"{row['device_resident_bytes'] / 2 ** 20:,.1f} | {row['host_resident_bytes'] / 2 ** 20:,.1f} | "
-                     f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f} |")
+    lines = markdown_table(
+        ["experts", "tokens/s", "vs 16", "device-resident MiB", "host-resident MiB", "loaded per step MiB"],
+        ([str(row["experts"]), f"{row['tokens_per_s']:,.0f}", f"{row['tokens_per_s'] / base:.2f}x",
+          f"{row['device_resident_bytes'] / 2 ** 20:,.1f}", f"{row['host_resident_bytes'] / 2 ** 20:,.1f}",
+          f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f}"] for row in record["scaling"]))
     c = record["comparison"]
     ecss, moe = c["ecss"], c["moe"]
     lines += ["", f"{c['experts']} experts per sparse layer: RRE + ECSS {ecss['tokens_per_s']:,.0f} tokens/s, "
                   f"learned top-1 (all experts resident) {moe['tokens_per_s']:,.0f} tokens/s: "
                   f"speedup {record['speedup_vs_moe']:.2f}x",
-              "", "| part of a step, s | RRE + ECSS | learned top-1 |", "| --- | --- | --- |",
-              f"| whole step | {ecss['step_seconds']:.3f} | {moe['step_seconds']:.3f} |",
-              f"| whole step without prefetch | {c['ecss_without_prefetch']['step_seconds']:.3f} | - |",
-              f"| ECSS loading + gradient fetch | {ecss['transfer_seconds_per_step']:.3f} | - |",
-              f"| host AdamW of the touched experts | {ecss['host_update_seconds_per_step']:.3f} | - |",
-              f"| device optimizer over all parameters (measured alone) | - | {moe['optimizer_seconds']:.3f} |",
-              f"| device-resident MiB | {ecss['device_resident_bytes'] / 2 ** 20:,.0f} | "
-              f"{moe['device_resident_bytes'] / 2 ** 20:,.0f} |",
-              "", "| 4 micro-batches per step | slab experts | loads per step | tokens/s | device-resident MiB | "
-                  "loaded per step MiB |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, row in record["reload"].items():
-        lines.append(f"| {name.replace('_', ' ')} | {row['slab_experts']} | {row['slab_loads_per_step']:.2f} | "
-                     f"{row['tokens_per_s']:,.0f} | {row['device_resident_bytes'] / 2 ** 20:,.0f} | "
-                     f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f} |")
+              ""]
+    lines += markdown_table(["part of a step, s", "RRE + ECSS", "learned top-1"], [
+        ["whole step", f"{ecss['step_seconds']:.3f}", f"{moe['step_seconds']:.3f}"],
+        ["whole step without prefetch", f"{c['ecss_without_prefetch']['step_seconds']:.3f}", "-"],
+        ["ECSS loading + gradient fetch", f"{ecss['transfer_seconds_per_step']:.3f}", "-"],
+        ["host AdamW of the touched experts", f"{ecss['host_update_seconds_per_step']:.3f}", "-"],
+        ["device optimizer over all parameters (measured alone)", "-", f"{moe['optimizer_seconds']:.3f}"],
+        ["device-resident MiB", f"{ecss['device_resident_bytes'] / 2 ** 20:,.0f}",
+         f"{moe['device_resident_bytes'] / 2 ** 20:,.0f}"]])
+    lines += [""] + markdown_table(
+        ["4 micro-batches per step", "slab experts", "loads per step", "tokens/s", "device-resident MiB",
+         "loaded per step MiB"],
+        ([name.replace("_", " "), str(row["slab_experts"]), f"{row['slab_loads_per_step']:.2f}",
+          f"{row['tokens_per_s']:,.0f}", f"{row['device_resident_bytes'] / 2 ** 20:,.0f}",
+          f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f}"] for name, row in record["reload"].items()))
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from mindformers_sigma.benchmarks.record import check_out_dir, write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
 
 TINY = Path(__file__).resolve().parents[2] / "ascend_configs" / "pangu_sigma_tiny_cpu.yaml"
 
@@ -89,14 +89,13 @@ def run(quick: bool, out_dir: str) -> dict:
 
 
 def table(record: dict) -> str:
-    lines = [f"| batch | KV cache decode tokens/s | no-cache decode tokens/s | speedup ({record['new_tokens']} new tokens) |",
-             "| --- | --- | --- | --- |"]
-    for batch, row in record["decoding"].items():
-        lines.append(f"| {batch} | {row['kv_cache']['decode_tokens_per_s']:,.0f} | "
-                     f"{row['no_cache']['decode_tokens_per_s']:,.0f} | {row['speedup']:.1f}x |")
-    lines += ["", "| model | parameters | weight MiB | prefill tokens/s (batch 8) | decode tokens/s (batch 8) |",
-              "| --- | --- | --- | --- | --- |"]
-    for name, row in record["extracted"].items():
-        lines.append(f"| {name.replace('_', ' ')} | {row['parameters']:,} | {row['weight_bytes'] / 2 ** 20:.2f} | "
-                     f"{row['prefill_tokens_per_s']:,.0f} | {row['decode_tokens_per_s']:,.0f} |")
-    return "\n".join(lines)
+    decoding = markdown_table(
+        ["batch", "KV cache decode tokens/s", "no-cache decode tokens/s", f"speedup ({record['new_tokens']} new tokens)"],
+        ([batch, f"{row['kv_cache']['decode_tokens_per_s']:,.0f}", f"{row['no_cache']['decode_tokens_per_s']:,.0f}",
+          f"{row['speedup']:.1f}x"] for batch, row in record["decoding"].items()))
+    extracted = markdown_table(
+        ["model", "parameters", "weight MiB", "prefill tokens/s (batch 8)", "decode tokens/s (batch 8)"],
+        ([name.replace("_", " "), f"{row['parameters']:,}", f"{row['weight_bytes'] / 2 ** 20:.2f}",
+          f"{row['prefill_tokens_per_s']:,.0f}", f"{row['decode_tokens_per_s']:,.0f}"]
+         for name, row in record["extracted"].items()))
+    return "\n".join(decoding + [""] + extracted)

@@ -26,7 +26,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from mindformers_sigma.benchmarks.record import check_out_dir, write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
 
 TOKENS, HIDDEN, HEADS, FFN, VOCAB, SEQ, EXPERTS, CAPACITY = 2048, 256, 4, 1024, 8000, 256, 16, 256
 EPS = 1e-5
@@ -274,8 +274,7 @@ def time_call(cell: nn.Cell, inputs, seconds: float) -> Tuple[float, float]:
 
 def markdown(rows: List[dict]) -> str:
     """The docs table: each op's formulations, fastest forward + backward first within the op."""
-    lines = ["| op | formulation | forward ms | forward + backward ms | speed-up vs baseline | max rel. diff |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    cells = []
     for op in dict.fromkeys(row["op"] for row in rows):
         group = [row for row in rows if row["op"] == op]
         baseline = next((row for row in group if row["baseline"]), group[0])
@@ -284,8 +283,9 @@ def markdown(rows: List[dict]) -> str:
             ratio = f"{baseline[key] / row[key]:.2f}x" if not row["baseline"] else "baseline"
             both = "" if row["forward_backward_ms"] is None else f"{row['forward_backward_ms']:.2f}"
             diff = "" if row["max_rel_diff"] is None else f"{row['max_rel_diff']:.1e}"
-            lines.append(f"| {op} | {row['formulation']} | {row['forward_ms']:.2f} | {both} | {ratio} | {diff} |")
-    return "\n".join(lines)
+            cells.append([op, row["formulation"], f"{row['forward_ms']:.2f}", both, ratio, diff])
+    return "\n".join(markdown_table(["op", "formulation", "forward ms", "forward + backward ms", "speed-up vs baseline",
+                                     "max rel. diff"], cells))
 
 
 def measure(seconds: float, only: str = "", baselines_only: bool = False) -> List[dict]:

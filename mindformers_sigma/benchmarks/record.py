@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from typing import Iterable, List, Sequence
 
 from mindformers_sigma.atomic import write_bytes_atomic
 from mindformers_sigma.errors import UserError
@@ -42,6 +43,12 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform(),
             "python": platform.python_version(), "mindspore": mindspore.__version__, "git_commit": _git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> List[str]:
+    """A markdown table's lines: the header, its separator (one ``---`` per column), then the rows."""
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"] + \
+        ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def write_record(path: str, record: dict, echo: bool = True) -> None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from mindformers_sigma.benchmarks.record import check_out_dir, write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
 from mindformers_sigma.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "ascend_configs"
@@ -77,19 +77,17 @@ def run_routers(quick: bool, out_dir: str) -> dict:
 
 
 def table(record: dict) -> str:
-    lines = ["| config | tokens/s | MFU | peak GFLOP/s (same run) | compile s |", "| --- | --- | --- | --- | --- |"]
-    for name, row in record["results"].items():
-        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['mfu']:.3f} | {row['peak_gflops']:.0f} | "
-                     f"{row['compile_seconds']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(
+        ["config", "tokens/s", "MFU", "peak GFLOP/s (same run)", "compile s"],
+        ([name, f"{row['tokens_per_s']:,.0f}", f"{row['mfu']:.3f}", f"{row['peak_gflops']:.0f}",
+          f"{row['compile_seconds']:.1f}"] for name, row in record["results"].items())))
 
 
 def routers_table(record: dict) -> str:
-    lines = ["| router (T1 shapes) | tokens/s | vs learned top-1 | dropped assignments |", "| --- | --- | --- | --- |"]
-    for name, row in record["results"].items():
-        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['speed_vs_top1']:.2f}x | "
-                     f"{row['dropped_assignments']:,} |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(
+        ["router (T1 shapes)", "tokens/s", "vs learned top-1", "dropped assignments"],
+        ([name, f"{row['tokens_per_s']:,.0f}", f"{row['speed_vs_top1']:.2f}x", f"{row['dropped_assignments']:,}"]
+         for name, row in record["results"].items())))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
