@@ -52,14 +52,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected GiB, a number in (0, 1e6], got {text!r}") from None
-    if not 0 < value <= 1e6:
-        raise argparse.ArgumentTypeError(f"expected GiB, a number in (0, 1e6], got {text!r}")
-    return value
+_MEMORY_GIB = number_in("(0, 1e6]", "GiB, a number")
 
 
 def _strategy_folder(path: str) -> str:
@@ -228,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, help="YAML config file")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     plan.add_argument("--emit-strategy", metavar="DIR", help="also write DIR/<config name>.json, a MindSpore strategy file")
-    plan.add_argument("--hbm-gb", type=_memory_gib, default=32.0, help="device memory in GiB (Ascend 910: 32)")
-    plan.add_argument("--host-gb", type=_memory_gib, default=512.0, help="host memory per server in GiB")
+    plan.add_argument("--hbm-gb", type=_MEMORY_GIB, default=32.0, help="device memory in GiB (Ascend 910: 32)")
+    plan.add_argument("--host-gb", type=_MEMORY_GIB, default=512.0, help="host memory per server in GiB")
     plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override one config value (YAML syntax), validated like the file; repeatable")
     plan.set_defaults(handler=_cmd_plan)
