@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from mindspore import nn
 
-from mindformers_sigma.generation.kv_cache import gather_rows
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 
 
@@ -21,8 +20,8 @@ class LastTokenLogits(nn.Cell):
         self.model = model
 
     def construct(self, input_ids, domain_ids, last):
-        hidden, _, _ = self.model.backbone(input_ids, domain_ids)
-        return self.model.vocabulary_logits(gather_rows(hidden, last))
+        logits, _, _ = self.model.next_token_logits(input_ids, domain_ids, last)
+        return logits
 
 
 def right_padded(sequences: list, seq_length: int):

@@ -10,25 +10,17 @@ values).  Prompts are left-padded so that every row's last prompt token sits in 
   serves every step, as only tensor values change.
 
 Positions count from each row's first real token; the attention bias hides the left padding
-and the columns after ``c``.  Both cells reuse the model's own layers (``DecoderLayer.
-attention_inputs`` / ``finish``), so the arithmetic is the training forward's.
+and the columns after ``c``.  Both cells call the model's one forward walk
+(``PanGuSigmaForCausalLM.next_token_logits``), so the arithmetic is the training forward's.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from mindformers_sigma.model.eod_reset import MASKED_SCORE
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
-
-
-def gather_rows(hidden, columns):
-    """hidden [B, S, H], columns [B] int32 -> [B, H]: row b's hidden state at column ``columns[b]``."""
-    batch, seq, width = hidden.shape
-    index = ops.arange(batch, dtype=ms.int32) * seq + columns
-    return ops.gather(hidden.reshape((batch * seq, width)), index, 0)
 
 
 class Prefill(nn.Cell):
@@ -40,24 +32,8 @@ class Prefill(nn.Cell):
         self.model = model
 
     def construct(self, input_ids, position_ids, attention_bias, domain_ids, last):
-        backbone = self.model.backbone
-        hidden = backbone.embedding(input_ids, position_ids)
-        keys, values = (), ()
-        for layer in backbone.layers:
-            query, key, value = layer.attention_inputs(hidden)
-            hidden, _, _ = layer.finish(hidden, query, key, value, attention_bias, input_ids, domain_ids)
-            keys += (key,)
-            values += (value,)
-        hidden = backbone.final_norm(hidden)
-        top = backbone.top_query_layer
-        query, key, value = top.attention_inputs(hidden, backbone.top_query_embedding(position_ids))
-        hidden, _, _ = top.finish(hidden, query, key, value, attention_bias, input_ids, domain_ids)
-        return self.model.vocabulary_logits(gather_rows(hidden, last)), keys + (key,), values + (value,)
-
-
-def _written(cache, new, column_mask):
-    """``cache`` with column ``c`` replaced by ``new`` [B, heads, 1, d] (``column_mask``: bool, true at c only)."""
-    return ops.where(column_mask, new.astype(cache.dtype), cache)
+        return self.model.next_token_logits(input_ids, domain_ids, last, position_ids=position_ids,
+                                            attention_bias=attention_bias)
 
 
 class DecodeStep(nn.Cell):
@@ -67,32 +43,12 @@ class DecodeStep(nn.Cell):
     def __init__(self, model: PanGuSigmaForCausalLM):
         super().__init__(auto_prefix=False)
         self.model = model
-        # hidden x word_table^T without transposing the table every step (2.8x faster at [1, 128] x [4096, 128])
-        self.head = ops.MatMul(transpose_b=True)
 
     def construct(self, token_ids, position_ids, column_mask, attention_bias, domain_ids, keys, values):
-        backbone = self.model.backbone
-        hidden = backbone.embedding(token_ids, position_ids)
-        new_keys, new_values = (), ()
-        index = 0
-        for layer in backbone.layers:
-            query, key, value = layer.attention_inputs(hidden)
-            key = _written(keys[index], key, column_mask)
-            value = _written(values[index], value, column_mask)
-            hidden, _, _ = layer.finish(hidden, query, key, value, attention_bias, token_ids, domain_ids,
-                                        None, None, True)
-            new_keys += (key,)
-            new_values += (value,)
-            index += 1
-        hidden = backbone.final_norm(hidden)
-        top = backbone.top_query_layer
-        query, key, value = top.attention_inputs(hidden, backbone.top_query_embedding(position_ids))
-        key = _written(keys[index], key, column_mask)
-        value = _written(values[index], value, column_mask)
-        hidden, _, _ = top.finish(hidden, query, key, value, attention_bias, token_ids, domain_ids, None, None, True)
-        word_table = backbone.embedding.word.embedding_table
-        logits = self.head(hidden.reshape((hidden.shape[0], hidden.shape[2])).astype(ms.float32), word_table)
-        return logits, new_keys + (key,), new_values + (value,)
+        first = domain_ids * 0  # column 0 of the one-token window
+        return self.model.next_token_logits(token_ids, domain_ids, first, position_ids=position_ids,
+                                            attention_bias=attention_bias, kv_cache=(keys, values),
+                                            cache_column=column_mask)
 
 
 def left_padded_window(prompts: list, seq_length: int):

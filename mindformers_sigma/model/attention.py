@@ -37,7 +37,7 @@ class SelfAttention(nn.Cell):
     def project(self, hidden, query_input=None):
         """hidden [B, S, H] -> query, key, value [B, heads, S, head_dim]; ``query_input`` replaces hidden for Q.
 
-        Separate from :meth:`attend` so that decoding can append key and value to a cache in between.
+        Separate from :meth:`attend` so that a decoding step can write key and value into its cache in between.
         """
         query_source = hidden if query_input is None else query_input
         return (self._split_heads(self.query(query_source)), self._split_heads(self.key(hidden)),
@@ -51,8 +51,3 @@ class SelfAttention(nn.Cell):
         context = self.mix(probs.astype(self.compute_dtype), value)
         context = context.transpose(0, 2, 1, 3).reshape((batch, seq, self.num_heads * self.head_dim))
         return self.output(context)
-
-    def construct(self, hidden, attention_bias, query_input=None, dropout_seed=None):
-        """hidden [B, S, H], attention_bias [B, 1, S, S]; query_input [B, S, H] replaces hidden for Q."""
-        query, key, value = self.project(hidden, query_input)
-        return self.attend(query, key, value, attention_bias, dropout_seed)

@@ -25,7 +25,9 @@ class DecoderLayer(nn.Cell):
 
     In the top query layer (PanGu-α's last layer) the caller passes ``query_hidden``, the
     top-query embedding, which replaces the hidden states as the attention query.
-    Returns ``(hidden, aux_loss, dropped)``; dense layers give zeros for the last two.
+    Returns ``(hidden, aux_loss, dropped, key, value)``: dense layers give zeros for the loss
+    and the drops; ``key``/``value`` [B, heads, Sk, d] are what attention attended over, which
+    decoding keeps as its cache.
     """
 
     def __init__(self, config: SigmaConfig, layer_index: int, sparse: bool, routing_table: Optional[np.ndarray] = None,
@@ -46,33 +48,25 @@ class DecoderLayer(nn.Cell):
         self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)
         self.ffn_dropout = SeededDropout(model.dropout_rate, first_site + 2)
 
-    def attention_inputs(self, hidden, query_hidden=None):
-        """Query, key and value of this layer's attention (decoding caches key and value)."""
-        return self.attention.project(self.attention_norm(hidden), query_hidden)
-
-    def finish(self, hidden, query, key, value, attention_bias, token_ids, domain_ids, expert_plan=None,
-               dropout_seed=None, per_token_experts=False):
-        """The rest of the layer once attention's inputs are known: attention, residual, FFN, residual.
-
-        ``per_token_experts``: a sparse layer gathers each token's expert weights instead of
+    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, expert_plan=None,
+                  dropout_seed=None, past_key=None, past_value=None, cache_column=None, per_token_experts=False):
+        """``past_key``/``past_value`` [B, heads, S, d] with ``cache_column`` [1, 1, S, 1] bool (one decoding
+        step): this step's key and value are written into the cache at that column, and attention runs over
+        the cache.  ``per_token_experts``: a sparse layer gathers each token's expert weights instead of
         dispatching (``MoELayer.per_token``), the cheap way for a decoding step's few tokens."""
+        query, key, value = self.attention.project(self.attention_norm(hidden), query_hidden)
+        if past_key is not None:
+            key = ops.where(cache_column, key.astype(past_key.dtype), past_key)
+            value = ops.where(cache_column, value.astype(past_value.dtype), past_value)
         attended = self.attention.attend(query, key, value, attention_bias, dropout_seed)
         hidden = hidden + self.attention_dropout(attended, dropout_seed).astype(hidden.dtype)
         normed = self.ffn_norm(hidden)
+        aux_loss = ops.zeros((), ms.float32)
+        dropped = ops.zeros((), ms.int32)
         if self.sparse and per_token_experts:
             update = self.ffn.per_token(normed, token_ids, domain_ids)
-            aux_loss = ops.zeros((), ms.float32)
-            dropped = ops.zeros((), ms.int32)
         elif self.sparse:
             update, aux_loss, dropped = self.ffn(normed, token_ids, domain_ids, expert_plan)
         else:
             update = self.ffn(normed)
-            aux_loss = ops.zeros((), ms.float32)
-            dropped = ops.zeros((), ms.int32)
-        return hidden + self.ffn_dropout(update, dropout_seed).astype(hidden.dtype), aux_loss, dropped
-
-    def construct(self, hidden, attention_bias, token_ids, domain_ids, query_hidden=None, expert_plan=None,
-                  dropout_seed=None):
-        query, key, value = self.attention_inputs(hidden, query_hidden)
-        return self.finish(hidden, query, key, value, attention_bias, token_ids, domain_ids, expert_plan,
-                           dropout_seed)
+        return hidden + self.ffn_dropout(update, dropout_seed).astype(hidden.dtype), aux_loss, dropped, key, value

@@ -35,7 +35,9 @@ def build_routing_tables(config: SigmaConfig, token_frequency: Optional[np.ndarr
 
 
 class PanGuSigmaModel(nn.Cell):
-    """input_ids [B, S], domain_ids [B] -> (hidden [B, S, H], aux_loss, dropped assignments)."""
+    """The decoder stack: embeddings, the layers, the final norm and the top query layer.
+
+    One walk serves training, scoring, prefill and each decoding step (``construct``)."""
 
     def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None,
                  expert_slots: Optional[int] = None):
@@ -64,24 +66,56 @@ class PanGuSigmaModel(nn.Cell):
             return None
         return expert_plan[index - self.dense_layers]
 
-    def construct(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
-        """``expert_plan`` [sparse_layers, K, C + 1]: the host's RRE dispatch (``moe/expert_plan.py``)."""
-        position_ids, attention_bias = self.eod_reset(input_ids)
+    def construct(self, input_ids, domain_ids, position_ids=None, attention_bias=None, expert_plan=None,
+                  dropout_seed=None, kv_cache=None, cache_column=None, per_token_experts=False):
+        """input_ids [B, S], domain_ids [B] -> (hidden [B, S, H], aux_loss, dropped, (keys, values)).
+
+        ``position_ids`` [B, S] and ``attention_bias`` [B, 1, S, Sk]: None computes both by the EOD reset
+        of ``input_ids`` (packed training samples); decoding passes its own.  ``expert_plan``
+        [sparse_layers, K, C + 1]: the host's RRE dispatch (``moe/expert_plan.py``).  ``kv_cache``
+        (keys, values), one [B, heads, S, d] per layer, with ``cache_column`` [1, 1, S, 1] bool: one decoding
+        step, whose keys and values are written at that column (``DecoderLayer``).  The returned keys and
+        values are each layer's attention inputs: the cache a prefill starts, or the updated one.
+        """
+        if position_ids is None:
+            position_ids, attention_bias = self.eod_reset(input_ids)
         hidden = self.embedding(input_ids, position_ids, dropout_seed)
         aux_loss = ops.zeros((), ms.float32)
         dropped = ops.zeros((), ms.int32)
-        for index, layer in enumerate(self.layers):
-            hidden, layer_aux, layer_dropped = layer(hidden, attention_bias, input_ids, domain_ids, None,
-                                                     self._layer_plan(expert_plan, index), dropout_seed)
+        keys, values = (), ()
+        index = 0
+        for layer in self.layers:
+            past_key, past_value = _past(kv_cache, index)
+            hidden, layer_aux, layer_dropped, key, value = layer(
+                hidden, attention_bias, input_ids, domain_ids, expert_plan=self._layer_plan(expert_plan, index),
+                dropout_seed=dropout_seed, past_key=past_key, past_value=past_value, cache_column=cache_column,
+                per_token_experts=per_token_experts)
             aux_loss += layer_aux
             dropped += layer_dropped
-        hidden = self.final_norm(hidden)
-        query_hidden = self.top_query_embedding(position_ids)
-        top_plan = self._layer_plan(expert_plan, len(self.layers))
-        hidden, layer_aux, layer_dropped = self.top_query_layer(
-            hidden, attention_bias, input_ids, domain_ids, query_hidden, top_plan, dropout_seed
-        )
-        return hidden, aux_loss + layer_aux, dropped + layer_dropped
+            keys += (key,)
+            values += (value,)
+            index += 1
+        past_key, past_value = _past(kv_cache, index)
+        hidden, layer_aux, layer_dropped, key, value = self.top_query_layer(
+            self.final_norm(hidden), attention_bias, input_ids, domain_ids,
+            query_hidden=self.top_query_embedding(position_ids), expert_plan=self._layer_plan(expert_plan, index),
+            dropout_seed=dropout_seed, past_key=past_key, past_value=past_value, cache_column=cache_column,
+            per_token_experts=per_token_experts)
+        return hidden, aux_loss + layer_aux, dropped + layer_dropped, (keys + (key,), values + (value,))
+
+
+def _past(kv_cache, index: int):
+    """Layer ``index``'s cached (key, value), or (None, None) without a cache."""
+    if kv_cache is None:
+        return None, None
+    return kv_cache[0][index], kv_cache[1][index]
+
+
+def gather_rows(hidden, columns):
+    """hidden [B, S, H], columns [B] int32 -> [B, H]: row b's hidden state at column ``columns[b]``."""
+    batch, seq, width = hidden.shape
+    index = ops.arange(batch, dtype=ms.int32) * seq + columns
+    return ops.gather(hidden.reshape((batch * seq, width)), index, 0)
 
 
 class PanGuSigmaForCausalLM(nn.Cell):
@@ -101,18 +135,31 @@ class PanGuSigmaForCausalLM(nn.Cell):
         self.backbone = PanGuSigmaModel(config, routing_tables, expert_slots)
         self.eod_token_id = config.model.eod_token_id
         self.num_domains = config.moe.num_domains
-        self.head = ops.MatMul()  # hidden x word_table^T: the tied output head
-
-    def logits(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
-        """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
-        hidden, aux_loss, dropped = self.backbone(input_ids, domain_ids, expert_plan, dropout_seed)
-        batch, seq, width = hidden.shape
-        return self.vocabulary_logits(hidden.reshape((batch * seq, width))).reshape((batch, seq, -1)), aux_loss, dropped
+        # the tied output head, hidden x word_table^T; transpose_b reads the table as stored (a transposed copy
+        # each call costs 5-10x the product at a decoding step's shapes, and the same in training)
+        self.head = ops.MatMul(transpose_b=True)
 
     def vocabulary_logits(self, hidden):
         """hidden [N, H] -> float32 logits [N, V] through the tied head."""
-        word_table = self.backbone.embedding.word.embedding_table
-        return self.head(hidden.astype(ms.float32), word_table.transpose(1, 0))
+        return self.head(hidden.astype(ms.float32), self.backbone.embedding.word.embedding_table)
+
+    def logits(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
+        """input_ids [B, S], domain_ids [B] -> (float32 logits [B, S, V], aux_loss, dropped)."""
+        hidden, aux_loss, dropped, _ = self.backbone(input_ids, domain_ids, expert_plan=expert_plan,
+                                                     dropout_seed=dropout_seed)
+        batch, seq, width = hidden.shape
+        return self.vocabulary_logits(hidden.reshape((batch * seq, width))).reshape((batch, seq, -1)), aux_loss, dropped
+
+    def next_token_logits(self, input_ids, domain_ids, last, position_ids=None, attention_bias=None, kv_cache=None,
+                          cache_column=None):
+        """(logits [B, V] of the token after column ``last`` [B] of each row, keys, values): generation's
+        forward, from a whole window or, with ``kv_cache``, one step (``PanGuSigmaModel``); a decoding step
+        computes each token with its experts' weights gathered, as it has fewer tokens than experts."""
+        hidden, _, _, (keys, values) = self.backbone(input_ids, domain_ids, position_ids=position_ids,
+                                                     attention_bias=attention_bias, kv_cache=kv_cache,
+                                                     cache_column=cache_column,
+                                                     per_token_experts=kv_cache is not None)
+        return self.vocabulary_logits(gather_rows(hidden, last)), keys, values
 
     def construct(self, tokens, domain_ids, expert_plan=None, dropout_seed=None):
         input_ids = tokens[:, :-1]

@@ -68,7 +68,7 @@ def op_strategies(config: SigmaConfig) -> Dict[str, OpStrategy]:
         prefix = "backbone.top_query_layer" if layer == num_layers - 1 else f"backbone.layers.{layer}"
         _layer_ops(config, mesh, prefix, layer, found)
     found["backbone.top_query_embedding/gather"] = OpStrategy(last, ((1, 1), (dp, 1)))
-    found["head"] = OpStrategy(last, ((dp, 1), (1, vocab)))
+    found["head"] = OpStrategy(last, ((dp, 1), (vocab, 1)))  # hidden [N, H] x word table [V, H] (transpose_b)
     return found
 
 
