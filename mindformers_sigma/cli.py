@@ -34,7 +34,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     count = count_parameters(config)
     slab = None
-    if config.moe.router == "rre" and config.model.sparse_layers:
+    if config.moe.table_routed and config.model.sparse_layers:
         from mindformers_sigma.ecss.slab import smallest_safe_slab, whole_step_slab
 
         slab = {"smallest_safe": smallest_safe_slab(config), "whole_step": whole_step_slab(config)}

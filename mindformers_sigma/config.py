@@ -97,11 +97,29 @@ class ModelConfig:
         _require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
 
 
+@dataclass(frozen=True)
+class RouterKind:
+    """What the rest of the project needs to know of a router (its Cell: ``moe/router.py``)."""
+
+    # experts are a fixed function of (domain, token id): the host plans dispatch and ECSS's loads before
+    # the step, a domain owns an expert group (extract, add-domain, inherit), and each layer has a routing table
+    table_routed: bool
+    learned_gate: bool  # a trained [H, E] gate, and the load-balancing loss
+    top_k: int  # experts per token
+
+
+ROUTERS = {
+    "rre": RouterKind(table_routed=True, learned_gate=False, top_k=1),  # Random Routed Experts
+    "switch": RouterKind(table_routed=False, learned_gate=True, top_k=1),  # Switch Transformer top-1
+    "gshard": RouterKind(table_routed=False, learned_gate=True, top_k=2),  # GShard top-2, gates renormalised
+}
+
+
 @dataclass
 class MoEConfig:
     """Sparse-layer routing: Random Routed Experts, or a learned-gate baseline with the same experts."""
 
-    router: Literal["rre", "switch", "gshard"] = "rre"
+    router: Literal[tuple(ROUTERS)] = "rre"
     num_experts: int = 640
     num_domains: int = 40
     experts_per_domain: int = 16
@@ -113,8 +131,16 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
 
     @property
+    def table_routed(self) -> bool:
+        return ROUTERS[self.router].table_routed
+
+    @property
+    def learned_gate(self) -> bool:
+        return ROUTERS[self.router].learned_gate
+
+    @property
     def top_k(self) -> int:
-        return 2 if self.router == "gshard" else 1
+        return ROUTERS[self.router].top_k
 
     def validate(self) -> None:
         for name in ("num_experts", "num_domains", "experts_per_domain"):
@@ -128,8 +154,8 @@ class MoEConfig:
             _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
                      "must be > 0, or null for no token dropping")
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
-        if self.router == "gshard":
-            _require(self.num_experts >= 2, "moe.num_experts", self.num_experts, "gshard (top-2) needs >= 2 experts")
+        _require(self.num_experts >= self.top_k, "moe.num_experts", self.num_experts,
+                 f"{self.router} (top-{self.top_k}) needs >= {self.top_k} experts")
         _require_seed("moe.routing_seed", self.routing_seed)
 
 
@@ -341,9 +367,9 @@ class SigmaConfig:
                  "ecss.enabled and train.freeze_shared off")
         _require(self.model.sparse_layers >= 1, "ecss.enabled", True,
                  "needs model.sparse_layers >= 1: a model without sparse layers has no experts to keep on the host")
-        _require(self.moe.router == "rre", "ecss.enabled", True,
-                 f"needs moe.router: rre: the host must know each step's experts before the step, and a "
-                 f"learned router ({self.moe.router}) only chooses them inside it")
+        _require(self.moe.table_routed, "ecss.enabled", True,
+                 f"needs a table-routed moe.router (rre): the host must know each step's experts before the step, "
+                 f"and a learned router ({self.moe.router}) only chooses them inside it")
         _require(self.moe.capacity_factor is None, "ecss.enabled", True,
                  "needs moe.capacity_factor: null (ECSS loads the experts of the host-made dropless plan)")
         _require(self.ecss.slab_experts <= self.moe.num_experts, "ecss.slab_experts", self.ecss.slab_experts,

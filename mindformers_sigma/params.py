@@ -33,7 +33,7 @@ def count_parameters(config: SigmaConfig) -> ParameterCount:
     layer_norm = 2 * h
     attention = 4 * (h * h + h)
     ffn = h * f + f + f * h + h
-    router = 0 if moe.router == "rre" else h * moe.num_experts
+    router = h * moe.num_experts if moe.learned_gate else 0  # the gate
     shared_per_layer = 2 * layer_norm + attention
     dense_layer = shared_per_layer + ffn
     sparse_layer = shared_per_layer + router + moe.num_experts * ffn
@@ -43,8 +43,8 @@ def count_parameters(config: SigmaConfig) -> ParameterCount:
     shared = embeddings + final_norm + m.dense_layers * dense_layer + m.sparse_layers * (shared_per_layer + router)
     total = shared + m.sparse_layers * moe.num_experts * ffn
     activated = shared + m.sparse_layers * moe.top_k * ffn
-    domain_submodel = shared + m.sparse_layers * moe.experts_per_domain * ffn if moe.router == "rre" else None
-    table_entries = m.sparse_layers * moe.num_domains * m.vocab_size if moe.router == "rre" else 0
+    domain_submodel = shared + m.sparse_layers * moe.experts_per_domain * ffn if moe.table_routed else None
+    table_entries = m.sparse_layers * moe.num_domains * m.vocab_size if moe.table_routed else 0
     return ParameterCount(total, activated, domain_submodel, embeddings, dense_layer, sparse_layer, ffn, table_entries)
 
 

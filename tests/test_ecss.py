@@ -17,7 +17,8 @@ from mindspore import Parameter, Tensor, ops
 
 from mindformers_sigma.config import ConfigError, apply_overrides
 from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
-from mindformers_sigma.ecss.host_store import EXPERT_TENSORS, HostExpertStore
+from mindformers_sigma.ecss.host_store import HostExpertStore
+from mindformers_sigma.model.names import EXPERT_TENSORS, expert_tensor_names
 from mindformers_sigma.ecss.offload import ExpertOffload
 from mindformers_sigma.ecss.slab import plan_slab_loads, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
@@ -135,27 +136,27 @@ def test_host_adamw_equals_the_device_kernel_on_touched_rows_only():
     settings = AdamWSettings(0.9, 0.95, 1e-8, {"w1": 0.1, "w2": 0.1, "b1": 0.0, "b2": 0.0})
     adamw_rows(layer, touched, grads, lr, settings)
     kernel = ops.AdamWeightDecay()
-    for t in EXPERT_TENSORS:
+    for t, name in zip(EXPERT_TENSORS, expert_tensor_names("layer")):
         for row, expert in enumerate(touched):
-            param = Parameter(Tensor(start[f"layer.{t}"][expert]), name="p")
-            m = Parameter(Tensor(start[f"adam_m.layer.{t}"][expert]), name="m")
-            v = Parameter(Tensor(start[f"adam_v.layer.{t}"][expert]), name="v")
+            param = Parameter(Tensor(start[name][expert]), name="p")
+            m = Parameter(Tensor(start[f"adam_m.{name}"][expert]), name="m")
+            v = Parameter(Tensor(start[f"adam_v.{name}"][expert]), name="v")
             kernel(param, m, v, lr, 0.9, 0.95, 1e-8, settings.weight_decay[t], Tensor(grads[t][row]))
             # float32 rounding of a few operations on values of order 1: a few eps.
             np.testing.assert_allclose(layer.weights[t][expert], param.asnumpy(), rtol=2e-6, atol=1e-7)
             np.testing.assert_allclose(layer.moment1[t][expert], m.asnumpy(), rtol=2e-6, atol=1e-8)
             np.testing.assert_allclose(layer.moment2[t][expert], v.asnumpy(), rtol=2e-6, atol=1e-9)
             # and the rule in float64 numpy (AdamWeightDecay: no bias correction, decoupled decay)
-            g, p0 = grads[t][row].astype(np.float64), start[f"layer.{t}"][expert].astype(np.float64)
-            m64 = 0.9 * start[f"adam_m.layer.{t}"][expert] + 0.1 * g
-            v64 = 0.95 * start[f"adam_v.layer.{t}"][expert] + 0.05 * g * g
+            g, p0 = grads[t][row].astype(np.float64), start[name][expert].astype(np.float64)
+            m64 = 0.9 * start[f"adam_m.{name}"][expert] + 0.1 * g
+            v64 = 0.95 * start[f"adam_v.{name}"][expert] + 0.05 * g * g
             p64 = p0 - lr * (m64 / (np.sqrt(v64) + 1e-8) + settings.weight_decay[t] * p0)
             np.testing.assert_allclose(layer.weights[t][expert], p64, rtol=2e-6, atol=1e-7)
             np.testing.assert_allclose(layer.moment1[t][expert], m64, rtol=2e-6, atol=1e-8)
             np.testing.assert_allclose(layer.moment2[t][expert], v64, rtol=2e-6, atol=1e-9)
         untouched = np.setdiff1d(np.arange(experts), touched)
-        assert np.array_equal(layer.weights[t][untouched], start[f"layer.{t}"][untouched])
-        assert np.array_equal(layer.moment1[t][untouched], start[f"adam_m.layer.{t}"][untouched])
+        assert np.array_equal(layer.weights[t][untouched], start[name][untouched])
+        assert np.array_equal(layer.moment1[t][untouched], start[f"adam_m.{name}"][untouched])
 
 
 def _uneven_plans(config, rows_per_domain, seed=0):
@@ -352,12 +353,13 @@ def test_a_checkpoint_expert_of_another_dtype_or_shape_is_refused_by_name(tmp_pa
         path = ckpt.save_checkpoint(str(tmp_path), step, entries, {"data_position": 0}, fmt, keep=10)
         return ckpt.read_checkpoint(path.rsplit(".", 1)[0] + ".json")
 
-    for step, (name, bad) in enumerate((("layer.w1", np.zeros((2, 3, 4), np.float16)),
-                                        ("adam_v.layer.b2", np.zeros((3, 1, 3), np.float32))), start=1):
+    w1, _, w2, b2 = expert_tensor_names("layer")
+    for step, (name, bad) in enumerate(((w1, np.zeros((2, 3, 4), np.float16)),
+                                        (f"adam_v.{b2}", np.zeros((3, 1, 3), np.float32))), start=1):
         with pytest.raises(DataError, match=rf"ckpt: {name} is \w+ of shape .* the model needs float32 of shape"):
             ckpt.copy_into(saved(dict(good, **{name: bad}), step), store.entries(), "ckpt")
-    with pytest.raises(DataError, match=r"ckpt: adam_m.layer.w2 is missing"):
-        ckpt.copy_into(saved({k: v for k, v in good.items() if k != "adam_m.layer.w2"}, 3), store.entries(), "ckpt")
+    with pytest.raises(DataError, match=rf"ckpt: adam_m.{w2} is missing"):
+        ckpt.copy_into(saved({k: v for k, v in good.items() if k != f"adam_m.{w2}"}, 3), store.entries(), "ckpt")
     ckpt.copy_into(saved(good, 4), store.entries(), "ckpt")  # the right arrays load, exactly
     assert all(np.array_equal(store.entries()[name], good[name]) for name in good)
 

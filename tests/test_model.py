@@ -149,3 +149,61 @@ def test_fast_gelu_composition_equals_the_fast_gelu_kernel_forward_and_backward(
     grad_kernel = ms.grad(lambda v: (ops.fast_gelu(v) * weights).sum())(x).asnumpy()
     assert np.all(np.abs(grad_ours - grad_kernel) <= 1e-5 * np.maximum(np.abs(grad_kernel), 1.0))
 
+
+
+@pytest.mark.parametrize("router,slots", [("rre", None), ("switch", None), ("gshard", None), ("rre", 3)])
+def test_model_names_are_the_built_models_parameter_names(pynative, router, slots):
+    """``model/names.py`` spells the names that checkpoints, layouts, ECSS and the lifecycle commands use;
+    each is checked here against the parameters of built models (an ECSS slab model included)."""
+    from mindformers_sigma.config import ROUTERS
+    from mindformers_sigma.model import names
+    from mindformers_sigma.model.layers import LayerNorm, Linear
+    from mindformers_sigma.model.pangu_sigma import routing_tables
+    from mindformers_sigma.moe.experts import BatchedExperts
+    from mindformers_sigma.moe.router import ROUTER_CELLS
+    from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
+
+    assert set(ROUTER_CELLS) == set(ROUTERS)  # a router has its Cell and its config entry
+    config = micro_config(model={"num_layers": 4, "dense_layers": 2}, moe={"router": router})
+    net = PanGuSigmaForCausalLM(config, expert_slots=slots)
+    params = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    m, moe = config.model, config.moe
+    layers = names.layer_prefixes(m)
+    assert layers == [f"backbone.layers.{i}" for i in range(3)] + ["backbone.top_query_layer"]
+    assert {names.layer_of(name) for name in params if ".layers." in name or "top_query_layer." in name} == set(layers)
+    assert names.sparse_layer_prefixes(m) == layers[2:]
+    for name in (names.WORD_EMBEDDING, names.POSITION_EMBEDDING, names.TOP_QUERY_EMBEDDING,
+                 f"{names.FINAL_NORM}.gamma", f"{names.FINAL_NORM}.beta"):
+        assert name in params, name
+    experts = slots or moe.num_experts
+    h, f = m.hidden_size, m.ffn_hidden_size
+    for layer in names.sparse_layer_prefixes(m):
+        assert [params[name] for name in names.expert_tensor_names(layer)] == \
+            [(experts, h, f), (experts, 1, f), (experts, f, h), (experts, 1, h)]
+        assert (names.routing_table_name(layer) in params) == (moe.table_routed and slots is None)
+        assert (f"{layer}.{names.GATE_WEIGHT}" in params) == moe.learned_gate
+    for layer in layers[:2]:
+        for dense in names.DENSE_FFN_OF_EXPERT.values():
+            assert f"{layer}.{dense}" in params
+        for role in names.ATTENTION_LINEARS:
+            assert f"{layer}.{names.ATTENTION}.{role}.weight" in params
+    owned = {kind: {p.name for _, cell in net.cells_and_names() if isinstance(cell, kind)
+                    for p in cell.get_parameters(expand=False)} for kind in (BatchedExperts, LayerNorm, Linear)}
+    assert {name for name in params if names.is_expert_parameter(name)} == owned[BatchedExperts]
+    biases = {name for name in owned[Linear] if name.endswith(".bias")} | \
+        {name for name in owned[BatchedExperts] if name.endswith((".b1", ".b2"))}
+    assert {name for name in params if names.is_bias_or_norm(name)} == owned[LayerNorm] | biases
+    assert all(names.is_model_parameter(name) for name in params)
+    optimizer = HybridAdamWeightDecay(net.trainable_params(), 1e-3, 0.9, 0.95, 1e-8, 1e-8, 0.1)
+    moments = {p.name for p in optimizer.moments1} | {p.name for p in optimizer.moments2}
+    assert moments == {moment for p in net.trainable_params() for moment in names.moment_names(p.name)}
+    assert all(names.is_moment(name) and not names.is_model_parameter(name) for name in moments)
+    assert {name for name in moments if names.is_expert_parameter(name)} == \
+        {moment for name in owned[BatchedExperts] for moment in names.moment_names(name)}
+    tables = routing_tables(net)
+    assert list(tables) == ([names.routing_table_name(layer) for layer in names.sparse_layer_prefixes(m)]
+                            if moe.table_routed else [])
+    for name, table in tables.items():
+        assert table.shape == (moe.num_domains, m.vocab_size) and table.dtype == np.int32
+        if slots is None:
+            np.testing.assert_array_equal(table, dict(net.parameters_and_names())[name].asnumpy())

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mindspore import Parameter, Tensor, nn
 
+from mindformers_sigma.model.names import expert_tensor_names
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import predicted_tokens
 from mindformers_sigma.training.lr_schedule import learning_rate_at
@@ -29,7 +30,7 @@ class _Two(nn.Cell):
     def __init__(self):
         super().__init__()
         self.dense = Parameter(Tensor(np.array([[0.5, -1.0]], np.float32)), name="layer.query.weight")
-        self.expert = Parameter(Tensor(np.array([[2.0, 0.25]], np.float32)), name="layer.experts.w1")
+        self.expert = Parameter(Tensor(np.array([[2.0, 0.25]], np.float32)), name=expert_tensor_names("layer")[0])
         self.bias = Parameter(Tensor(np.array([0.1, 0.2], np.float32)), name="layer.query.bias")
 
 

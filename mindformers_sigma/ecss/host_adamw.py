@@ -16,7 +16,8 @@ from typing import Dict
 
 import numpy as np
 
-from mindformers_sigma.ecss.host_store import EXPERT_TENSORS, LayerExperts
+from mindformers_sigma.ecss.host_store import LayerExperts
+from mindformers_sigma.model.names import EXPERT_TENSORS
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-
-EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
-MOMENT_PREFIXES = ("adam_m.", "adam_v.")
+from mindformers_sigma.model.names import EXPERT_TENSORS, expert_tensor_names, moment_names
 
 
 @dataclass
 class LayerExperts:
-    """One sparse layer's experts: ``prefix`` is their parameters' name without the tensor."""
+    """One sparse layer's experts (``layer``: the layer's parameter-name prefix), by tensor (``EXPERT_TENSORS``)."""
 
-    prefix: str
+    layer: str
     weights: Dict[str, np.ndarray]
     moment1: Dict[str, np.ndarray]
     moment2: Dict[str, np.ndarray]
@@ -36,11 +34,11 @@ class LayerExperts:
     def entries(self) -> Dict[str, np.ndarray]:
         """Checkpoint entries: the weights and both moments under their plain-model names."""
         found = {}
-        for tensor in EXPERT_TENSORS:
-            name = f"{self.prefix}.{tensor}"
+        for tensor, name in zip(EXPERT_TENSORS, expert_tensor_names(self.layer)):
+            first, second = moment_names(name)
             found[name] = self.weights[tensor]
-            found[MOMENT_PREFIXES[0] + name] = self.moment1[tensor]
-            found[MOMENT_PREFIXES[1] + name] = self.moment2[tensor]
+            found[first] = self.moment1[tensor]
+            found[second] = self.moment2[tensor]
         return found
 
 
@@ -51,7 +49,7 @@ class HostExpertStore:
         self.layers = layers
 
     @classmethod
-    def allocate(cls, prefixes: List[str], shapes: Dict[str, Tuple[int, ...]], num_experts: int,
+    def allocate(cls, layers: List[str], shapes: Dict[str, Tuple[int, ...]], num_experts: int,
                  directory: Optional[str] = None) -> "HostExpertStore":
         """Zero weights and moments for ``num_experts`` experts of each layer (``shapes``: one
         expert's, per tensor), in RAM or in memory-mapped files under ``directory``.  No page is
@@ -66,12 +64,14 @@ class HostExpertStore:
             return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=np.float32,
                                              shape=shape)
 
-        layers = []
-        for prefix in prefixes:
-            kinds = [{t: array(f"{kind}{prefix}.{t}", (num_experts, *shapes[t])) for t in EXPERT_TENSORS}
-                     for kind in ("",) + MOMENT_PREFIXES]
-            layers.append(LayerExperts(prefix, *kinds))
-        return cls(layers)
+        found = []
+        for layer in layers:
+            tensors = dict(zip(EXPERT_TENSORS, expert_tensor_names(layer)))
+            kinds = [{t: array(name, (num_experts, *shapes[t])) for t, name in tensors.items()},
+                     *({t: array(moment_names(name)[which], (num_experts, *shapes[t])) for t, name in tensors.items()}
+                       for which in (0, 1))]
+            found.append(LayerExperts(layer, *kinds))
+        return cls(found)
 
     def fault_in_zeros(self) -> None:
         """Write the zero arrays of a fresh RAM store (moments, biases) once, so their pages are

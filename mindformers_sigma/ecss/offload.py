@@ -23,9 +23,10 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
-from mindformers_sigma.ecss.host_store import EXPERT_TENSORS, HostExpertStore
+from mindformers_sigma.ecss.host_store import HostExpertStore
 from mindformers_sigma.ecss.slab import SlabLoad, plan_slab_loads, slab_size
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.model import names
 
 
 class SlabWriter(nn.Cell):
@@ -72,11 +73,11 @@ class ExpertOffload:
         self.store_directory = store_directory  # where a memory-mapped store's files are (None: in RAM)
         self.slab_experts = slab_experts
         self.settings = settings
-        prefixes = [layer.prefix for layer in store.layers]
+        layers = [layer.layer for layer in store.layers]
         # host_grads come in slab_params order: remember each one's (layer, tensor)
-        self.grad_order = [(prefixes.index(p.name.rsplit(".", 1)[0]), p.name.rsplit(".", 1)[1]) for p in slab_params]
+        self.grad_order = [(layers.index(names.layer_of(p.name)), p.name.rsplit(".", 1)[1]) for p in slab_params]
         by_name = {p.name: p for p in slab_params}
-        self.writers = [SlabWriter([by_name[f"{prefix}.{t}"] for t in EXPERT_TENSORS]) for prefix in prefixes]
+        self.writers = [SlabWriter([by_name[name] for name in names.expert_tensor_names(layer)]) for layer in layers]
         self._pending: Optional[tuple] = None  # the next step's loads, staged and not yet begun
         self._staged: List[_StagedLoad] = []  # the running (or last) step's loads
         self._loaded = 0  # which of them the slab holds
@@ -102,11 +103,11 @@ class ExpertOffload:
             raise DataError("ecss.host_store: mmap keeps the expert store in files under --out; pass --out, or "
                             "set ecss.host_store: ram")
         model, moe, train = config.model, config.moe, config.train
-        prefixes = list(dict.fromkeys(p.name.rsplit(".", 1)[0] for p in slab_params))
+        layers = list(dict.fromkeys(names.layer_of(p.name) for p in slab_params))
         shapes = {"w1": (model.hidden_size, model.ffn_hidden_size), "b1": (1, model.ffn_hidden_size),
                   "w2": (model.ffn_hidden_size, model.hidden_size), "b2": (1, model.hidden_size)}
         directory = store_directory if config.ecss.host_store == "mmap" else None
-        store = HostExpertStore.allocate(prefixes, shapes, moe.num_experts, directory)
+        store = HostExpertStore.allocate(layers, shapes, moe.num_experts, directory)
         scale = np.float32(model.init_std)
         for index, layer in enumerate(store.layers):
             rng = np.random.default_rng([config.context.seed, index])
@@ -116,7 +117,8 @@ class ExpertOffload:
         if directory is None:
             store.fault_in_zeros()
         settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
-                                 {name: train.weight_decay if name[0] == "w" else 0.0 for name in EXPERT_TENSORS})
+                                 {t: 0.0 if names.is_bias_or_norm(t) else train.weight_decay
+                                  for t in names.EXPERT_TENSORS})
         return cls(slab_params, store, slab_size(config), settings, routing_tables, directory)
 
     def stage(self, plans: List[np.ndarray], num_tokens: int, micro_experts: List[List[np.ndarray]]
@@ -128,13 +130,13 @@ class ExpertOffload:
         copied again by :meth:`begin_step`."""
         started = time.perf_counter()
         loads = plan_slab_loads(micro_experts, self.slab_experts,
-                                [layer.prefix.rsplit(".ffn.", 1)[0] for layer in self.store.layers])
+                                [layer.layer for layer in self.store.layers])
         in_flight = not self._updated and self._touched is not None  # its host update may still run
         staged = []
         for load in loads:
             rows, stale = [], []
             for index, (layer, experts) in enumerate(zip(self.store.layers, load.assignment.active)):
-                rows.append([layer.weights[t][experts] for t in EXPERT_TENSORS])
+                rows.append([layer.weights[t][experts] for t in names.EXPERT_TENSORS])
                 if not in_flight:
                     stale.append(np.zeros(experts.size, bool))
                 elif self.dense_semantics:  # that update writes every expert
@@ -158,7 +160,7 @@ class ExpertOffload:
             for layer, experts, layer_rows, layer_stale in zip(self.store.layers, item.load.assignment.active,
                                                               item.rows, item.stale):
                 if layer_stale.any():
-                    for tensor, array in zip(EXPERT_TENSORS, layer_rows):
+                    for tensor, array in zip(names.EXPERT_TENSORS, layer_rows):
                         array[layer_stale] = layer.weights[tensor][experts[layer_stale]]
         self._staged = staged
         self._touched = [np.unique(np.concatenate([s.load.assignment.active[layer] for s in staged]))
@@ -176,7 +178,7 @@ class ExpertOffload:
             self.write_load(0)
             return None
         self._host_sums = [{t: np.zeros((experts.size, *layer.weights[t].shape[1:]), np.float32)
-                            for t in EXPERT_TENSORS} for layer, experts in zip(self.store.layers, self._touched)]
+                            for t in names.EXPERT_TENSORS} for layer, experts in zip(self.store.layers, self._touched)]
         return self
 
     def write_load(self, index: int) -> None:
@@ -227,7 +229,7 @@ class ExpertOffload:
         for sums, experts, step_experts, grads in zip(self._host_sums, active, self._touched,
                                                       self._fetch(slab_grads)):
             rows = np.searchsorted(step_experts, experts)
-            for tensor in EXPERT_TENSORS:
+            for tensor in names.EXPERT_TENSORS:
                 sums[tensor][rows] += grads[tensor]
 
     def host_squares(self) -> Tensor:

@@ -15,8 +15,8 @@ from typing import Dict, Optional
 import numpy as np
 
 from mindformers_sigma.config import SigmaConfig, config_from_dict, config_to_dict
-from mindformers_sigma.lifecycle.extract import EXPERT_TENSORS, standalone_sections
-from mindformers_sigma.lifecycle.model_checkpoint import ROUTING_TABLE, sparse_layer_prefixes
+from mindformers_sigma.lifecycle.extract import standalone_sections
+from mindformers_sigma.model import names
 from mindformers_sigma.moe.routing_table import routing_table_row
 
 DENSE_INIT = "dense"
@@ -35,17 +35,16 @@ def add_domain(config: SigmaConfig, weights: Dict[str, np.ndarray], init_from: O
     """The weights with domain ``num_domains`` added; ``init_from``: a domain id whose experts the new
     group copies, None for the mean of all groups; ``frequency`` [vocab]: the new domain's token counts."""
     group, domains = config.moe.experts_per_domain, config.moe.num_domains
-    sparse = sparse_layer_prefixes(config)
     out = dict(weights)
-    for layer, prefix in enumerate(sparse):
-        table = weights[prefix + ROUTING_TABLE]
+    for layer, prefix in enumerate(names.sparse_layer_prefixes(config.model)):
+        table = names.routing_table_name(prefix)
         row = routing_table_row(config.model.vocab_size, group, seed, layer, domains, frequency)
-        out[prefix + ROUTING_TABLE] = np.concatenate([table, row[None]], 0)
-        for tensor in EXPERT_TENSORS:
-            experts = weights[prefix + tensor]
+        out[table] = np.concatenate([weights[table], row[None]], 0)
+        for tensor in names.expert_tensor_names(prefix):
+            experts = weights[tensor]
             if init_from is None:
                 new = experts.reshape((domains, group) + experts.shape[1:]).mean(0, dtype=np.float64)
             else:
                 new = experts[init_from * group:(init_from + 1) * group]
-            out[prefix + tensor] = np.concatenate([experts, new.astype(experts.dtype)], 0)
+            out[tensor] = np.concatenate([experts, new.astype(experts.dtype)], 0)
     return out

@@ -103,7 +103,7 @@ def _frequency(data_dir: Optional[str], domains: List[str], vocab_size: int, tok
 def _require_experts(described, path: str) -> None:
     """Domains own experts only in an RRE model with sparse layers."""
     config = described.config
-    if config.moe.router != "rre" or not config.model.sparse_layers:
+    if not config.moe.table_routed or not config.model.sparse_layers:
         raise DataError(f"--ckpt {path}: a {'dense' if not config.model.sparse_layers else config.moe.router} model "
                         f"has no per-domain experts; give a PanGu-Σ (RRE) checkpoint")
 

@@ -13,9 +13,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from mindformers_sigma.config import SigmaConfig, config_from_dict, config_to_dict
-from mindformers_sigma.lifecycle.model_checkpoint import ROUTING_TABLE, sparse_layer_prefixes
-
-EXPERT_TENSORS = ("ffn.experts.w1", "ffn.experts.b1", "ffn.experts.w2", "ffn.experts.b2")
+from mindformers_sigma.model import names
 
 
 def standalone_sections(raw: dict) -> dict:
@@ -38,14 +36,10 @@ def extract_domain(config: SigmaConfig, weights: Dict[str, np.ndarray], domain: 
     """The sub-model config and weights of domain id ``domain``."""
     group = config.moe.experts_per_domain
     first = domain * group
-    sparse = sparse_layer_prefixes(config)
-    out = {}
-    for name, value in weights.items():
-        prefix = next((p for p in sparse if name.startswith(p)), None)
-        if prefix is not None and name == prefix + ROUTING_TABLE:
-            out[name] = (value[domain:domain + 1] - first).astype(np.int32)
-        elif prefix is not None and name[len(prefix):] in EXPERT_TENSORS:
-            out[name] = np.ascontiguousarray(value[first:first + group])
-        else:
-            out[name] = value
+    out = dict(weights)
+    for layer in names.sparse_layer_prefixes(config.model):
+        table = names.routing_table_name(layer)
+        out[table] = (weights[table][domain:domain + 1] - first).astype(np.int32)
+        for tensor in names.expert_tensor_names(layer):
+            out[tensor] = np.ascontiguousarray(weights[tensor][first:first + group])
     return submodel_config(config), out

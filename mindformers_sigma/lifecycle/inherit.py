@@ -14,14 +14,11 @@ import numpy as np
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.lifecycle.model_checkpoint import ROUTING_TABLE, sparse_layer_prefixes
+from mindformers_sigma.model import names
 from mindformers_sigma.model.pangu_sigma import build_routing_tables
 
 BACKBONE_KEYS = ("vocab_size", "hidden_size", "num_heads", "ffn_hidden_size", "num_layers", "seq_length",
                  "eod_token_id", "layernorm_epsilon")
-# expert tensor <- (dense FFN tensor, shape of one expert's slice)
-FROM_DENSE = {"ffn.experts.w1": "ffn.mapping.weight", "ffn.experts.b1": "ffn.mapping.bias",
-              "ffn.experts.w2": "ffn.projection.weight", "ffn.experts.b2": "ffn.projection.bias"}
 
 
 def check_same_backbone(dense: SigmaConfig, sigma: SigmaConfig, dense_source: str) -> None:
@@ -33,7 +30,7 @@ def check_same_backbone(dense: SigmaConfig, sigma: SigmaConfig, dense_source: st
     if dense.model.sparse_layers:
         raise DataError(f"--dense {dense_source}: has {dense.model.sparse_layers} sparse layers; inherit takes a "
                         f"dense model (model.sparse_layers 0)")
-    if sigma.moe.router != "rre":
+    if not sigma.moe.table_routed:
         raise DataError(f"{sigma.source}: moe.router = {sigma.moe.router!r}; inherit builds RRE models")
     if not sigma.model.sparse_layers:
         raise DataError(f"{sigma.source}: model.sparse_layers = 0; inherit builds a sparse model: give a PanGu-Σ "
@@ -52,23 +49,24 @@ def inherit_weights(dense: Dict[str, np.ndarray], dense_source: str, sigma: Sigm
     experts = sigma.moe.num_experts
     rng = np.random.default_rng(seed)
     tables = build_routing_tables(sigma, token_frequency if sigma.moe.table_balance == "frequency" else None)
-    sparse = sparse_layer_prefixes(sigma)
+    sparse = names.sparse_layer_prefixes(sigma.model)
+    table_layer = {names.routing_table_name(layer): index for index, layer in enumerate(sparse)}
+    dense_twin = {expert: f"{layer}.{names.DENSE_FFN_OF_EXPERT[tensor]}" for layer in sparse
+                  for tensor, expert in zip(names.EXPERT_TENSORS, names.expert_tensor_names(layer))}
     out: Dict[str, np.ndarray] = {}
     for name, shape in expected_shapes.items():
-        prefix = next((p for p in sparse if name.startswith(p)), None)
-        local = name[len(prefix):] if prefix is not None else None
-        if local == ROUTING_TABLE:
-            value = tables[sparse.index(prefix)]
-        elif local in FROM_DENSE:
-            ffn = _dense_tensor(dense, prefix + FROM_DENSE[local], dense_source).astype(np.float32)
+        if name in table_layer:
+            value = tables[table_layer[name]]
+        elif name in dense_twin:
+            ffn = _dense_tensor(dense, dense_twin[name], dense_source).astype(np.float32)
             value = np.repeat(ffn.reshape((1,) + shape[1:]), experts, axis=0) if ffn.size == int(np.prod(shape[1:])) \
                 else ffn
-            if noise_std > 0 and local in ("ffn.experts.w1", "ffn.experts.w2"):
+            if noise_std > 0 and not names.is_bias_or_norm(name):
                 value = value + rng.normal(0.0, noise_std, value.shape).astype(np.float32)
         else:
             value = _dense_tensor(dense, name, dense_source)
         if tuple(value.shape) != tuple(shape):
-            source = prefix + FROM_DENSE[local] if local in FROM_DENSE else name
+            source = dense_twin.get(name, name)
             raise DataError(f"--dense {dense_source}: {source} has shape {tuple(dense[source].shape)}, {name} of "
                             f"{sigma.source} needs {tuple(shape)}; use a dense model of the same shapes")
         out[name] = value

@@ -15,26 +15,17 @@ import numpy as np
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.model import names
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.description import Description, description_fields
-from mindformers_sigma.training.resume import is_model_parameter
-
-ROUTING_TABLE = "ffn.router.routing_table"
-
-
-def sparse_layer_prefixes(config: SigmaConfig) -> List[str]:
-    """The parameter-name prefix of each sparse layer, bottom to top (the last is the top query layer)."""
-    model = config.model
-    names = [f"backbone.layers.{index}." for index in range(model.num_layers - 1)] + ["backbone.top_query_layer."]
-    return names[model.dense_layers:]
 
 
 def model_weights(description: Description) -> Dict[str, np.ndarray]:
     """Every model parameter of the checkpoint as numpy arrays (optimizer state skipped unread)."""
     try:
         stored = ms.load_checkpoint(description.info.weights_path, format=description.info.meta["format"],
-                                    choice_func=is_model_parameter)
+                                    choice_func=names.is_model_parameter)
     except (ValueError, RuntimeError, TypeError) as err:
         raise DataError(f"{description.info.weights_path}: cannot be read ({str(err).splitlines()[0][:160]})") from None
     return {name: value.asnumpy() for name, value in stored.items()}
@@ -56,7 +47,8 @@ def inference_config(config: SigmaConfig) -> SigmaConfig:
 def build_model(config: SigmaConfig, weights: Dict[str, np.ndarray], source: str) -> PanGuSigmaForCausalLM:
     """The network of ``config`` holding ``weights``; a missing or misshapen parameter is one line naming it
     and both shapes."""
-    tables = [prefix + ROUTING_TABLE for prefix in sparse_layer_prefixes(config)] if config.moe.router == "rre" else []
+    tables = [names.routing_table_name(layer) for layer in names.sparse_layer_prefixes(config.model)] \
+        if config.moe.table_routed else []
     for name in tables:
         if name not in weights:
             raise DataError(f"{source}: lacks parameter {name}, the routing table of a sparse layer of its config; "

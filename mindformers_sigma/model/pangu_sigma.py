@@ -8,23 +8,25 @@ embedding.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.model import names
 from mindformers_sigma.model.block import DecoderLayer
 from mindformers_sigma.model.embedding import Embedding, LookupTable
 from mindformers_sigma.model.eod_reset import EodResetMask
 from mindformers_sigma.model.layers import LayerNorm
+from mindformers_sigma.moe.moe_layer import MoELayer
 from mindformers_sigma.moe.routing_table import build_routing_table
 
 
 def build_routing_tables(config: SigmaConfig, token_frequency: Optional[np.ndarray] = None) -> list:
     """One RRE table per sparse layer, drawn from ``moe.routing_seed`` (empty for learned routers)."""
-    if config.moe.router != "rre":
+    if not config.moe.table_routed:
         return []
     moe = config.moe
     return [
@@ -32,6 +34,18 @@ def build_routing_tables(config: SigmaConfig, token_frequency: Optional[np.ndarr
                             moe.routing_seed, layer, token_frequency)
         for layer in range(config.model.sparse_layers)
     ]
+
+
+def routing_tables(network: nn.Cell) -> Dict[str, np.ndarray]:
+    """Every RRE table of a built model (inside any cell, e.g. a train step), by its parameter name,
+    bottom layer first; an ECSS layer's is the host's own array, under the name a plain model's
+    Parameter has.  Empty for learned routers."""
+    found = {}
+    for _, cell in network.cells_and_names():
+        table = cell.routing_table() if isinstance(cell, MoELayer) else None
+        if table is not None:
+            found[names.routing_table_name(names.layer_of(cell.experts.w1.name))] = table
+    return found
 
 
 class PanGuSigmaModel(nn.Cell):
@@ -49,7 +63,7 @@ class PanGuSigmaModel(nn.Cell):
         for index in range(model.num_layers):
             sparse_index = index - model.dense_layers
             sparse = sparse_index >= 0
-            table = routing_tables[sparse_index] if sparse and config.moe.router == "rre" else None
+            table = routing_tables[sparse_index] if sparse and config.moe.table_routed else None
             layers.append(DecoderLayer(config, index, sparse, table, expert_slots))
         self.embedding = Embedding(model.vocab_size, model.seq_length, model.hidden_size, model.init_std,
                                    model.dropout_rate, dropout_site=0)

@@ -21,36 +21,14 @@ The plan is a pure function of the batch, so a resumed run plans alike.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import List
 
 import numpy as np
-from mindspore import nn
 
-from mindformers_sigma.moe.moe_layer import MoELayer
-from mindformers_sigma.moe.router import RandomRoutedRouter
 
 # What one slot's weight gather (and its gradient's scatter) costs, in rows of expert compute.
 SLOT_COST_ROWS = 16
 ROW_ALIGN = 8
-
-
-def routing_tables_of(network: nn.Cell) -> List[np.ndarray]:
-    """The RRE tables of a built model, in layer order (empty for learned routers); an ECSS
-    layer's is on the host (``MoELayer.host_routing_table``), the others' a device Parameter."""
-    tables = []
-    for _, cell in network.cells_and_names():
-        if isinstance(cell, MoELayer) and cell.host_routing_table is not None:
-            tables.append(cell.host_routing_table)
-        elif isinstance(cell, MoELayer) and isinstance(cell.router, RandomRoutedRouter):
-            tables.append(cell.router.routing_table.asnumpy())
-    return tables
-
-
-def host_routing_tables(network: nn.Cell) -> Dict[str, np.ndarray]:
-    """The host-held RRE tables of an ECSS model, under the name a plain model's Parameter has."""
-    return {cell.experts.w1.name.rsplit(".experts.", 1)[0] + ".router.routing_table": cell.host_routing_table
-            for _, cell in network.cells_and_names()
-            if isinstance(cell, MoELayer) and cell.host_routing_table is not None}
 
 
 def _slots_per_expert(loads: np.ndarray, rows: int) -> np.ndarray:

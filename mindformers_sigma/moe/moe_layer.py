@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
@@ -9,7 +11,7 @@ from mindspore import nn, ops
 from mindformers_sigma.config import MoEConfig, ModelConfig
 from mindformers_sigma.dtypes import dtype_of
 from mindformers_sigma.moe.experts import BatchedExperts
-from mindformers_sigma.moe.router import LearnedTopKRouter, RandomRoutedRouter
+from mindformers_sigma.moe.router import build_router
 from mindformers_sigma.moe.token_dispatcher import TokenDispatcher, gather_planned, scatter_planned
 
 
@@ -24,21 +26,23 @@ class MoELayer(nn.Cell):
         (``host_routing_table``) instead of taking device memory that grows with the domains."""
         super().__init__()
         self.host_routing_table = None
-        if moe.router == "rre":
-            if routing_table is None:
-                raise ValueError("RRE layer needs its routing table")
-            if expert_slots is None:
-                self.router = RandomRoutedRouter(routing_table)
-            else:
-                self.router = None
-                self.host_routing_table = np.array(routing_table, dtype=np.int32)
+        if moe.table_routed and expert_slots is not None:
+            self.router = None
+            self.host_routing_table = np.array(routing_table, dtype=np.int32)
         else:
-            self.router = LearnedTopKRouter(model.hidden_size, moe.num_experts, moe.top_k, model.init_std)
+            self.router = build_router(model, moe, routing_table)
         self.dispatcher = TokenDispatcher(moe.num_experts, moe.top_k, moe.capacity_factor)
         self.experts = BatchedExperts(
             expert_slots or moe.num_experts, model.hidden_size, model.ffn_hidden_size, model.init_std,
             dtype_of(model.compute_dtype)
         )
+
+    def routing_table(self) -> Optional[np.ndarray]:
+        """This layer's RRE table (the host's own array in an ECSS layer), None for a learned router."""
+        if self.host_routing_table is not None:
+            return self.host_routing_table
+        table = getattr(self.router, "routing_table", None)
+        return None if table is None else table.asnumpy()
 
     def construct(self, hidden, token_ids, domain_ids, expert_plan=None):
         """hidden [B, S, H], token_ids [B, S], domain_ids [B] -> ([B, S, H], aux_loss, dropped).

@@ -5,14 +5,21 @@ Random Routed Experts and for the learned-gate baseline:
 
     construct(hidden [N, H], token_ids [N], token_domains [N])
         -> expert_index [N, k] int32, gates [N, k] float32, aux_loss scalar float32
+
+A router is added here (its Cell and a ``ROUTER_CELLS`` entry) and in ``config.ROUTERS`` (what the
+rest of the project needs to know of it); nothing else names routers.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
+
+from mindformers_sigma.config import MoEConfig, ModelConfig
 
 
 class RandomRoutedRouter(nn.Cell):
@@ -67,3 +74,26 @@ def load_balancing_loss(probs, first_choice, num_experts: int):
     ) / num_tokens
     prob_share = probs.mean(0)
     return num_experts * (token_share * prob_share).sum()
+
+
+def _random_routed(model: ModelConfig, moe: MoEConfig, routing_table: Optional[np.ndarray]) -> nn.Cell:
+    if routing_table is None:
+        raise ValueError("an RRE layer needs its routing table")
+    return RandomRoutedRouter(routing_table)
+
+
+def _learned_top_k(model: ModelConfig, moe: MoEConfig, routing_table: Optional[np.ndarray]) -> nn.Cell:
+    return LearnedTopKRouter(model.hidden_size, moe.num_experts, moe.top_k, model.init_std)
+
+
+# moe.router -> the router Cell of one sparse layer, from (model, moe, the layer's routing table or None)
+ROUTER_CELLS: Dict[str, Callable[[ModelConfig, MoEConfig, Optional[np.ndarray]], nn.Cell]] = {
+    "rre": _random_routed,
+    "switch": _learned_top_k,
+    "gshard": _learned_top_k,
+}
+
+
+def build_router(model: ModelConfig, moe: MoEConfig, routing_table: Optional[np.ndarray]) -> nn.Cell:
+    """The configured router of one sparse layer."""
+    return ROUTER_CELLS[moe.router](model, moe, routing_table)

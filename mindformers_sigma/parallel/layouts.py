@@ -26,11 +26,11 @@ from typing import List, Optional, Tuple
 
 from mindformers_sigma.config import ConfigError, SigmaConfig
 from mindformers_sigma.ecss.slab import slab_for_rows, slab_size
+from mindformers_sigma.model import names
 from mindformers_sigma.parallel.mesh import DeviceMesh, micro_batch_rows
 
 COLUMN, ROW = "column", "row"
 LINEAR_ROLES = {"query": COLUMN, "key": COLUMN, "value": COLUMN, "output": ROW, "mapping": COLUMN, "projection": ROW}
-OPTIMIZER_STATES = ("adam_m", "adam_v")
 FLOAT32, INT32 = "float32", "int32"
 
 
@@ -95,8 +95,8 @@ class _Builder:
                                  kind)
         self.layouts.append(layout)
         if trainable and kind != "slab":
-            for prefix in OPTIMIZER_STATES:
-                self.layouts.append(ParameterLayout(f"{prefix}.{name}", tuple(shape), dtype, True, tuple(matrix),
+            for moment in names.moment_names(name):
+                self.layouts.append(ParameterLayout(moment, tuple(shape), dtype, True, tuple(matrix),
                                                     tensor_map, stages, size, step, "optimizer"))
 
     def _optimizer_shard(self, shape, matrix, tensor_map) -> Tuple[int, int]:
@@ -125,27 +125,29 @@ def _layer(builder: _Builder, prefix: str, layer: int, sparse: bool, slots: Opti
     config, mesh = builder.config, builder.mesh
     h, f = config.model.hidden_size, config.model.ffn_hidden_size
     stages = (mesh.stage_of_layer(layer),)
-    for norm in ("attention_norm", "ffn_norm"):
+    for norm in names.NORMS:
         builder.add(f"{prefix}.{norm}.gamma", (h,), (None,), stages)
         builder.add(f"{prefix}.{norm}.beta", (h,), (None,), stages)
-    for role in ("query", "key", "value", "output"):
-        _linear(builder, f"{prefix}.attention", role, h, h, stages)
+    for role in names.ATTENTION_LINEARS:
+        _linear(builder, f"{prefix}.{names.ATTENTION}", role, h, h, stages)
     if not sparse:
-        _linear(builder, f"{prefix}.ffn", "mapping", h, f, stages)
-        _linear(builder, f"{prefix}.ffn", "projection", f, h, stages)
+        mapping, projection = names.DENSE_FFN_LINEARS
+        _linear(builder, f"{prefix}.{names.FFN}", mapping, h, f, stages)
+        _linear(builder, f"{prefix}.{names.FFN}", projection, f, h, stages)
         return
     moe = config.moe
-    if moe.router == "rre":
-        if slots is None:  # a slab layer keeps its table on the host
-            builder.add(f"{prefix}.ffn.router.routing_table", (moe.num_domains, config.model.vocab_size),
-                        (None, None), stages, "state", INT32, trainable=False)
-    else:
-        builder.add(f"{prefix}.ffn.router.weight", (h, moe.num_experts), (None, None), stages)
+    if moe.table_routed and slots is None:  # a slab layer keeps its table on the host
+        builder.add(names.routing_table_name(prefix), (moe.num_domains, config.model.vocab_size), (None, None),
+                    stages, "state", INT32, trainable=False)
+    if moe.learned_gate:
+        builder.add(f"{prefix}.{names.GATE_WEIGHT}", (h, moe.num_experts), (None, None), stages)
     experts = slots or moe.num_experts
     kind = "slab" if slots else "expert"
-    for name, shape, split in (("w1", (experts, h, f), ("ep", None, "mp")), ("b1", (experts, 1, f), ("ep", None, "mp")),
-                               ("w2", (experts, f, h), ("ep", "mp", None)), ("b2", (experts, 1, h), ("ep", None, None))):
-        builder.add(f"{prefix}.ffn.experts.{name}", shape, split, stages, kind)
+    splits = {"w1": ((experts, h, f), ("ep", None, "mp")), "b1": ((experts, 1, f), ("ep", None, "mp")),
+              "w2": ((experts, f, h), ("ep", "mp", None)), "b2": ((experts, 1, h), ("ep", None, None))}
+    for tensor, name in zip(names.EXPERT_TENSORS, names.expert_tensor_names(prefix)):
+        shape, split = splits[tensor]
+        builder.add(name, shape, split, stages, kind)
 
 
 def slab_slots(config: SigmaConfig, stage: int) -> int:
@@ -182,19 +184,14 @@ def parameter_layouts(config: SigmaConfig) -> List[ParameterLayout]:
     first, last = 0, mesh.last_stage
     vocab_split = "mp" if config.parallel.vocab_parallel else None
     word_stages = tuple(sorted({first, last}))
-    builder.add("backbone.embedding.word.embedding_table", (m.vocab_size, m.hidden_size), (vocab_split, None),
-                word_stages, "embedding")
-    builder.add("backbone.embedding.position.embedding_table", (m.seq_length, m.hidden_size), (None, None), (first,),
-                "embedding")
-    for layer in range(m.num_layers):
-        top = layer == m.num_layers - 1
-        prefix = "backbone.top_query_layer" if top else f"backbone.layers.{layer}"
+    builder.add(names.WORD_EMBEDDING, (m.vocab_size, m.hidden_size), (vocab_split, None), word_stages, "embedding")
+    builder.add(names.POSITION_EMBEDDING, (m.seq_length, m.hidden_size), (None, None), (first,), "embedding")
+    for layer, prefix in enumerate(names.layer_prefixes(m)):
         slots = slab_slots(config, mesh.stage_of_layer(layer)) if config.ecss.enabled else None
         _layer(builder, prefix, layer, layer >= m.dense_layers, slots)
-    builder.add("backbone.final_norm.gamma", (m.hidden_size,), (None,), (last,))
-    builder.add("backbone.final_norm.beta", (m.hidden_size,), (None,), (last,))
-    builder.add("backbone.top_query_embedding.embedding_table", (m.seq_length, m.hidden_size), (None, None), (last,),
-                "embedding")
+    builder.add(f"{names.FINAL_NORM}.gamma", (m.hidden_size,), (None,), (last,))
+    builder.add(f"{names.FINAL_NORM}.beta", (m.hidden_size,), (None,), (last,))
+    builder.add(names.TOP_QUERY_EMBEDDING, (m.seq_length, m.hidden_size), (None, None), (last,), "embedding")
     every_stage = tuple(range(mesh.pipeline_stages))
     for name, dtype in (("global_step", INT32), ("loss_scale", FLOAT32), ("loss_scale_clean_steps", INT32)):
         shape = (1,) if name == "global_step" else ()

@@ -28,6 +28,7 @@ from typing import Dict, List, Tuple
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.ecss.slab import whole_step_slab
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.model import names
 from mindformers_sigma.params import count_parameters
 from mindformers_sigma.parallel.hardware import GIB, Assumption, ascend_910_cluster
 from mindformers_sigma.parallel.layouts import ParameterLayout, parameter_layouts
@@ -78,21 +79,21 @@ def _stage_memory(config: SigmaConfig, mesh: DeviceMesh, layouts: List[Parameter
                                              if l.kind in ("dense", "embedding", "state") and l.trainable)
     plan.bytes["dense gradients (fp32)"] = sum(4 * local(l) for l in mine if l.kind in ("dense", "embedding"))
     plan.bytes["dense AdamW moments (fp32)"] = sum(4 * l.shard_elements for l in mine if l.kind == "optimizer"
-                                                   and not _is_expert(l.name))
+                                                   and not names.is_expert_parameter(l.name))
     expert_weights = sum(4 * l.shard_elements for l in mine if l.kind in expert_kinds)
     label = "ECSS slab" if config.ecss.enabled else "expert"
     plan.bytes[f"{label} weights (fp32)"] = expert_weights
     plan.bytes[f"{label} gradients (fp32)"] = sum(4 * local(l) for l in mine if l.kind in expert_kinds)
     if not config.ecss.enabled:
         plan.bytes["expert AdamW moments (fp32)"] = sum(4 * l.shard_elements for l in mine if l.kind == "optimizer"
-                                                        and _is_expert(l.name))
+                                                        and names.is_expert_parameter(l.name))
     plan.bytes["routing tables (int32)"] = sum(4 * l.shard_elements for l in mine if l.kind == "state"
-                                               and l.name.endswith("routing_table"))
+                                               and l.name.endswith(names.ROUTING_TABLE))
     if p.optimizer_shard:  # one layer's weights all-gathered for compute
         per_layer = {}
         for l in mine:
             if l.kind in ("dense", "expert", "slab") and l.opt_shard_size:
-                key = l.name.split(".ffn")[0].split(".attention")[0]
+                key = names.layer_of(l.name)
                 per_layer[key] = per_layer.get(key, 0) + _activation_bytes(config) * local(l)
         plan.bytes["all-gathered weights of one layer"] = max(per_layer.values(), default=0)
     rows = micro_batch_rows(config)
@@ -110,10 +111,6 @@ def _stage_memory(config: SigmaConfig, mesh: DeviceMesh, layouts: List[Parameter
             _activation_bytes(config)
     plan.bytes["runtime workspace"] = int(assumptions["workspace_bytes"].value)
     return plan
-
-
-def _is_expert(name: str) -> bool:
-    return ".ffn.experts." in name
 
 
 def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan], layouts: List[ParameterLayout],
@@ -135,7 +132,7 @@ def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan
 
     def grads(expert: bool, sharded: bool) -> int:  # fp32 gradient bytes at the model/expert-parallel slice
         return sum(4 * l.elements // math.prod(l.splits) for l in mine
-                   if _is_expert(l.name) == expert and bool(l.opt_shard_size) == sharded)
+                   if names.is_expert_parameter(l.name) == expert and bool(l.opt_shard_size) == sharded)
 
     # optimizer-sharded gradients are reduce-scattered (and their weights all-gathered), the rest all-reduced
     volume["gradient_allreduce"] = int(ring(dp) * grads(False, False) + ring(dp // ep) * grads(True, False))
@@ -308,7 +305,7 @@ def plan_layout(config: SigmaConfig, hbm_gb: float = 32.0, host_gb: float = 512.
 
 def _remedies(config: SigmaConfig) -> str:
     p = config.parallel
-    experts = config.model.sparse_layers > 0 and config.moe.router == "rre"
+    experts = config.model.sparse_layers > 0 and config.moe.table_routed
     off = [name for name, on in (("parallel.recompute", p.recompute), ("parallel.optimizer_shard", p.optimizer_shard),
                                  ("parallel.vocab_parallel", p.vocab_parallel),
                                  ("ecss.enabled", config.ecss.enabled or not experts)) if not on]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Tuple
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.model import names
 from mindformers_sigma.parallel.layouts import COLUMN, LINEAR_ROLES
 from mindformers_sigma.parallel.mesh import DeviceMesh
 
@@ -32,9 +33,9 @@ class OpStrategy:
 def _layer_ops(config: SigmaConfig, mesh: DeviceMesh, prefix: str, layer: int, found: Dict[str, OpStrategy]) -> None:
     dp, mp, ep = mesh.data_parallel, mesh.model_parallel, mesh.expert_parallel
     stage = mesh.stage_of_layer(layer)
-    linears = ["attention.query", "attention.key", "attention.value", "attention.output"]
+    linears = [f"{names.ATTENTION}.{role}" for role in names.ATTENTION_LINEARS]
     if layer < config.model.dense_layers:
-        linears += ["ffn.mapping", "ffn.projection"]
+        linears += [f"{names.FFN}.{role}" for role in names.DENSE_FFN_LINEARS]
     for path in linears:
         if LINEAR_ROLES[path.rsplit(".", 1)[-1]] == COLUMN:  # [N, in] x [in, out/mp]
             found[f"{prefix}.{path}/matmul"] = OpStrategy(stage, ((dp, 1), (1, mp)))
@@ -43,14 +44,19 @@ def _layer_ops(config: SigmaConfig, mesh: DeviceMesh, prefix: str, layer: int, f
             found[f"{prefix}.{path}/matmul"] = OpStrategy(stage, ((dp, mp), (mp, 1)))
             found[f"{prefix}.{path}/add_bias"] = OpStrategy(stage, ((dp, 1), (1,)))
     heads = ((dp, mp, 1, 1), (dp, mp, 1, 1))  # attention split by heads
-    found[f"{prefix}.attention/scores"] = OpStrategy(stage, heads)
-    found[f"{prefix}.attention/softmax"] = OpStrategy(stage, heads[:1])
-    found[f"{prefix}.attention/mix"] = OpStrategy(stage, heads)
+    found[f"{prefix}.{names.ATTENTION}/scores"] = OpStrategy(stage, heads)
+    found[f"{prefix}.{names.ATTENTION}/softmax"] = OpStrategy(stage, heads[:1])
+    found[f"{prefix}.{names.ATTENTION}/mix"] = OpStrategy(stage, heads)
     if layer >= config.model.dense_layers:
         # Slots over ep: redistributing token rows (split over dp) to expert slots (split over ep)
         # is the expert all-to-all; F over mp inside each expert.
-        found[f"{prefix}.ffn.experts/up"] = OpStrategy(stage, ((ep, 1, 1), (ep, 1, mp)))
-        found[f"{prefix}.ffn.experts/down"] = OpStrategy(stage, ((ep, 1, mp), (ep, mp, 1)))
+        found[f"{names.expert_prefix(prefix)}/up"] = OpStrategy(stage, ((ep, 1, 1), (ep, 1, mp)))
+        found[f"{names.expert_prefix(prefix)}/down"] = OpStrategy(stage, ((ep, 1, mp), (ep, mp, 1)))
+
+
+def _cell_of(parameter: str) -> str:
+    """The path of the cell that holds ``parameter``."""
+    return parameter.rsplit(".", 1)[0]
 
 
 def op_strategies(config: SigmaConfig) -> Dict[str, OpStrategy]:
@@ -60,14 +66,12 @@ def op_strategies(config: SigmaConfig) -> Dict[str, OpStrategy]:
     vocab = mp if config.parallel.vocab_parallel else 1
     last = mesh.last_stage
     found: Dict[str, OpStrategy] = {
-        "backbone.embedding.word/gather": OpStrategy(0, ((vocab, 1), (dp, 1))),
-        "backbone.embedding.position/gather": OpStrategy(0, ((1, 1), (dp, 1))),
+        f"{_cell_of(names.WORD_EMBEDDING)}/gather": OpStrategy(0, ((vocab, 1), (dp, 1))),
+        f"{_cell_of(names.POSITION_EMBEDDING)}/gather": OpStrategy(0, ((1, 1), (dp, 1))),
     }
-    num_layers = config.model.num_layers
-    for layer in range(num_layers):
-        prefix = "backbone.top_query_layer" if layer == num_layers - 1 else f"backbone.layers.{layer}"
+    for layer, prefix in enumerate(names.layer_prefixes(config.model)):
         _layer_ops(config, mesh, prefix, layer, found)
-    found["backbone.top_query_embedding/gather"] = OpStrategy(last, ((1, 1), (dp, 1)))
+    found[f"{_cell_of(names.TOP_QUERY_EMBEDDING)}/gather"] = OpStrategy(last, ((1, 1), (dp, 1)))
     found["head"] = OpStrategy(last, ((dp, 1), (vocab, 1)))  # hidden [N, H] x word table [V, H] (transpose_b)
     return found
 

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers_sigma.config import TrainConfig
+from mindformers_sigma.model import names
 from mindformers_sigma.training.lr_schedule import learning_rates
 
 _adam_update = ops.MultitypeFuncGraph("adam_update")
@@ -46,12 +47,7 @@ def _update_touched_experts(beta1, beta2, lr, eps, weight_decay, param, moment1,
 
 def takes_weight_decay(parameter_name: str) -> bool:
     """Matrices and embeddings decay; LayerNorm gains/shifts and biases do not."""
-    leaf = parameter_name.rsplit(".", 1)[-1]
-    return leaf not in ("gamma", "beta", "bias", "b1", "b2")
-
-
-def is_expert_parameter(parameter_name: str) -> bool:
-    return ".experts." in parameter_name
+    return not names.is_bias_or_norm(parameter_name)
 
 
 class HybridAdamWeightDecay(nn.Optimizer):
@@ -65,9 +61,9 @@ class HybridAdamWeightDecay(nn.Optimizer):
         self.lazy_experts = lazy_experts
         self.beta1 = beta1
         self.beta2 = beta2
-        self.moments1 = self._parameters.clone(prefix="adam_m", init="zeros")
-        self.moments2 = self._parameters.clone(prefix="adam_v", init="zeros")
-        self.param_eps = tuple(expert_eps if is_expert_parameter(p.name) else eps for p in self._parameters)
+        self.moments1 = self._parameters.clone(prefix=names.MOMENTS[0], init="zeros")
+        self.moments2 = self._parameters.clone(prefix=names.MOMENTS[1], init="zeros")
+        self.param_eps = tuple(expert_eps if names.is_expert_parameter(p.name) else eps for p in self._parameters)
         self.param_decay = tuple(weight_decay if takes_weight_decay(p.name) else 0.0 for p in self._parameters)
         self.hyper_map = ops.HyperMap()
         self.fused_adam = ops.AdamWeightDecay()
@@ -87,7 +83,7 @@ def build_optimizer(network: nn.Cell, train: TrainConfig, without_experts: bool 
     """Optimizer over the network's trainable parameters with the warmup+cosine schedule;
     ``without_experts``: the experts are updated on the host (ECSS, ``ecss/``); ``train.freeze_shared``:
     over the experts alone, lazily."""
-    params = [p for p in network.trainable_params() if not (without_experts and is_expert_parameter(p.name))
-              and (is_expert_parameter(p.name) or not train.freeze_shared)]
+    params = [p for p in network.trainable_params() if not (without_experts and names.is_expert_parameter(p.name))
+              and (names.is_expert_parameter(p.name) or not train.freeze_shared)]
     return HybridAdamWeightDecay(params, learning_rates(train), train.beta1, train.beta2,
                                  train.eps, train.expert_eps, train.weight_decay, lazy_experts=train.freeze_shared)

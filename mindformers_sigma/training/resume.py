@@ -18,6 +18,7 @@ import numpy as np
 
 from mindformers_sigma.config import SigmaConfig, config_to_dict
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.model import names
 from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.run_folder import CHECKPOINTS, ECSS_STORE, LOCK
 
@@ -150,11 +151,6 @@ def check_same_tokenizer(info: ckpt.CheckpointInfo, tokenizer_model: Optional[by
                         f"{fix}")
 
 
-def is_model_parameter(name: str) -> bool:
-    """The network's own weights and routing tables (the rest of a train step is optimizer and scale state)."""
-    return name.startswith("backbone.")
-
-
 def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple,
             host_arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale).
@@ -165,8 +161,8 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
     host = host_arrays or {}
     wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed and name not in host}
     if info.meta.get(ckpt.WEIGHTS_ONLY) is True:  # the model alone: optimizer state and loss scale start fresh
-        host = {name: array for name, array in host.items() if is_model_parameter(name)}
-        wanted = {name for name in wanted if is_model_parameter(name)}
+        host = {name: array for name, array in host.items() if names.is_model_parameter(name)}
+        wanted = {name for name in wanted if names.is_model_parameter(name)}
     stored = ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host))
     if host:
         ckpt.copy_into(info, host, f"--resume {info.weights_path}")
@@ -176,7 +172,7 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
         raise DataError(f"--resume {info.weights_path}: does not fit this model "
                         f"({str(err).splitlines()[0][:200]}); was it written with another config?") from None
     missing = [name for name in missing if name in wanted]
-    if missing and all(name.startswith(("adam_m.", "adam_v.")) and ".experts." not in name for name in missing):
+    if missing and all(names.is_moment(name) and not names.is_expert_parameter(name) for name in missing):
         raise DataError(f"--resume {info.weights_path}: holds AdamW moments for the experts only (trained with "
                         f"train.freeze_shared); continue with --set train.freeze_shared=true")
     if missing:

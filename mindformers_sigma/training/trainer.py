@@ -24,8 +24,9 @@ from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
 from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
-from mindformers_sigma.moe.expert_plan import ExpertPlanner, host_routing_tables, routing_tables_of
+from mindformers_sigma.model import names
+from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables, routing_tables
+from mindformers_sigma.moe.expert_plan import ExpertPlanner
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
 from mindformers_sigma.parallel.strategies import apply_layout
 from mindformers_sigma.training import checkpoint as ckpt
@@ -37,7 +38,7 @@ from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.memory_check import check_fits_in_memory, check_store_fits_on_disk
 from mindformers_sigma.training.metrics import (MetricsLog, domain_losses, flops_per_token, measure_matmul_peak,
                                                 plot_losses, progress_line)
-from mindformers_sigma.training.optimizer import build_optimizer, is_expert_parameter
+from mindformers_sigma.training.optimizer import build_optimizer
 from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, check_same_tokenizer,
                                                choose_start, is_in_folder, restore)
 from mindformers_sigma.training.run_folder import ECSS_STORE, RunFolder
@@ -75,7 +76,7 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_
     apply_layout(config, network)  # strategies, pipeline stages, recompute (parallel/strategies.py)
     loss_cell = TrainingLoss(network, aux_loss_coef(config), data_parallel, config.train.grad_accumulation_steps)
     optimizer = build_optimizer(network, config.train, without_experts=ecss)
-    slab = [p for p in network.trainable_params() if is_expert_parameter(p.name)] if ecss else []
+    slab = [p for p in network.trainable_params() if names.is_expert_parameter(p.name)] if ecss else []
     forward_backward = ForwardBackward(loss_cell, ms.ParameterTuple(list(optimizer.parameters) + slab), data_parallel)
     apply_gradients = ApplyGradients(optimizer, DynamicLossScale(config.train), config.train.grad_clip_norm, slab)
     return TrainOneStepCell(forward_backward, apply_gradients)
@@ -92,7 +93,7 @@ def peak_rss_mb() -> float:
 
 def aux_loss_coef(config: SigmaConfig) -> float:
     """Weight of the load-balancing loss: learned routers only (RRE has nothing to balance)."""
-    return config.moe.aux_loss_coef if config.moe.router != "rre" else 0.0
+    return config.moe.aux_loss_coef if config.moe.learned_gate else 0.0
 
 
 NOT_CHECKPOINTED = ("learning_rate",)
@@ -105,9 +106,9 @@ def checkpointed_parameters(step_cell: TrainOneStepCell) -> dict:
 
 def expert_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Optional[ExpertPlanner]:
     """Host-planned, dropless RRE dispatch unless the config caps capacity itself."""
-    if config.moe.router != "rre" or config.moe.capacity_factor is not None or config.model.sparse_layers == 0:
+    if not config.moe.table_routed or config.moe.capacity_factor is not None or config.model.sparse_layers == 0:
         return None
-    return ExpertPlanner(routing_tables_of(step_cell), config.moe.num_experts)
+    return ExpertPlanner(list(routing_tables(step_cell).values()), config.moe.num_experts)
 
 
 def print_now(line: str) -> None:
@@ -130,7 +131,7 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
     if config.ecss.enabled:
         store = os.path.join(folder.path, ECSS_STORE, f"rank_{rank}") if folder else None  # each rank its own
         offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated,
-                                      host_routing_tables(step_cell), store)
+                                      routing_tables(step_cell), store)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
         restore(step_cell, info, NOT_CHECKPOINTED, offload.host_arrays() if offload else None)
