@@ -10,6 +10,17 @@ from typing import Callable
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1 (steps, vocabulary size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def integer_in(minimum: int, maximum: int) -> Callable[[str], int]:
     """An integer in [minimum, maximum], written in plain digits."""
     def parse(text: str) -> int:

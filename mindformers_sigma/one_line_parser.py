@@ -1,6 +1,11 @@
-"""argparse for every command line of the project: a bad argument is one line, not a usage block."""
+"""argparse for every command line of the project: a bad argument is one line, not a usage block;
+and the one shape of a command: a :class:`Command` that a package gives and ``cli.py`` registers."""
+
+from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from mindformers_sigma.errors import UserError, one_line
 
@@ -16,3 +21,23 @@ class RaisingParser(OneLineParser):
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {one_line(message)}")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of a command line: its name, one-line help, its options and what it runs (exit code)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], dest: str) -> None:
+    """Each of ``commands`` as a sub-command of ``parser``: the name given is ``args.<dest>``, and the
+    chosen command's ``run`` is ``args.run_<dest>`` (so sub-commands of sub-commands keep theirs apart)."""
+    choices = parser.add_subparsers(dest=dest, required=True, parser_class=OneLineParser)
+    for command in commands:
+        sub = choices.add_parser(command.name, help=command.help.replace("%", "%%"), description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(**{f"run_{dest}": command.run})

@@ -1,4 +1,4 @@
-"""Parameter counts from the config alone, without allocating a single weight.
+"""Parameter counts and training FLOPs per token from the config alone, without allocating a single weight.
 
 The formulas mirror the Cells in ``mindformers_sigma.model`` one for one; a test checks
 them against the trainable parameters of a built model.
@@ -56,3 +56,12 @@ def format_count(value: int | None) -> str:
         if value >= scale:
             return f"{value / scale:.4g}{suffix}"
     return str(value)
+
+
+def flops_per_token(config: SigmaConfig) -> float:
+    """Training FLOPs per token: 6 x activated non-embedding parameters + 6 V H (the tied head)
+    + 12 L H S (attention scores and mixing)."""
+    m = config.model
+    count = count_parameters(config)
+    non_embedding = count.activated_per_token - count.embeddings
+    return 6.0 * non_embedding + 6.0 * m.vocab_size * m.hidden_size + 12.0 * m.num_layers * m.hidden_size * m.seq_length

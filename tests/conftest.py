@@ -104,7 +104,7 @@ def train_cmd(config, out, *extra):
 
 def stop_after_checkpoint(config, out, at_least, extra=(), sig=signal.SIGKILL):
     """Start a run, send ``sig`` once checkpoint ``at_least`` exists; returns (newest step, exit code, stderr)."""
-    from mindformers_sigma.training import checkpoint as ckpt
+    from mindformers_sigma.checkpoint import files as ckpt
 
     process = subprocess.Popen(train_cmd(config, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, cwd=REPO)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mindformers_sigma import cli
+from mindformers_sigma.parallel import command as parallel_commands
+
+
+def _params_runs(monkeypatch, run):
+    """`pangu-sigma params` runs ``run`` instead of counting."""
+    monkeypatch.setattr(parallel_commands, "COMMANDS", tuple(
+        dataclasses.replace(command, run=run) if command.name == "params" else command
+        for command in parallel_commands.COMMANDS))
 
 
 @pytest.mark.parametrize("error,code,words", [
@@ -18,7 +28,7 @@ def test_unexpected_failures_are_one_line(monkeypatch, capsys, error, code, word
         raise error
 
     monkeypatch.delenv("PANGU_SIGMA_TRACEBACK", raising=False)
-    monkeypatch.setattr(cli, "_cmd_params", fail)
+    _params_runs(monkeypatch, fail)
     assert cli.main(["params", "--config", "any.yaml"]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -28,7 +38,7 @@ def test_unexpected_failures_are_one_line(monkeypatch, capsys, error, code, word
 
 def test_traceback_on_request(monkeypatch):
     monkeypatch.setenv("PANGU_SIGMA_TRACEBACK", "1")
-    monkeypatch.setattr(cli, "_cmd_params", lambda args: 1 / 0)
+    _params_runs(monkeypatch, lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["params", "--config", "any.yaml"])
 
@@ -56,6 +66,28 @@ def test_a_reader_that_leaves_early_is_not_an_error(monkeypatch, capsys):
     def broken(args):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(cli, "_cmd_params", broken)
+    _params_runs(monkeypatch, broken)
     assert cli.main(["params", "--config", "any.yaml"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def _command_paths(parser, path=()):
+    """Every command and sub-command of ``parser`` as its words on the command line."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield path + (name,)
+                yield from _command_paths(sub, path + (name,))
+
+
+def test_every_command_and_sub_command_prints_its_help(capsys):
+    """`--help` formats each command's help with %-expansion: a bare '%' in any help text was a crash."""
+    paths = list(_command_paths(cli.build_parser()))
+    assert ("eval", "zeroshot") in paths and ("rank-table", "merge") in paths and len(paths) >= 19
+    for path in [()] + paths:
+        with pytest.raises(SystemExit) as done:
+            cli.main([*path, "--help"])
+        assert done.value.code == 0, path
+        assert "usage: pangu-sigma" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from mindformers_sigma.data.dataset import BLOCK, MixedCorpusSource, PreparedCor
 from mindformers_sigma.data.demo_corpus import strip_pos_tags
 from mindformers_sigma.data.prepare import prepare_data, unpack_documents
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, TokenizerError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import EOD_ID, Tokenizer, TokenizerError
 
 from conftest import REPO
 

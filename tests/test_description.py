@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from mindformers_sigma.checkpoint.description import describe_checkpoint
 from mindformers_sigma.config import config_to_dict
-from mindformers_sigma.data.tokenizer import Tokenizer
+from mindformers_sigma.data.manifest import domains_and_tokenizer
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.training.description import describe_checkpoint
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 from mindformers_sigma.training.trainer import train
 
 from conftest import REAL_VOCAB, micro_config
@@ -40,7 +41,7 @@ def _rewrite_sidecar(weights, tmp_path, change, reseal=False):
     change(meta)
     meta.pop("description_sha256", None)  # as an older checkpoint, or a damaged one, the test says which
     if reseal:
-        from mindformers_sigma.training.description import _digest
+        from mindformers_sigma.checkpoint.description import _digest
 
         meta["description_sha256"] = _digest(meta)
     (target / (sidecar.rsplit("/", 1)[1])).write_text(json.dumps(meta))
@@ -64,14 +65,14 @@ def test_an_older_checkpoint_is_refused_until_config_and_data_supply_what_it_lac
     undescribed = _rewrite_sidecar(weights, tmp_path, lambda meta: [meta.pop("domains"), meta.pop("tokenizer")])
     with pytest.raises(DataError, match=r"records no domain names or tokenizer .* pass --data"):
         describe_checkpoint(undescribed)
-    assert describe_checkpoint(undescribed, data_dir=str(prepared)).domains[:3] == ["code", "en", "zh"]
+    assert describe_checkpoint(undescribed, trained_on=lambda: domains_and_tokenizer(str(prepared))).domains[:3] == ["code", "en", "zh"]
     configless = _rewrite_sidecar(weights, tmp_path, lambda meta: [meta.pop(k) for k in ("config", "domains", "tokenizer")])
     with pytest.raises(DataError, match="records no config; pass --config"):
         describe_checkpoint(configless)
     config_file = tmp_path / "micro.yaml"
     config_file.write_text(json.dumps(config_to_dict(config)))  # JSON is YAML
     assert describe_checkpoint(configless, config_path=str(config_file),
-                               data_dir=str(prepared)).config.model.vocab_size == REAL_VOCAB
+                               trained_on=lambda: domains_and_tokenizer(str(prepared))).config.model.vocab_size == REAL_VOCAB
     with pytest.raises(DataError, match="records its own config, domains and tokenizer; drop --config"):
         describe_checkpoint(weights, config_path=str(config_file))
     unsealed = _rewrite_sidecar(weights, tmp_path, lambda meta: None)

@@ -15,15 +15,15 @@ import pytest
 import yaml
 from mindspore import Parameter, Tensor, ops
 
+from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.config import ConfigError, apply_overrides
 from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
 from mindformers_sigma.ecss.host_store import HostExpertStore
-from mindformers_sigma.model.names import EXPERT_TENSORS, expert_tensor_names
 from mindformers_sigma.ecss.offload import ExpertOffload
 from mindformers_sigma.ecss.slab import plan_slab_loads, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.model.names import EXPERT_TENSORS, expert_tensor_names
 from mindformers_sigma.moe.expert_plan import ExpertPlanner
-from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.trainer import train
 
 from conftest import REAL_VOCAB, REPO, assert_close_to_scale, micro_config, stop_after_checkpoint, train_cmd
@@ -370,8 +370,8 @@ import numpy as np
 from mindspore import Parameter, Tensor
 sys.path.insert(0, sys.argv[2])
 from conftest import micro_config
+from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.ecss.offload import ExpertOffload
-from mindformers_sigma.training import checkpoint as ckpt
 
 def private_bytes():  # VmData: private memory (heap, anonymous maps); shared file maps do not count
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData:"))

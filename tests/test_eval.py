@@ -9,14 +9,14 @@ import numpy as np
 import mindspore as ms
 import pytest
 
+from mindformers_sigma.checkpoint.description import describe_checkpoint
+from mindformers_sigma.checkpoint.model import inference_config, load_model
 from mindformers_sigma.cli import main
 from mindformers_sigma.eval.make_task import make_records
 from mindformers_sigma.eval.perplexity import domain_perplexity
 from mindformers_sigma.eval.scoring import TokenLogProbs
 from mindformers_sigma.eval.zeroshot import Record, continuation_rows, evaluate
-from mindformers_sigma.lifecycle.model_checkpoint import inference_config, load_model
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
-from mindformers_sigma.training.description import describe_checkpoint
 from mindformers_sigma.training.trainer import train
 
 from conftest import EOD, lifecycle_config, real_batch

@@ -8,11 +8,11 @@ import numpy as np
 import mindspore as ms
 import pytest
 
+from mindformers_sigma.checkpoint.description import describe_checkpoint
+from mindformers_sigma.checkpoint.model import load_model
 from mindformers_sigma.cli import main
 from mindformers_sigma.generation.generator import Generator
 from mindformers_sigma.generation.sampling import Sampling, next_tokens
-from mindformers_sigma.lifecycle.model_checkpoint import load_model
-from mindformers_sigma.training.description import describe_checkpoint
 
 from conftest import EOD
 

@@ -10,8 +10,8 @@ import pytest
 
 from mindformers_sigma.data.dataset import PreparedCorpus
 from mindformers_sigma.data.prepare import prepare_data, unpack_documents
-from mindformers_sigma.data.tokenizer import Tokenizer
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 
 from conftest import micro_config
 

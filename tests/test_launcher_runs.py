@@ -151,8 +151,8 @@ ms.set_auto_parallel_context = lambda **kwargs: None
 communication.init = lambda *args, **kwargs: None
 communication.get_group_size = lambda: int(os.environ["RANK_SIZE"])
 communication.get_rank = lambda: int(os.environ["RANK_ID"])
-from mindformers_sigma.cli import add_train_arguments, train_config
 from mindformers_sigma.context import configure_context
+from mindformers_sigma.training.command import add_arguments as add_train_arguments, train_config
 import argparse
 parser = argparse.ArgumentParser()
 add_train_arguments(parser)
@@ -189,7 +189,7 @@ def _losses(out):
 
 
 def _final_parameters(out):
-    from mindformers_sigma.training import checkpoint as ckpt
+    from mindformers_sigma.checkpoint import files as ckpt
 
     step = ckpt.list_checkpoints(str(out / "checkpoints"))[-1]
     info = ckpt.read_checkpoint(str(out / "checkpoints" / f"step_{step:08d}.json"))

@@ -10,15 +10,15 @@ import mindspore as ms
 import pytest
 import yaml
 
+from mindformers_sigma.checkpoint.description import describe_checkpoint
+from mindformers_sigma.checkpoint.model import load_model, model_weights
 from mindformers_sigma.cli import main
 from mindformers_sigma.config import config_to_dict, load_config
 from mindformers_sigma.data.prepare import prepare_data
 from mindformers_sigma.generation.generator import Generator
 from mindformers_sigma.generation.sampling import Sampling
 from mindformers_sigma.lifecycle.inherit import check_same_backbone
-from mindformers_sigma.lifecycle.model_checkpoint import load_model, model_weights
 from mindformers_sigma.params import count_parameters
-from mindformers_sigma.training.description import describe_checkpoint
 from mindformers_sigma.training.trainer import train
 
 from conftest import CONFIGS, EOD, lifecycle_config, real_batch

@@ -17,8 +17,8 @@ from mindformers_sigma.atomic import _host  # the host part of temporary names, 
 from mindformers_sigma.cli import main
 from mindformers_sigma.data.dataset import PreparedCorpus
 from mindformers_sigma.data.prepare import parse_domain_args, parse_include_args, prepare_data, unpack_documents
-from mindformers_sigma.data.tokenizer import Tokenizer
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 
 from conftest import REPO
 

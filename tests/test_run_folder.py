@@ -16,8 +16,8 @@ import pytest
 import yaml
 from mindspore import Parameter, Tensor
 
+from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.trainer import train
 
 from conftest import REPO, micro_config, tiny_raw

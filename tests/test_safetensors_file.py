@@ -8,9 +8,9 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from mindformers_sigma.checkpoint import files as ckpt
+from mindformers_sigma.checkpoint import safetensors_file as st
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.training import checkpoint as ckpt
-from mindformers_sigma.training import safetensors_file as st
 
 
 def _arrays():

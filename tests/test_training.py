@@ -14,8 +14,8 @@ import pytest
 import yaml
 from mindspore import Parameter, Tensor, nn
 
+from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.model.names import expert_tensor_names
-from mindformers_sigma.training import checkpoint as ckpt
 from mindformers_sigma.training.global_batch import predicted_tokens
 from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
@@ -342,7 +342,7 @@ def test_a_rank_stops_with_the_signal_it_got_or_143_when_a_peer_got_it():
 def test_a_checkpoint_mindspore_cannot_parse_is_one_error_line(tmp_path):
     # Its sha256 matches its sidecar (written unreadable, or the sidecar rewritten): the trainer
     # must still say which file and what to do, not raise MindSpore's own error.
-    from mindformers_sigma.data.manifest import file_sha256
+    from mindformers_sigma.checksum import file_sha256
     from mindformers_sigma.errors import DataError
     from mindformers_sigma.training.trainer import train
 

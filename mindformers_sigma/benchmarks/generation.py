@@ -46,11 +46,11 @@ def _speeds(generators: Dict[str, object], prompts, new_tokens: int, rounds: int
 
 def run(quick: bool, out_dir: str) -> dict:
 
+    from mindformers_sigma.checkpoint.model import build_model, inference_config
     from mindformers_sigma.config import apply_overrides, load_config
     from mindformers_sigma.context import configure_context
     from mindformers_sigma.generation.generator import Generator
     from mindformers_sigma.lifecycle.extract import extract_domain
-    from mindformers_sigma.lifecycle.model_checkpoint import build_model, inference_config
     from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
     from mindformers_sigma.params import count_parameters
 

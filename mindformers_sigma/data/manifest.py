@@ -9,13 +9,14 @@ one line ``PATH: field: problem; rerun prepare-data``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, List, NoReturn, Optional, Set
+from typing import Any, Dict, List, NoReturn, Optional, Set, Tuple
 
+from mindformers_sigma.checksum import file_sha256
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -27,7 +28,6 @@ FORMAT_FAMILY = "mindformers_sigma.prepared/"
 SHARD_SUFFIX = ".mindrecord"
 INDEX_SUFFIX = ".db"  # MindRecord writes X.mindrecord and its index X.mindrecord.db
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 1 << 20
 
 
 MAX_DOMAIN_NAME = 64
@@ -36,15 +36,6 @@ MAX_DOMAIN_NAME = 64
 def is_domain_name(name: str) -> bool:
     """Domain names become part of shard file names: letters, digits, '_' and '-' only, at most 64 of them."""
     return bool(name) and len(name) <= MAX_DOMAIN_NAME and name.replace("_", "").replace("-", "").isalnum()
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, read in chunks so that large shards need little memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _describe(value: Any) -> str:
@@ -279,3 +270,11 @@ def files_written_by_prepare(data_dir: str) -> Optional[Set[str]]:
             if isinstance(shard, dict) and isinstance(shard.get("file"), str):
                 owned.update((shard["file"], shard["file"] + INDEX_SUFFIX))
     return owned
+
+
+def domains_and_tokenizer(data_dir: str) -> Tuple[List[str], Tokenizer]:
+    """A prepared folder's domain names in id order and its tokenizer (what an older checkpoint, which
+    does not record them, was trained with)."""
+    manifest = load_manifest(data_dir)
+    domains = [domain["name"] for domain in sorted(manifest["domains"], key=lambda d: d["id"])]
+    return domains, Tokenizer.from_file(os.path.join(data_dir, manifest["tokenizer"]["file"]))

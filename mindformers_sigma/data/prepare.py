@@ -26,10 +26,11 @@ from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
 import numpy as np
 
 from mindformers_sigma.atomic import atomic_directory, remove_stale_temporaries
+from mindformers_sigma.checksum import file_sha256
 from mindformers_sigma.data.manifest import (HELDOUT, INDEX_SUFFIX, MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE,
-                                             file_sha256, files_written_by_prepare, is_domain_name)
-from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer, train_tokenizer
+                                             files_written_by_prepare, is_domain_name)
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import EOD_ID, Tokenizer, train_tokenizer
 
 DEFAULT_PATTERNS = ("*.txt", "*.jsonl")
 PAGE_SIZE = 1 << 16

@@ -9,6 +9,7 @@ import sys
 
 from mindformers_sigma.arg_types import integer_in
 from mindformers_sigma.errors import DataError, UserError, one_line
+from mindformers_sigma.one_line_parser import Command, add_commands
 
 
 def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,18 +43,18 @@ def add_make_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _scorer(described):
+    from mindformers_sigma.checkpoint.model import inference_config, load_model
     from mindformers_sigma.context import configure_context
     from mindformers_sigma.eval.scoring import TokenLogProbs
-    from mindformers_sigma.lifecycle.model_checkpoint import inference_config, load_model
 
     configure_context(inference_config(described.config))
     return TokenLogProbs(load_model(described))
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
     from mindformers_sigma.data.dataset import PreparedCorpus
     from mindformers_sigma.eval.perplexity import Progress, domain_perplexity, overall, perplexity_report
-    from mindformers_sigma.training.description import describe_checkpoint
 
     described = describe_checkpoint(args.ckpt)
     corpus = PreparedCorpus(args.data, split=args.split)
@@ -87,8 +88,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
     from mindformers_sigma.eval.zeroshot import evaluate, read_task
-    from mindformers_sigma.training.description import describe_checkpoint
 
     described = describe_checkpoint(args.ckpt)
     domain_id = described.domain_id(args.domain)
@@ -110,8 +111,8 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 def run_make_task(args: argparse.Namespace) -> int:
     from mindformers_sigma.atomic import write_bytes_atomic
     from mindformers_sigma.data.dataset import PreparedCorpus
-    from mindformers_sigma.data.tokenizer import Tokenizer
     from mindformers_sigma.eval.make_task import make_records
+    from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"--out {args.out}: its folder does not exist; create it first")
@@ -134,3 +135,17 @@ def run_make_task(args: argparse.Namespace) -> int:
                    f"of {args.domain}" + (f" (asked for {args.n}; the split has no more)" if len(records) < args.n
                                           else "")))
     return 0
+
+
+KINDS = (
+    Command("perplexity", "token-level perplexity per domain and overall (EOD inputs excluded)",
+            add_perplexity_arguments, run_perplexity),
+    Command("zeroshot", "zero-shot multiple choice / cloze accuracy with a 95% interval", add_zeroshot_arguments,
+            run_zeroshot),
+)
+
+COMMANDS = (
+    Command("eval", "evaluate a checkpoint: perplexity per domain, zero-shot tasks",
+            lambda parser: add_commands(parser, KINDS, "kind"), lambda args: args.run_kind(args)),
+    Command("make-task", "a multiple-choice task from held-out documents", add_make_task_arguments, run_make_task),
+)

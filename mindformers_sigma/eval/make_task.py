@@ -17,8 +17,8 @@ from typing import List
 import numpy as np
 
 from mindformers_sigma.data.prepare import unpack_documents
-from mindformers_sigma.data.tokenizer import Tokenizer
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 
 
 def make_records(samples: np.ndarray, tokenizer: Tokenizer, domain: str, choices: int, count: int,

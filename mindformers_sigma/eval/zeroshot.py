@@ -19,9 +19,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from mindformers_sigma.data.tokenizer import EOD_ID, Tokenizer
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.eval.scoring import TokenLogProbs, score_rows
+from mindformers_sigma.tokenizer.sentencepiece_bpe import EOD_ID, Tokenizer
 
 NORMS = ("none", "tokens", "chars")
 MAX_TASK_BYTES = 256 * 2 ** 20

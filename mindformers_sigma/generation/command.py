@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from mindformers_sigma.arg_types import integer_in, number_in
 from mindformers_sigma.errors import UserError, one_line
 from mindformers_sigma.generation.sampling import Sampling
+from mindformers_sigma.one_line_parser import Command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,19 +43,21 @@ def sampling_of(args: argparse.Namespace) -> Sampling:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
+    from mindformers_sigma.data.manifest import domains_and_tokenizer
     from mindformers_sigma.generation.prompts import encode_prompts, read_prompt_file
-    from mindformers_sigma.training.description import describe_checkpoint
 
     sampling = sampling_of(args)
-    described = describe_checkpoint(args.ckpt, args.config, args.data)
+    described = describe_checkpoint(args.ckpt, args.config,
+                                    functools.partial(domains_and_tokenizer, args.data) if args.data else None)
     domain_id = described.domain_id(args.domain)
     model_config = described.config.model
     texts = read_prompt_file(args.prompt_file) if args.prompt_file is not None else [("--prompt", args.prompt)]
     prompts = encode_prompts(texts, described.tokenizer, model_config.seq_length, model_config.eod_token_id)
 
+    from mindformers_sigma.checkpoint.model import inference_config, load_model
     from mindformers_sigma.context import configure_context
     from mindformers_sigma.generation.generator import Generator
-    from mindformers_sigma.lifecycle.model_checkpoint import inference_config, load_model
 
     configure_context(inference_config(described.config))
     generator = Generator(load_model(described), model_config.seq_length, model_config.eod_token_id,
@@ -71,3 +75,6 @@ def run(args: argparse.Namespace) -> int:
             f"{result.decode_tokens_per_second:,.0f} tokens/s ({'no cache' if args.no_cache else 'KV cache'}, "
             f"batch {len(batch)}; graph compile {result.compile_seconds:.1f}s excluded)"), file=sys.stderr)
     return 0
+
+
+COMMANDS = (Command("generate", "continue prompts with a checkpoint's model (KV-cached decoding)", add_arguments, run),)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from mindformers_sigma.data.tokenizer import Tokenizer
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 
 MAX_PROMPT_FILE_BYTES = 64 * 2 ** 20
 

@@ -16,7 +16,6 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from mindformers_sigma.cli import add_train_arguments, train_config
 from mindformers_sigma.config import SigmaConfig, parse_yaml
 from mindformers_sigma.errors import DataError, UserError
 from mindformers_sigma.launcher.options import absolute
@@ -24,6 +23,7 @@ from mindformers_sigma.one_line_parser import RaisingParser
 from mindformers_sigma.parallel.runtime import check_trainable
 from mindformers_sigma.rank_table.schema import RankTableError, read_table_file
 from mindformers_sigma.rank_table.validate import validate_table
+from mindformers_sigma.training.command import add_arguments as add_train_arguments, train_config
 
 _PATH_OPTIONS = ("data", "out", "resume")  # `pangu-sigma train` options that name files or folders
 

@@ -13,11 +13,12 @@ import numpy as np
 from mindformers_sigma.arg_types import integer_in, number_in
 from mindformers_sigma.atomic import remove_stale_temporaries
 from mindformers_sigma.errors import DataError, UserError, one_line
+from mindformers_sigma.one_line_parser import Command
 
 
 def _checkpoint_target(path: str) -> str:
     """--out for a checkpoint: NAME.ckpt or NAME.safetensors in an existing folder, not yet taken."""
-    from mindformers_sigma.training.checkpoint import file_step
+    from mindformers_sigma.checkpoint.files import file_step
 
     if not path.endswith((".ckpt", ".safetensors")):
         raise UserError(f"--out {path}: name the checkpoint file to write, ending in .ckpt or .safetensors")
@@ -133,11 +134,11 @@ def _count(config) -> int:
 
 
 def run_inherit(args: argparse.Namespace) -> int:
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
+    from mindformers_sigma.checkpoint.model import inference_config, model_weights, write_model
     from mindformers_sigma.config import load_config
     from mindformers_sigma.lifecycle.inherit import check_same_backbone, inherit_weights
-    from mindformers_sigma.lifecycle.model_checkpoint import inference_config, model_weights, write_model
     from mindformers_sigma.parallel.layouts import parameter_layouts
-    from mindformers_sigma.training.description import describe_checkpoint
 
     target = _checkpoint_target(args.out)
     sigma = load_config(args.config)
@@ -162,10 +163,10 @@ def run_inherit(args: argparse.Namespace) -> int:
 
 def run_extract(args: argparse.Namespace) -> int:
     from mindformers_sigma.atomic import atomic_directory
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
+    from mindformers_sigma.checkpoint.model import model_weights, write_model
     from mindformers_sigma.config import config_to_dict
     from mindformers_sigma.lifecycle.extract import extract_domain
-    from mindformers_sigma.lifecycle.model_checkpoint import model_weights, write_model
-    from mindformers_sigma.training.description import describe_checkpoint
 
     _new_folder(args.out)
     described = describe_checkpoint(args.ckpt)
@@ -190,9 +191,9 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_add_domain(args: argparse.Namespace) -> int:
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
+    from mindformers_sigma.checkpoint.model import model_weights, write_model
     from mindformers_sigma.lifecycle.add_domain import DENSE_INIT, add_domain, grown_config
-    from mindformers_sigma.lifecycle.model_checkpoint import model_weights, write_model
-    from mindformers_sigma.training.description import describe_checkpoint
 
     target = _checkpoint_target(args.out)
     described = describe_checkpoint(args.ckpt)
@@ -216,3 +217,13 @@ def run_add_domain(args: argparse.Namespace) -> int:
                    f"experts per sparse layer; routing rows drawn with seed {seed}"
                    + (f", balanced on {args.token_frequency}" if frequency is not None else ", uniform")))
     return 0
+
+
+COMMANDS = (
+    Command("inherit", "a PanGu-Σ checkpoint whose experts start as copies of a dense model's FFNs",
+            add_inherit_arguments, run_inherit),
+    Command("extract", "cut one domain's stand-alone sub-model out of a checkpoint", add_extract_arguments,
+            run_extract),
+    Command("add-domain", "add a domain (expert group and routing rows) to a checkpoint", add_add_domain_arguments,
+            run_add_domain),
+)

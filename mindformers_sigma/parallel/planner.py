@@ -29,11 +29,10 @@ from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.ecss.slab import whole_step_slab
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
-from mindformers_sigma.params import count_parameters
 from mindformers_sigma.parallel.hardware import GIB, Assumption, ascend_910_cluster
 from mindformers_sigma.parallel.layouts import ParameterLayout, parameter_layouts
 from mindformers_sigma.parallel.mesh import DeviceMesh, micro_batch_rows
-from mindformers_sigma.training.metrics import flops_per_token
+from mindformers_sigma.params import count_parameters, flops_per_token
 
 
 @dataclass

@@ -9,10 +9,10 @@ import argparse
 import os
 import re
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 from mindformers_sigma.errors import run_reporting_errors
-from mindformers_sigma.one_line_parser import OneLineParser
+from mindformers_sigma.one_line_parser import Command, OneLineParser, add_commands
 from mindformers_sigma.rank_table.generate import merge_tables, plan_table, read_server_ips, single_server_table
 from mindformers_sigma.rank_table.schema import VERSIONS, read_table_file, write_table
 from mindformers_sigma.rank_table.validate import validate_table
@@ -96,22 +96,29 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-TOOLS: Dict[str, tuple] = {
-    "generate": (add_generate_arguments, run_generate, "one server's rank table (hccl_tools.py)"),
-    "merge": (add_merge_arguments, run_merge, "merge per-server tables (merge_hccl.py)"),
-    "validate": (add_validate_arguments, run_validate, "check a rank table, one line per problem"),
-    "plan": (add_plan_arguments, run_plan, "a whole-cluster table for planning, e.g. 64 x 8 = 512 ranks"),
-}
+TOOLS = (
+    Command("generate", "one server's rank table (hccl_tools.py)", add_generate_arguments, run_generate),
+    Command("merge", "merge per-server tables (merge_hccl.py)", add_merge_arguments, run_merge),
+    Command("validate", "check a rank table, one line per problem", add_validate_arguments, run_validate),
+    Command("plan", "a whole-cluster table for planning, e.g. 64 x 8 = 512 ranks", add_plan_arguments, run_plan),
+)
 
 
-def run_tool(args: argparse.Namespace, handler: Callable[[argparse.Namespace], int], prog: str) -> int:
-    return run_reporting_errors(prog, lambda: handler(args))
+def _run_chosen_tool(args: argparse.Namespace) -> int:
+    return run_reporting_errors(f"pangu-sigma rank-table {args.tool}", lambda: args.run_tool(args))
+
+
+COMMANDS = (
+    Command("rank-table", "HCCL rank tables: generate, merge, validate, plan",
+            lambda parser: add_commands(parser, TOOLS, "tool"), _run_chosen_tool),
+)
 
 
 def main_for(tool: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Entry point of one tool as a stand-alone script (hccl_tools/*.py)."""
-    add_arguments, handler, description = TOOLS[tool]
+    command = next(command for command in TOOLS if command.name == tool)
     prog = prog or os.path.basename(sys.argv[0])
-    parser = OneLineParser(prog=prog, description=description)
-    add_arguments(parser)
-    return run_tool(parser.parse_args(argv), handler, prog)
+    parser = OneLineParser(prog=prog, description=command.help)
+    command.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_reporting_errors(prog, lambda: command.run(args))

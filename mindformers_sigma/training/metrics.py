@@ -1,4 +1,4 @@
-"""What a user sees while training: FLOPs accounting, peak probe, progress line, metrics.jsonl."""
+"""What a user sees while training: peak probe, progress line, metrics.jsonl, loss curve."""
 
 from __future__ import annotations
 
@@ -10,17 +10,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
-from mindformers_sigma.config import SigmaConfig
-from mindformers_sigma.params import count_parameters
-
-
-def flops_per_token(config: SigmaConfig) -> float:
-    """Training FLOPs per token: 6 x activated non-embedding parameters + 6 V H (the tied head)
-    + 12 L H S (attention scores and mixing)."""
-    m = config.model
-    count = count_parameters(config)
-    non_embedding = count.activated_per_token - count.embeddings
-    return 6.0 * non_embedding + 6.0 * m.vocab_size * m.hidden_size + 12.0 * m.num_layers * m.hidden_size * m.seq_length
 
 
 def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:

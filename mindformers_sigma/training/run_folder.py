@@ -16,9 +16,9 @@ import shutil
 import sys
 from typing import List, Optional
 
+from mindformers_sigma.checkpoint.files import file_step, remove_uncommitted_weights
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.folder_lock import FolderBusy, lock_folder
-from mindformers_sigma.training.checkpoint import file_step, remove_uncommitted_weights
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"

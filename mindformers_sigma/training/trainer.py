@@ -19,6 +19,9 @@ from typing import Callable, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
+from mindformers_sigma.checkpoint import files as ckpt
+from mindformers_sigma.checkpoint.description import description_fields
+from mindformers_sigma.checkpoint.restore import restore
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
@@ -29,18 +32,16 @@ from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_rou
 from mindformers_sigma.moe.expert_plan import ExpertPlanner
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
 from mindformers_sigma.parallel.strategies import apply_layout
-from mindformers_sigma.training import checkpoint as ckpt
-from mindformers_sigma.training.description import description_fields
+from mindformers_sigma.params import flops_per_token
 from mindformers_sigma.training.global_batch import GlobalBatchReader, PrefetchingReader, prefetching
 from mindformers_sigma.training.interrupts import stop_requests
 from mindformers_sigma.training.loss import TrainingLoss
 from mindformers_sigma.training.lr_schedule import learning_rate_at
 from mindformers_sigma.training.memory_check import check_fits_in_memory, check_store_fits_on_disk
-from mindformers_sigma.training.metrics import (MetricsLog, domain_losses, flops_per_token, measure_matmul_peak,
-                                                plot_losses, progress_line)
+from mindformers_sigma.training.metrics import MetricsLog, domain_losses, measure_matmul_peak, plot_losses, progress_line
 from mindformers_sigma.training.optimizer import build_optimizer
 from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, check_same_tokenizer,
-                                               choose_start, is_in_folder, restore)
+                                               choose_start, is_in_folder)
 from mindformers_sigma.training.run_folder import ECSS_STORE, RunFolder
 from mindformers_sigma.training.train_step import (ApplyGradients, DynamicLossScale, ForwardBackward,
                                                    TrainOneStepCell, declare_dynamic_plan, run_step)

@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from mindformers_sigma.config import ConfigError, SigmaConfig, config_from_dict, config_to_dict, load_config
-from mindformers_sigma.data.tokenizer import Tokenizer
+from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.training import checkpoint as ckpt
+from mindformers_sigma.checkpoint import files as ckpt
 
 CONFIG, DOMAINS, TOKENIZER, DESCRIPTION_SHA256 = "config", "domains", "tokenizer", "description_sha256"
 
@@ -89,11 +89,13 @@ def _tokenizer_from(record: dict, where: str) -> Tokenizer:
     return Tokenizer(model, f"{where} (tokenizer)")
 
 
-def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: Optional[str] = None,
+def describe_checkpoint(path: str, config_path: Optional[str] = None,
+                        trained_on: Optional[Callable[[], Tuple[List[str], Tokenizer]]] = None,
                         flag: str = "--ckpt") -> Description:
     """The checkpoint at ``path`` (weights file or sidecar, verified against its sha256) and what it was trained
-    with; ``config_path`` / ``data_dir`` supply the config / domains and tokenizer of an older checkpoint (one
-    that records them refuses both: two sources of truth would disagree silently)."""
+    with; ``config_path`` / ``trained_on`` (reads the domain names and tokenizer of a ``--data`` folder:
+    ``data.manifest.domains_and_tokenizer``) supply the config / domains and tokenizer of an older checkpoint
+    (one that records them refuses both: two sources of truth would disagree silently)."""
     sidecar = _sidecar_of(path, flag)
     if not os.path.isfile(sidecar):
         raise DataError(f"{flag} {path}: no sidecar {os.path.basename(sidecar)} beside it; a checkpoint is the "
@@ -108,7 +110,7 @@ def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: 
     if described and meta.get(DESCRIPTION_SHA256) != _digest(meta):
         raise DataError(f"{sidecar}: its config, domains or tokenizer do not match their sha256 (damaged or "
                         f"edited); use an undamaged copy of the checkpoint")
-    if described and (config_path is not None or data_dir is not None):
+    if described and (config_path is not None or trained_on is not None):
         raise DataError(f"{flag} {path}: records its own config, domains and tokenizer; drop --config and --data "
                         f"(they are for checkpoints written before sidecars described themselves)")
     if config_path is not None:
@@ -121,12 +123,8 @@ def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: 
                             f"one written by this version") from None
     else:
         raise DataError(f"{sidecar}: records no config; pass --config with the config the run trained with")
-    if data_dir is not None:
-        from mindformers_sigma.data.manifest import load_manifest
-
-        manifest = load_manifest(data_dir)
-        domains = [domain["name"] for domain in sorted(manifest["domains"], key=lambda d: d["id"])]
-        tokenizer = Tokenizer.from_file(os.path.join(data_dir, manifest["tokenizer"]["file"]))
+    if trained_on is not None:
+        domains, tokenizer = trained_on()
     elif DOMAINS in meta and TOKENIZER in meta:
         domains = meta[DOMAINS]
         tokenizer = _tokenizer_from(meta[TOKENIZER], sidecar) if meta[TOKENIZER] is not None else None
@@ -135,7 +133,7 @@ def describe_checkpoint(path: str, config_path: Optional[str] = None, data_dir: 
                         f"themselves); pass --data with the prepare-data folder the run trained on")
     if not (isinstance(domains, list) and all(isinstance(name, str) for name in domains)
             and len(set(domains)) == len(domains) and len(domains) <= config.moe.num_domains
-            and (data_dir is not None or len(domains) == config.moe.num_domains)):
+            and (trained_on is not None or len(domains) == config.moe.num_domains)):
         raise DataError(f"{sidecar}: its domain names {domains!r} do not fit moe.num_domains "
                         f"({config.moe.num_domains}); pass --data with the prepare-data folder the run trained on")
     domains = domains + [f"domain{i}" for i in range(len(domains), config.moe.num_domains)]

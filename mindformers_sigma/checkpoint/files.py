@@ -28,9 +28,9 @@ import mindspore as ms
 import numpy as np
 
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
-from mindformers_sigma.data.manifest import file_sha256
+from mindformers_sigma.checksum import file_sha256
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.training.safetensors_file import (SafetensorsError, copy_tensor, read_header, tensor_info,
+from mindformers_sigma.checkpoint.safetensors_file import (SafetensorsError, copy_tensor, read_header, tensor_info,
                                                          write_safetensors)
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")

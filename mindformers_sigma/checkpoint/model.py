@@ -17,17 +17,24 @@ from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
-from mindformers_sigma.training import checkpoint as ckpt
-from mindformers_sigma.training.description import Description, description_fields
+from mindformers_sigma.checkpoint import files as ckpt
+from mindformers_sigma.checkpoint.description import Description, description_fields
 
 
 def model_weights(description: Description) -> Dict[str, np.ndarray]:
-    """Every model parameter of the checkpoint as numpy arrays (optimizer state skipped unread)."""
+    """Every model parameter of the checkpoint as numpy arrays (optimizer state skipped unread); the
+    sparse layers' routing tables and experts, which the lifecycle commands cut and grow, must be there."""
+    path, config = description.info.weights_path, description.config
     try:
-        stored = ms.load_checkpoint(description.info.weights_path, format=description.info.meta["format"],
-                                    choice_func=names.is_model_parameter)
+        stored = ms.load_checkpoint(path, format=description.info.meta["format"], choice_func=names.is_model_parameter)
     except (ValueError, RuntimeError, TypeError) as err:
-        raise DataError(f"{description.info.weights_path}: cannot be read ({str(err).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0][:160]})") from None
+    for layer in names.sparse_layer_prefixes(config.model):
+        tables = (names.routing_table_name(layer),) if config.moe.table_routed else ()
+        missing = next((name for name in tables + names.expert_tensor_names(layer) if name not in stored), None)
+        if missing is not None:
+            raise DataError(f"{path}: lacks parameter {missing} of the model its config describes; was it written "
+                            f"with another config?")
     return {name: value.asnumpy() for name, value in stored.items()}
 
 

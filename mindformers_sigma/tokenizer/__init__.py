@@ -1,0 +1,1 @@
+"""Tokenizers: the text <-> token id mappings that data, checkpoints and generation share."""
