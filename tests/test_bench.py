@@ -18,7 +18,7 @@ def test_bench_quick_writes_every_part_into_one_record(tmp_path):
     out = tmp_path / "bench"
     docs = tmp_path / "PERFORMANCE.md"
     done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--quick", "--out", str(out),
-                           "--docs", str(docs)], capture_output=True, text=True, cwd=REPO, timeout=600)
+                           "--docs", str(docs)], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "bench.json").read_text())
     assert record["quick"] and set(record["parts"]) == set(PARTS)
@@ -27,6 +27,20 @@ def test_bench_quick_writes_every_part_into_one_record(tmp_path):
     parts = record["parts"]
     assert {"tiny", "t1"} <= set(parts["training"]["results"]) and parts["training"]["results"]["t1"]["mfu"] > 0
     assert set(parts["routers"]["results"]) == {"rre", "top1", "top2"}
+    layer = parts["moe_layer"]["variants"]
+    assert set(layer) == {"rre", "top1", "top2"} and layer["top1"]["speed_vs_top1"] == 1.0
+    assert layer["top2"]["expert_rows_per_token"] == 2 * layer["top1"]["expert_rows_per_token"] == 2.5
+    profile = parts["profile"]
+    assert {"embedding", "dense_layer", "sparse_layer", "top_query_layer", "head_and_loss",
+            "optimizer_update"} == set(profile["parts"])
+    assert abs(sum(part["share_of_sum"] for part in profile["parts"].values()) - 1) < 1e-9
+    assert profile["op_types"] and {"MatMul", "BatchMatMul"} <= {row["op_type"] for row in profile["op_types"]}
+    memory = parts["memory"]
+    assert {(row["case"], row["tokens"]) for row in memory["layers"]} == \
+        {(kind, tokens) for kind in ("dense", "rre", "top1", "top2") for tokens in (64, 128)}
+    assert memory["train"]["peak_rss_mb"] > max(row["growth_mb"] for row in memory["layers"]) > 0
+    scaling = parts["dp_scaling"]
+    assert scaling["workers"] == 2 and scaling["ratio"] == scaling["parallel_tokens_per_s"] / scaling["single_tokens_per_s"]
     _check_ecss(parts["ecss"])
     assert parts["data"]["prepare_data_tokens_per_second"] > 0
     assert set(parts["generation"]["decoding"]) == {"1", "8"}

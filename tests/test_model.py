@@ -133,7 +133,7 @@ def test_per_domain_nll_and_token_counts_skip_eod_inputs(pynative, real_corpus):
 
 def test_fast_gelu_composition_equals_the_fast_gelu_kernel_forward_and_backward(pynative):
     # The model uses x * sigmoid(1.702 x) because it is ~5x faster on CPU than ops.fast_gelu
-    # (bench/kernels.py); both must give the same values and gradients, also where sigmoid saturates.
+    # (pangu-sigma bench kernels); both must give the same values and gradients, also where sigmoid saturates.
     import mindspore as ms
     from mindspore import ops
 

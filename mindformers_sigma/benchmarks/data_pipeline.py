@@ -1,6 +1,6 @@
 """The data pipeline: prepare-data tokens/s on the demo corpus, and the input pipeline's share of a training step.
 
-The `data` part of `pangu-sigma bench` (also `python bench/data_pipeline.py --out FILE`).  ``quick``
+The `data` part of `pangu-sigma bench`.  ``quick``
 uses a few standard-library sources instead of the (downloaded) demo corpus and a short training.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import List, Tuple
 
-from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
+from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_part
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ascend_configs",
                     "pangu_sigma_tiny_cpu.yaml")
@@ -75,9 +75,8 @@ def measure(work: str, quick: bool, train_steps: int) -> dict:
 def run(quick: bool, out_dir: str) -> dict:
     check_out_dir(out_dir)
     with tempfile.TemporaryDirectory() as work:
-        record = dict(benchmark="data", quick=quick, **measure(work, quick, 3 if quick else 30))
-    write_record(os.path.join(out_dir, "data.json"), record, echo=False)
-    return record
+        figures = measure(work, quick, 3 if quick else 30)
+    return write_part(out_dir, "data", quick, figures)
 
 
 def table(record: dict) -> str:

@@ -1,4 +1,4 @@
-"""``pangu-sigma bench generate`` (also ``python bench/generate.py``): decoding speed with and without the KV cache.
+"""``pangu-sigma bench generation``: decoding speed with and without the KV cache.
 
 The tiny config (``pangu_sigma_tiny_cpu.yaml``) with ``model.seq_length`` raised so that 256 new
 tokens fit after a prompt; weights at initialisation (speed does not depend on their values);

@@ -1,7 +1,5 @@
-"""Every op of the T1 training step, in each candidate formulation, timed alone at the T1 shapes.
-
-Usage (also the `kernels` part of `pangu-sigma bench`): python bench/kernels.py [--out bench/results/kernels_t1.json] [--seconds 0.3] [--only SUBSTRING]
-       python bench/kernels.py --table bench/results/kernels_t1.json   (the docs table)
+"""``pangu-sigma bench kernels``: every op of the T1 training step, in each candidate formulation, timed
+alone at the T1 shapes.
 
 GRAPH mode, fp32, one compiled Cell per (op, formulation); forward alone and forward + backward
 (gradients of the output's sum with respect to every float input).  Each formulation's forward
@@ -13,8 +11,6 @@ T1 shapes: 8 x 256 tokens, hidden 256, 4 heads, FFN 1024, vocabulary 8000, 16 ex
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -288,13 +284,13 @@ def markdown(rows: List[dict]) -> str:
                                      "max rel. diff"], cells))
 
 
-def measure(seconds: float, only: str = "", baselines_only: bool = False) -> List[dict]:
-    """One row per (op, formulation) whose op name contains ``only`` (``baselines_only``: each op's baseline)."""
+def measure(seconds: float, baselines_only: bool = False) -> List[dict]:
+    """One row per (op, formulation) (``baselines_only``: each op's baseline)."""
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
     rows, reference = [], {}
     for case in cases():
-        if only not in case.op or (baselines_only and not case.baseline):
+        if baselines_only and not case.baseline:
             continue
         inputs = [Tensor(a) for a in case.inputs]
         cell = Fn(case.fn)
@@ -330,22 +326,3 @@ def run(quick: bool, out_dir: str) -> dict:
 
 def markdown_of(record: dict) -> str:
     return markdown(record["rows"])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/kernels_t1.json")
-    parser.add_argument("--seconds", type=float, default=0.3, help="time per measuring round")
-    parser.add_argument("--only", default="", help="only ops whose name contains this")
-    parser.add_argument("--table", metavar="JSON", help="print the docs table of a record and exit")
-    args = parser.parse_args()
-    if args.table:
-        with open(args.table, encoding="utf-8") as handle:
-            print(markdown(json.load(handle)["rows"]))
-        return
-    write_record(args.out, {"benchmark": "kernels", "shapes": "T1", "seconds_per_round": args.seconds,
-                            "rows": measure(args.seconds, args.only)})
-
-
-if __name__ == "__main__":
-    main()

@@ -59,6 +59,13 @@ def write_record(path: str, record: dict, echo: bool = True) -> None:
         print(text)
 
 
+def write_part(out_dir: str, part: str, quick: bool, figures: dict) -> dict:
+    """A suite part's record ``OUT/PART.json``: its figures with the part's name, the mode and the machine."""
+    record = dict(benchmark=part, quick=quick, **figures)
+    write_record(os.path.join(out_dir, f"{part}.json"), record, echo=False)
+    return record
+
+
 def check_out_dir(out_dir: str) -> None:
     """Fail before minutes of benchmarking, not after: the folder must be creatable and writable."""
     try:

@@ -4,6 +4,10 @@ Parts (each in its own process, so memory and compiled graphs are its own):
 
 * ``training``: tokens/s and MFU against the fp32 matmul peak measured in the same run (tiny, T1);
 * ``routers``: RRE against learned top-1 and top-2 at the T1 shapes, forward + backward + update;
+* ``moe_layer``: the same three routers on one sparse layer alone;
+* ``profile``: where a T1 step's time goes, by part and by op type;
+* ``memory``: peak RSS of one layer against tokens per step, and of training T4;
+* ``dp_scaling``: one process against two data-parallel msrun workers on CPU;
 * ``ecss``: ECSS expert scaling and the 640-expert comparison (``docs/ecss.md``);
 * ``data``: prepare-data tokens/s and the input pipeline's share of a step;
 * ``generation``: decoding tokens/s with and without the KV cache, a sub-model against the full model;
@@ -33,6 +37,10 @@ from mindformers_sigma.errors import UserError
 PARTS: Dict[str, Tuple[str, str, str]] = {
     "training": ("training", "run", "table"),
     "routers": ("training", "run_routers", "routers_table"),
+    "moe_layer": ("moe_layer", "run", "table"),
+    "profile": ("profile", "run", "table"),
+    "memory": ("memory", "run", "table"),
+    "dp_scaling": ("dp_scaling", "run", "table"),
     "ecss": ("ecss", "run", "table"),
     "data": ("data_pipeline", "run", "table"),
     "generation": ("generation", "run", "table"),
