@@ -9,14 +9,17 @@ import sys
 import pytest
 
 from conftest import REPO
-from mindformers_sigma.benchmarks.suite import PARTS, parts_of
+from mindformers_sigma.benchmarks.doc_blocks import render
+from mindformers_sigma.benchmarks.suite import PARTS, part_table, parts_of
 from mindformers_sigma.errors import UserError
 
 
 @pytest.mark.slow
 def test_bench_quick_writes_every_part_into_one_record(tmp_path):
     out = tmp_path / "bench"
-    docs = tmp_path / "PERFORMANCE.md"
+    docs = tmp_path / "doc.md"  # stale blocks, and text around them that must stay as it is
+    docs.write_text("before\n<!-- bench:headline -->\nold\n<!-- /bench -->\nmiddle\n<!-- bench:generation -->\n"
+                    "<!-- /bench -->\nafter\n")
     done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--quick", "--out", str(out),
                            "--docs", str(docs)], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -46,7 +49,24 @@ def test_bench_quick_writes_every_part_into_one_record(tmp_path):
     assert set(parts["generation"]["decoding"]) == {"1", "8"}
     assert parts["kernels"]["rows"]
     table = (out / "bench.md").read_text()
-    assert all(f"## {part}" in table for part in PARTS) and docs.read_text().endswith(table)
+    assert all(f"## {part}" in table for part in PARTS)
+    assert docs.read_text() == (f"before\n<!-- bench:headline -->\n{render('headline', record)}<!-- /bench -->\n"
+                                f"middle\n<!-- bench:generation -->\n{render('generation', record)}<!-- /bench -->\n"
+                                f"after\n")
+    assert "| KV-cache decoding against full recompute" in render("headline", record)
+    assert part_table("generation", parts["generation"]) in table
+
+
+def test_a_docs_file_without_blocks_or_unwritable_is_refused_before_any_part_runs(tmp_path):
+    plain = tmp_path / "plain.md"
+    plain.write_text("no blocks here\n")
+    for path, words in ((plain, "has no <!-- bench:NAME -->"), (tmp_path / "missing.md", "cannot be read and written")):
+        done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--quick", "--out",
+                               str(tmp_path / "out"), "--docs", str(path)], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out" / "logs").exists()  # no part started
+    assert plain.read_text() == "no blocks here\n"
 
 
 def test_an_unknown_part_is_one_line():

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", metavar="PART[,PART...]", help=f"these parts: {', '.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="small models and few steps (checks it runs, not speed)")
     parser.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
-    parser.add_argument("--docs", metavar="FILE", help="also write the tables to FILE (docs/PERFORMANCE.md)")
+    parser.add_argument("--docs", metavar="FILE", action="append", default=[],
+                        help="regenerate FILE's <!-- bench:NAME --> blocks from this run (repeatable; e.g. README.md "
+                             "and docs/benchmarks.md after a full run into bench/results/suite)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ Parts (each in its own process, so memory and compiled graphs are its own):
 * ``kernels``: each op of the T1 step in its candidate formulations.
 
 Writes ``OUT/bench.json`` (every part's record and the machine: CPU model, cores, MindSpore version,
-git commit, date), ``OUT/bench.md`` (the tables) and, with matplotlib, ``OUT/bench.png``.
+git commit, date), ``OUT/bench.md`` (the tables) and, with matplotlib, ``OUT/bench.png``; ``--docs FILE``
+regenerates FILE's bench blocks (``doc_blocks.py``).
 ``--quick`` shrinks every part so that the whole suite checks it runs (CI), not how fast.
 """
 
@@ -30,6 +31,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mindformers_sigma.atomic import write_bytes_atomic
+from mindformers_sigma.benchmarks.doc_blocks import check_doc_file, machine_line, refresh_file
 from mindformers_sigma.benchmarks.record import check_out_dir, machine
 from mindformers_sigma.errors import UserError
 
@@ -100,14 +102,15 @@ def _run_parts(names: List[str], quick: bool, out_dir: str, at_once: int) -> Dic
     return {name: records[name] for name in names}
 
 
+def part_table(part: str, part_record: dict) -> str:
+    """A part's markdown table(s)."""
+    return _function(part, 2)(part_record)
+
+
 def markdown(record: dict) -> str:
-    info = record["machine"]
-    lines = [f"Machine: {info['cpu_model']}, {info['cpus']} cores; MindSpore {info['mindspore']}; commit "
-             f"{info['git_commit'][:12]}; {info['date']}" + (" (quick mode: sizes shrunk, figures not meaningful)"
-                                                            if record["quick"] else "")]
+    lines = [machine_line(record)]
     for part, part_record in record["parts"].items():
-        lines += ["", f"## {part}", "", _function(part, 2)(part_record),
-                  "", f"({part_record['wall_seconds']:.0f} s)"]
+        lines += ["", f"## {part}", "", part_table(part, part_record), "", f"({part_record['wall_seconds']:.0f} s)"]
     return "\n".join(lines) + "\n"
 
 
@@ -142,23 +145,24 @@ def _plot(record: dict, path: str) -> bool:
     return True
 
 
-def run_suite(quick: bool, only: Optional[str], out_dir: str, docs: Optional[str] = None) -> dict:
+def run_suite(quick: bool, only: Optional[str], out_dir: str, docs: Sequence[str] = ()) -> dict:
+    """Run the parts, write OUT/bench.json, bench.md and bench.png, and regenerate the bench blocks of each
+    of ``docs`` (``doc_blocks.py``) from this run."""
     names = parts_of(only)
     check_out_dir(out_dir)
+    for path in docs:
+        check_doc_file(path)
     parts = _run_parts(names, quick, out_dir, at_once=2 if quick else 1)
     record = {"benchmark": "suite", "quick": quick, "parts": parts, "machine": machine()}
     write_bytes_atomic(os.path.join(out_dir, "bench.json"), json.dumps(record, indent=1).encode() + b"\n")
     text = markdown(record)
     write_bytes_atomic(os.path.join(out_dir, "bench.md"), text.encode())
-    if docs is not None:
-        write_bytes_atomic(docs, (f"# Performance\n\nWritten by `pangu-sigma bench{' --quick' if quick else ''}"
-                                  f"{f' --only {only}' if only else ''} --out {out_dir} --docs {docs}`; each "
-                                  f"figure from one run on the machine below; compare ratios taken in the same "
-                                  f"run. Raw records: `{out_dir}/*.json`.\n\n" + text).encode())
+    for path in docs:
+        refresh_file(path, record)
     plotted = _plot(record, os.path.join(out_dir, "bench.png"))
     print(text)
     print(f"wrote {out_dir}/bench.json, bench.md" + (", bench.png" if plotted else "") +
-          (f" and {docs}" if docs else ""), file=sys.stderr)
+          "".join(f", the bench blocks of {path}" for path in docs), file=sys.stderr)
     return record
 
 
