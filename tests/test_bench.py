@@ -69,6 +69,29 @@ def test_a_docs_file_without_blocks_or_unwritable_is_refused_before_any_part_run
     assert plain.read_text() == "no blocks here\n"
 
 
+def test_record_regenerates_the_blocks_of_documents_from_an_earlier_run(tmp_path):
+    committed = REPO / "bench" / "results" / "suite" / "bench.json"
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- bench:memory -->\nstale\n<!-- /bench -->\n")
+    command = [sys.executable, "-m", "mindformers_sigma", "bench", "--record", str(committed), "--docs", str(doc)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(committed.read_text())
+    assert doc.read_text() == f"text\n<!-- bench:memory -->\n{render('memory', record)}<!-- /bench -->\n"
+    broken = tmp_path / "bench.json"
+    for content, words in (("{", "cannot be read as a bench.json"), ('{"benchmark": "memory"}', "not the bench.json")):
+        broken.write_text(content)
+        done = subprocess.run(command[:5] + [str(broken)] + command[6:], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    unknown = dict(record, parts={})  # a block whose part the record lacks: one line, the file untouched
+    broken.write_text(json.dumps(unknown))
+    before = doc.read_text()
+    done = subprocess.run(command[:5] + [str(broken)] + command[6:], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 2 and "the record has no such part" in done.stderr and doc.read_text() == before
+
+
 def test_an_unknown_part_is_one_line():
     with pytest.raises(UserError, match=r"--only 'trainig': unknown part 'trainig'; parts: training, routers"):
         parts_of("trainig")

@@ -158,7 +158,7 @@ def test_model_names_are_the_built_models_parameter_names(pynative, router, slot
     from mindformers_sigma.config import ROUTERS
     from mindformers_sigma.model import names
     from mindformers_sigma.model.layers import LayerNorm, Linear
-    from mindformers_sigma.model.pangu_sigma import routing_tables
+    from mindformers_sigma.model.pangu_sigma import routing_tables_of
     from mindformers_sigma.moe.experts import BatchedExperts
     from mindformers_sigma.moe.router import ROUTER_CELLS
     from mindformers_sigma.training.optimizer import HybridAdamWeightDecay
@@ -200,7 +200,7 @@ def test_model_names_are_the_built_models_parameter_names(pynative, router, slot
     assert all(names.is_moment(name) and not names.is_model_parameter(name) for name in moments)
     assert {name for name in moments if names.is_expert_parameter(name)} == \
         {moment for name in owned[BatchedExperts] for moment in names.moment_names(name)}
-    tables = routing_tables(net)
+    tables = routing_tables_of(net)
     assert list(tables) == ([names.routing_table_name(layer) for layer in names.sparse_layer_prefixes(m)]
                             if moe.table_routed else [])
     for name, table in tables.items():

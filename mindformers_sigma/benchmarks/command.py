@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mindformers_sigma.benchmarks.doc_blocks import refresh_docs
 from mindformers_sigma.benchmarks.suite import PARTS, run_suite
 from mindformers_sigma.errors import UserError
 from mindformers_sigma.one_line_parser import Command
@@ -19,11 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", metavar="FILE", action="append", default=[],
                         help="regenerate FILE's <!-- bench:NAME --> blocks from this run (repeatable; e.g. README.md "
                              "and docs/benchmarks.md after a full run into bench/results/suite)")
+    parser.add_argument("--record", metavar="BENCH_JSON",
+                        help="run nothing: regenerate the --docs blocks from this earlier run's bench.json")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.name is not None and args.only is not None:
         raise UserError("bench: give a part name or --only, not both")
+    if args.record is not None:
+        if not args.docs or args.name or args.only or args.quick:
+            raise UserError("--record: regenerates documents from a record; give --docs FILE, and no part, --only "
+                            "or --quick")
+        refresh_docs(args.record, args.docs)
+        return 0
     run_suite(args.quick, args.only if args.name is None else ALIASES.get(args.name, args.name), args.out, args.docs)
     return 0
 

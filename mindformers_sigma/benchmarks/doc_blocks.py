@@ -14,7 +14,9 @@ committed record (``bench/results/suite/bench.json``), so a figure cannot drift 
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from typing import Callable, Dict, List
 
 from mindformers_sigma.atomic import write_bytes_atomic
@@ -52,7 +54,7 @@ def _headline_rows(parts: dict) -> List[List[str]]:
     add("generation", "KV-cache decoding against full recompute, batch 1 / batch 8",
         lambda p: f"{p['decoding']['1']['speedup']:.1f}x / {p['decoding']['8']['speedup']:.1f}x")
     add("memory", "peak RSS training T4",
-        lambda p: f"{p['train']['peak_rss_mb'] / 1024:.1f} GB")
+        lambda p: f"{p['train']['peak_rss_mb'] / 1024:.1f} GiB")
     add("dp_scaling", "2 data-parallel msrun workers against 1 process (2 cores shared)",
         lambda p: f"{p['ratio']:.2f}x")
     add("data", "prepare-data tokens/s (demo corpus, end to end)",
@@ -105,3 +107,26 @@ def refresh_file(path: str, record: dict) -> None:
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     write_bytes_atomic(path, refreshed(text, record).encode("utf-8"))
+
+
+def refresh_docs(record_path: str, docs: List[str]) -> None:
+    """``pangu-sigma bench --record BENCH_JSON --docs FILE...``: the blocks of each FILE from an earlier run."""
+    try:
+        with open(record_path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"--record {record_path}: cannot be read as a bench.json ({err}); pass the bench.json of "
+                        f"a pangu-sigma bench run") from None
+    if not (isinstance(record, dict) and record.get("benchmark") == "suite" and isinstance(record.get("parts"), dict)
+            and isinstance(record.get("machine"), dict)):
+        raise UserError(f"--record {record_path}: not the bench.json of a pangu-sigma bench run (no suite, parts and "
+                        f"machine fields)")
+    for path in docs:
+        check_doc_file(path)
+    rendered = {}
+    for path in docs:
+        with open(path, encoding="utf-8") as handle:
+            rendered[path] = refreshed(handle.read(), record)  # every block renders before any file is written
+    for path, text in rendered.items():
+        write_bytes_atomic(path, text.encode("utf-8"))
+        print(f"wrote the bench blocks of {path}", file=sys.stderr)

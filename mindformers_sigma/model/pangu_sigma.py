@@ -36,7 +36,7 @@ def build_routing_tables(config: SigmaConfig, token_frequency: Optional[np.ndarr
     ]
 
 
-def routing_tables(network: nn.Cell) -> Dict[str, np.ndarray]:
+def routing_tables_of(network: nn.Cell) -> Dict[str, np.ndarray]:
     """Every RRE table of a built model (inside any cell, e.g. a train step), by its parameter name,
     bottom layer first; an ECSS layer's is the host's own array, under the name a plain model's
     Parameter has.  Empty for learned routers."""

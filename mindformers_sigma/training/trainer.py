@@ -28,7 +28,7 @@ from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
 from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
-from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables, routing_tables
+from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables, routing_tables_of
 from mindformers_sigma.moe.expert_plan import ExpertPlanner
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
 from mindformers_sigma.parallel.strategies import apply_layout
@@ -109,7 +109,7 @@ def expert_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Optional
     """Host-planned, dropless RRE dispatch unless the config caps capacity itself."""
     if not config.moe.table_routed or config.moe.capacity_factor is not None or config.model.sparse_layers == 0:
         return None
-    return ExpertPlanner(list(routing_tables(step_cell).values()), config.moe.num_experts)
+    return ExpertPlanner(list(routing_tables_of(step_cell).values()), config.moe.num_experts)
 
 
 def print_now(line: str) -> None:
@@ -132,7 +132,7 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
     if config.ecss.enabled:
         store = os.path.join(folder.path, ECSS_STORE, f"rank_{rank}") if folder else None  # each rank its own
         offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated,
-                                      routing_tables(step_cell), store)
+                                      routing_tables_of(step_cell), store)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
         restore(step_cell, info, NOT_CHECKPOINTED, offload.host_arrays() if offload else None)
