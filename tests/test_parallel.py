@@ -16,13 +16,13 @@ from mindformers_sigma.cli import main
 from mindformers_sigma.config import ConfigError, apply_overrides, load_config
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
-from mindformers_sigma.params import count_parameters
 from mindformers_sigma.parallel.layouts import parameter_layouts
 from mindformers_sigma.parallel.mesh import DeviceMesh
 from mindformers_sigma.parallel.planner import check_fits, plan_layout
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
 from mindformers_sigma.parallel.strategies import _primitive, apply_layout, op_strategies
 from mindformers_sigma.parallel.strategy_file import PRODUCER_FIELD, strategy_document, write_strategy_file
+from mindformers_sigma.params import count_parameters
 from mindformers_sigma.training.trainer import NOT_CHECKPOINTED, build_train_step, train
 
 from conftest import CONFIGS, REAL_VOCAB, REPO, micro_config
