@@ -45,8 +45,7 @@ class DecodeStep(nn.Cell):
         self.model = model
 
     def construct(self, token_ids, position_ids, column_mask, attention_bias, domain_ids, keys, values):
-        first = domain_ids * 0  # column 0 of the one-token window
-        return self.model.next_token_logits(token_ids, domain_ids, first, position_ids=position_ids,
+        return self.model.next_token_logits(token_ids, domain_ids, position_ids=position_ids,
                                             attention_bias=attention_bias, kv_cache=(keys, values),
                                             cache_column=column_mask)
 

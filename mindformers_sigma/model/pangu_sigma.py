@@ -164,16 +164,18 @@ class PanGuSigmaForCausalLM(nn.Cell):
         batch, seq, width = hidden.shape
         return self.vocabulary_logits(hidden.reshape((batch * seq, width))).reshape((batch, seq, -1)), aux_loss, dropped
 
-    def next_token_logits(self, input_ids, domain_ids, last, position_ids=None, attention_bias=None, kv_cache=None,
-                          cache_column=None):
-        """(logits [B, V] of the token after column ``last`` [B] of each row, keys, values): generation's
-        forward, from a whole window or, with ``kv_cache``, one step (``PanGuSigmaModel``); a decoding step
-        computes each token with its experts' weights gathered, as it has fewer tokens than experts."""
+    def next_token_logits(self, input_ids, domain_ids, last=None, position_ids=None, attention_bias=None,
+                          kv_cache=None, cache_column=None):
+        """(logits [B, V] of the token after column ``last`` [B] of each row, or after the last column when
+        ``last`` is None, keys, values): generation's forward, from a whole window or, with ``kv_cache``, one
+        step (``PanGuSigmaModel``); a decoding step computes each token with its experts' weights gathered,
+        as it has fewer tokens than experts."""
         hidden, _, _, (keys, values) = self.backbone(input_ids, domain_ids, position_ids=position_ids,
                                                      attention_bias=attention_bias, kv_cache=kv_cache,
                                                      cache_column=cache_column,
                                                      per_token_experts=kv_cache is not None)
-        return self.vocabulary_logits(gather_rows(hidden, last)), keys, values
+        hidden = hidden[:, -1] if last is None else gather_rows(hidden, last)
+        return self.vocabulary_logits(hidden), keys, values
 
     def construct(self, tokens, domain_ids, expert_plan=None, dropout_seed=None):
         input_ids = tokens[:, :-1]
