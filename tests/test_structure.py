@@ -113,3 +113,12 @@ def test_every_command_module_gives_commands_and_the_cli_only_registers_them():
     defined = [node.name for node in ast.parse((PACKAGE / "cli.py").read_text()).body
                if isinstance(node, ast.FunctionDef)]
     assert defined == ["build_parser", "main"]
+
+
+def test_bench_holds_results_only():
+    """Benchmarks live in `pangu-sigma bench`; bench/ keeps the latest run's records, no scripts, no old pairs."""
+    files = [path.relative_to(REPO / "bench").as_posix() for path in (REPO / "bench").rglob("*")
+             if path.is_file() and "logs" not in path.parts]  # a run's logs/ folder is git-ignored
+    assert "results/suite/bench.json" in files
+    assert [name for name in files if not name.endswith((".json", ".md", ".png"))] == []
+    assert [name for name in files if re.search(r"_old|_new|before", name)] == []
