@@ -60,7 +60,7 @@ def test_bench_quick_writes_every_part_into_one_record(tmp_path):
 def test_a_docs_file_without_blocks_or_unwritable_is_refused_before_any_part_runs(tmp_path):
     plain = tmp_path / "plain.md"
     plain.write_text("no blocks here\n")
-    for path, words in ((plain, "has no <!-- bench:NAME -->"), (tmp_path / "missing.md", "cannot be read and written")):
+    for path, words in ((plain, "has no <!-- bench:NAME -->"), (tmp_path / "missing.md", "no such file")):
         done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--quick", "--out",
                                str(tmp_path / "out"), "--docs", str(path)], capture_output=True, text=True, cwd=REPO,
                               timeout=120)
@@ -84,12 +84,59 @@ def test_record_regenerates_the_blocks_of_documents_from_an_earlier_run(tmp_path
         done = subprocess.run(command[:5] + [str(broken)] + command[6:], capture_output=True, text=True, cwd=REPO,
                               timeout=120)
         assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    unknown = dict(record, parts={})  # a block whose part the record lacks: one line, the file untouched
-    broken.write_text(json.dumps(unknown))
     before = doc.read_text()
-    done = subprocess.run(command[:5] + [str(broken)] + command[6:], capture_output=True, text=True, cwd=REPO,
+    lacking = dict(record, parts={name: part for name, part in record["parts"].items() if name != "memory"})
+    malformed = dict(record, parts=dict(record["parts"], memory=dict(record["parts"]["memory"], train=[])))
+    for content, words in ((lacking, "block 'memory' needs part(s) memory, which the record lacks"),
+                           (malformed, "cannot fill block 'memory'")):
+        broken.write_text(json.dumps(content))
+        done = subprocess.run(command[:5] + [str(broken)] + command[6:], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        assert doc.read_text() == before
+
+
+@pytest.mark.parametrize("text,words", [
+    ("<!-- bench:headline -->\nkept\n<!-- bench:data -->\nx\n<!-- /bench -->\n", "line 1: <!-- bench:headline --> has "
+                                                                                   "no <!-- /bench --> before the next"),
+    ("a\n<!-- bench:data -->\nx\n", "line 2: <!-- bench:data --> has no <!-- /bench -->; close it"),
+    ("<!-- /bench -->\n", "line 1: <!-- /bench --> closes no block"),
+    ("<!-- bench:nosuch -->\n<!-- /bench -->\n", "unknown bench block 'nosuch'"),
+    ("quoted `<!-- bench:data -->` in a sentence\n", "has no <!-- bench:NAME --> ... <!-- /bench --> block"),
+])
+def test_a_malformed_document_is_refused_and_left_as_it_was(tmp_path, text, words):
+    doc = tmp_path / "doc.md"
+    doc.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--record",
+                           str(REPO / "bench" / "results" / "suite" / "bench.json"), "--docs", str(doc)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert doc.read_text() == text
+
+
+def test_a_run_that_leaves_out_a_part_a_document_needs_is_refused_before_it_runs(tmp_path):
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench:headline -->\n<!-- /bench -->\n")
+    done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "data", "--quick", "--out",
+                           str(tmp_path / "out"), "--docs", str(doc)], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
-    assert done.returncode == 2 and "the record has no such part" in done.stderr and doc.read_text() == before
+    assert done.returncode == 2 and "block 'headline' needs part(s) dp_scaling, ecss, generation" in done.stderr
+    assert not (tmp_path / "out" / "logs").exists() and doc.read_text() == "<!-- bench:headline -->\n<!-- /bench -->\n"
+
+
+def test_blocks_keep_the_documents_line_endings_and_a_symlinks_target_is_rewritten(tmp_path):
+    record = json.loads((REPO / "bench" / "results" / "suite" / "bench.json").read_text())
+    target = tmp_path / "real.md"
+    target.write_bytes(b"top\r\n<!-- bench:data -->\r\nold\r\n<!-- /bench -->\r\nend\r\n")
+    link = tmp_path / "link.md"
+    link.symlink_to(target)
+    done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "--record",
+                           str(REPO / "bench" / "results" / "suite" / "bench.json"), "--docs", str(link)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink()
+    expected = "top\n<!-- bench:data -->\n" + render("data", record) + "<!-- /bench -->\nend\n"
+    assert target.read_bytes() == expected.replace("\n", "\r\n").encode()
 
 
 def test_an_unknown_part_is_one_line():

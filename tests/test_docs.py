@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import CONFIGS, REPO
-from mindformers_sigma.benchmarks.doc_blocks import BLOCK, blocks, render
+from mindformers_sigma.benchmarks.doc_blocks import blocks, parse_blocks, render
 from mindformers_sigma.benchmarks.suite import PARTS
 
 RECORD = REPO / "bench" / "results" / "suite" / "bench.json"
@@ -42,7 +42,10 @@ def test_the_figures_have_blocks_and_the_record_is_a_full_run(record):
 @pytest.mark.parametrize("name", PERFORMANCE_DOCS)
 def test_no_benchmark_figure_is_quoted_outside_a_block(name):
     path = REPO / name if name == "README.md" else REPO / "docs" / name
-    text = re.sub(r"```.*?```", "", BLOCK.sub("", path.read_text(encoding="utf-8")), flags=re.DOTALL)
+    text = path.read_text(encoding="utf-8")
+    for block in reversed(parse_blocks(text, name)):
+        text = text[:block.start] + text[block.end:]
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
     quoted = [line.strip() for line in text.splitlines() if BENCH_FIGURE.search(line)]
     assert quoted == [], f"{name}: put benchmark figures in a <!-- bench:NAME --> block"
     assert BENCH_FIGURE.search("decoding is 9.1x faster, 2,351 tokens/s")  # the check can see one
@@ -77,3 +80,21 @@ def test_the_ecss_doc_shows_what_plan_computes_for_the_512_card_config():
     assert len(shown.splitlines()) >= 6
     for line in shown.splitlines():
         assert line in report, f"docs/ecss.md: {line!r} is not what pangu-sigma plan prints; paste the new lines"
+
+
+def test_the_module_map_lists_every_module_and_only_those():
+    """docs/layout.md's map of mindformers_sigma/: each module once, none that does not exist."""
+    text = (REPO / "docs" / "layout.md").read_text(encoding="utf-8")
+    tree = text.split("## The package (`mindformers_sigma/`)", 1)[1].split("```", 2)[1]
+    listed, package = set(), ""
+    for line in tree.splitlines():
+        if re.match(r"^[a-z_]+/(\s|$)", line):
+            package = line.split("/", 1)[0] + "/"
+        elif re.match(r"^[a-z_]+\.py\s", line):
+            package, name = "", line.split()[0]
+            listed.add(name)
+        elif re.match(r"^  [a-z_]+\.py\s", line):
+            listed.add(package + line.split()[0])
+    actual = {path.relative_to(REPO / "mindformers_sigma").as_posix()
+              for path in (REPO / "mindformers_sigma").rglob("*.py") if path.name != "__init__.py"}
+    assert sorted(actual - listed) == [] and sorted(listed - actual) == []

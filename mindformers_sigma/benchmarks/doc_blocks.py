@@ -7,23 +7,52 @@ A document holds figures only inside blocks::
     <!-- /bench -->
 
 ``NAME`` is a part of the suite (its table, as in ``bench.md``) or ``headline`` (the README's table
-of headline figures).  ``pangu-sigma bench --docs FILE`` rewrites every block of FILE from the run
-it just made; ``tests/test_docs.py`` checks every block of the README and ``docs/`` against the
-committed record (``bench/results/suite/bench.json``), so a figure cannot drift from its record.
+of headline figures, drawn from several parts).  ``pangu-sigma bench --docs FILE`` rewrites every
+block of FILE from the run it makes, and ``--record BENCH_JSON --docs FILE`` from an earlier run;
+``tests/test_docs.py`` checks every block of the README and ``docs/`` against the committed record
+(``bench/results/suite/bench.json``), so a figure cannot drift from its record.  A document whose
+blocks the run cannot fill (a part left out, an unknown name, a block left open) is refused before
+anything runs, and every file is rendered before any is written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Callable, Collection, Dict, List, Sequence, Set, Tuple
 
 from mindformers_sigma.atomic import write_bytes_atomic
 from mindformers_sigma.benchmarks.record import markdown_table
 from mindformers_sigma.errors import UserError
 
-BLOCK = re.compile(r"(<!-- bench:([a-z_]+) -->\n)(.*?)(<!-- /bench -->)", re.DOTALL)
+# a marker is a line of its own (a marker's text quoted inside a sentence is not one)
+MARKER = re.compile(r"^<!-- (?:bench:([A-Za-z0-9_]*)|/bench) -->[ \t]*\r?$", re.MULTILINE)
+HEADLINE = "headline"
+MAX_DOC_BYTES = 4 * 2 ** 20  # a markdown document; anything larger is not one
+
+# (part, figure, value from the part's record) for each row of the README's headline table
+HEADLINE_ROWS: Tuple[Tuple[str, str, Callable[[dict], str]], ...] = (
+    ("training", "training tokens/s, T1 shapes (MFU against the same run's matmul peak)",
+     lambda p: f"{p['results']['t1']['tokens_per_s']:,.0f} (MFU {p['results']['t1']['mfu']:.2f})"),
+    ("routers", "RRE against learned top-1, whole T1 training step",
+     lambda p: f"{p['results']['rre']['speed_vs_top1']:.2f}x"),
+    ("moe_layer", "RRE against learned top-1, one sparse layer",
+     lambda p: f"{p['variants']['rre']['speed_vs_top1']:.2f}x"),
+    ("ecss", "RRE + ECSS against learned top-1 with every expert resident, 640 experts",
+     lambda p: f"{p['speedup_vs_moe']:.2f}x"),
+    ("ecss", "ECSS tokens/s at 1,024 experts against 16 (device memory flat)",
+     lambda p: f"{p['scaling'][-1]['tokens_per_s'] / p['scaling'][0]['tokens_per_s']:.2f}x"),
+    ("generation", "KV-cache decoding against full recompute, batch 1 / batch 8",
+     lambda p: f"{p['decoding']['1']['speedup']:.1f}x / {p['decoding']['8']['speedup']:.1f}x"),
+    ("memory", "peak RSS training T4", lambda p: f"{p['train']['peak_rss_mb'] / 1024:.1f} GiB"),
+    ("dp_scaling", "2 data-parallel msrun workers against 1 process (2 cores shared)",
+     lambda p: f"{p['ratio']:.2f}x"),
+    ("data", "prepare-data tokens/s (demo corpus, end to end)",
+     lambda p: f"{p['prepare_data_tokens_per_second']:,.0f}"),
+)
 
 
 def machine_line(record: dict) -> str:
@@ -33,100 +62,142 @@ def machine_line(record: dict) -> str:
                                                                if record["quick"] else ""))
 
 
-def _headline_rows(parts: dict) -> List[List[str]]:
-    """(figure, value, part) for each headline figure whose part is in the record."""
-    rows: List[List[str]] = []
-
-    def add(part: str, figure: str, value: Callable[[dict], str]) -> None:
-        if part in parts:
-            rows.append([figure, value(parts[part]), f"`bench {part}`"])
-
-    add("training", "training tokens/s, T1 shapes (MFU against the same run's matmul peak)",
-        lambda p: f"{p['results']['t1']['tokens_per_s']:,.0f} (MFU {p['results']['t1']['mfu']:.2f})")
-    add("routers", "RRE against learned top-1, whole T1 training step",
-        lambda p: f"{p['results']['rre']['speed_vs_top1']:.2f}x")
-    add("moe_layer", "RRE against learned top-1, one sparse layer",
-        lambda p: f"{p['variants']['rre']['speed_vs_top1']:.2f}x")
-    add("ecss", "RRE + ECSS against learned top-1 with every expert resident, 640 experts",
-        lambda p: f"{p['speedup_vs_moe']:.2f}x")
-    add("ecss", "ECSS tokens/s at 1,024 experts against 16 (device memory flat)",
-        lambda p: f"{p['scaling'][-1]['tokens_per_s'] / p['scaling'][0]['tokens_per_s']:.2f}x")
-    add("generation", "KV-cache decoding against full recompute, batch 1 / batch 8",
-        lambda p: f"{p['decoding']['1']['speedup']:.1f}x / {p['decoding']['8']['speedup']:.1f}x")
-    add("memory", "peak RSS training T4",
-        lambda p: f"{p['train']['peak_rss_mb'] / 1024:.1f} GiB")
-    add("dp_scaling", "2 data-parallel msrun workers against 1 process (2 cores shared)",
-        lambda p: f"{p['ratio']:.2f}x")
-    add("data", "prepare-data tokens/s (demo corpus, end to end)",
-        lambda p: f"{p['prepare_data_tokens_per_second']:,.0f}")
-    return rows
+def parts_needed(name: str) -> Set[str]:
+    """The suite parts block ``name`` is drawn from."""
+    return {part for part, _, _ in HEADLINE_ROWS} if name == HEADLINE else {name}
 
 
 def render(name: str, record: dict) -> str:
-    """The text of block ``name`` from a suite record (``bench.json``)."""
-    from mindformers_sigma.benchmarks.suite import PARTS, part_table
+    """The text of block ``name`` from a suite record (``bench.json``) that holds every part it needs."""
+    from mindformers_sigma.benchmarks.suite import part_table
 
     parts = record["parts"]
-    if name == "headline":
-        body = "\n".join(markdown_table(["figure", "value", "from"], _headline_rows(parts)))
-    elif name in PARTS and name in parts:
-        body = part_table(name, parts[name])
+    if name == HEADLINE:
+        body = "\n".join(markdown_table(["figure", "value", "from"], (
+            [figure, value(parts[part]), f"`bench {part}`"] for part, figure, value in HEADLINE_ROWS)))
     else:
-        raise UserError(f"bench block {name!r}: the record has no such part (parts: {', '.join(parts)})")
+        body = part_table(name, parts[name])
     return f"{body}\n\n{machine_line(record)}\n"
 
 
-def blocks(text: str) -> Dict[str, str]:
+@dataclass(frozen=True)
+class Block:
+    name: str
+    start: int  # where its generated text starts (after the opening marker's line)
+    end: int  # where the closing marker starts
+
+
+def parse_blocks(text: str, where: str) -> List[Block]:
+    """Every block of a document, in order; a marker out of place (a block left open, a closing marker
+    without its opening) or an unknown name is one UserError naming the line."""
+    from mindformers_sigma.benchmarks.suite import PARTS
+
+    found: List[Block] = []
+    opened = None
+    for match in MARKER.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        name = match.group(1)
+        if name is None and opened is None:
+            raise UserError(f"{where}: line {line}: <!-- /bench --> closes no block; remove it or open the block "
+                            f"with <!-- bench:NAME -->")
+        if name is None:
+            found.append(Block(opened[0], opened[1], match.start()))
+            opened = None
+            continue
+        if opened is not None:
+            raise UserError(f"{where}: line {opened[2]}: <!-- bench:{opened[0]} --> has no <!-- /bench --> before the "
+                            f"next block; close it")
+        if name != HEADLINE and name not in PARTS:
+            raise UserError(f"{where}: line {line}: unknown bench block {name!r}; names: {HEADLINE}, "
+                            f"{', '.join(PARTS)}")
+        opened = (name, match.end() + 1, line)  # the generated text starts on the next line
+    if opened is not None:
+        raise UserError(f"{where}: line {opened[2]}: <!-- bench:{opened[0]} --> has no <!-- /bench -->; close it")
+    return found
+
+
+def blocks(text: str, where: str = "<document>") -> Dict[str, str]:
     """Every block of a document: name -> its current text."""
-    return {match.group(2): match.group(3) for match in BLOCK.finditer(text)}
+    return {block.name: text[block.start:block.end] for block in parse_blocks(text, where)}
 
 
-def refreshed(text: str, record: dict) -> str:
-    """``text`` with every block regenerated from ``record``."""
-    return BLOCK.sub(lambda m: m.group(1) + render(m.group(2), record) + m.group(4), text)
+def refreshed(text: str, record: dict, where: str, source: str) -> str:
+    """``text`` with every block regenerated from ``record`` (read from ``source``), keeping the
+    document's line endings."""
+    newline = "\r\n" if "\r\n" in text else "\n"
+    pieces, position = [], 0
+    for block in parse_blocks(text, where):
+        try:
+            generated = render(block.name, record)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, ZeroDivisionError) as err:
+            raise UserError(f"{source}: cannot fill block {block.name!r} of {where} ({type(err).__name__}: "
+                            f"{str(err)[:80]}): a field of the record is missing or malformed; use the bench.json of "
+                            f"a complete pangu-sigma bench run") from None
+        pieces += [text[position:block.start], generated.replace("\n", newline)]
+        position = block.end
+    return "".join(pieces) + text[position:]
 
 
-def check_doc_file(path: str) -> None:
-    """Fail before minutes of benchmarking: ``--docs FILE`` must be a writable file with blocks."""
+def read_doc(path: str) -> str:
+    """A ``--docs`` document: a regular, writable, UTF-8 file of at most MAX_DOC_BYTES with at least one block."""
+    target = os.path.realpath(path)  # a symlinked document: its target is the one rewritten
+    if not os.path.isfile(target):
+        raise UserError(f"--docs {path}: {'no such file' if not os.path.exists(target) else 'not a regular file'}; "
+                        f"pass a markdown document with bench blocks")
+    if os.path.getsize(target) > MAX_DOC_BYTES:
+        raise UserError(f"--docs {path}: larger than {MAX_DOC_BYTES // 2 ** 20} MiB; pass a markdown document with "
+                        f"bench blocks")
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        with open(path, "a", encoding="utf-8"):
+        with open(target, "rb") as handle:
+            text = handle.read(MAX_DOC_BYTES + 1).decode("utf-8")
+        with open(target, "ab"):
             pass
     except OSError as err:
-        raise UserError(f"--docs {path}: cannot be read and written ({err.strerror or err}); pass a document "
-                        f"with bench blocks") from None
+        raise UserError(f"--docs {path}: cannot be read and written ({err.strerror or err}); pass a writable "
+                        f"document") from None
     except UnicodeDecodeError:
         raise UserError(f"--docs {path}: is not UTF-8 text; pass a markdown document with bench blocks") from None
-    if not blocks(text):
+    if not parse_blocks(text, f"--docs {path}"):
         raise UserError(f"--docs {path}: has no <!-- bench:NAME --> ... <!-- /bench --> block to fill; add one "
                         f"where the figures go")
+    return text
 
 
-def refresh_file(path: str, record: dict) -> None:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    write_bytes_atomic(path, refreshed(text, record).encode("utf-8"))
+def check_docs(docs: Sequence[str], parts: Collection[str], what: str) -> Dict[str, str]:
+    """Each ``--docs`` file's text, after checking that ``parts`` (those ``what`` holds) fill every block."""
+    texts = {}
+    for path in docs:
+        texts[path] = text = read_doc(path)
+        for name in blocks(text, f"--docs {path}"):
+            missing = sorted(parts_needed(name) - set(parts))
+            if missing:
+                raise UserError(f"--docs {path}: block {name!r} needs part(s) {', '.join(missing)}, which {what} "
+                                f"lacks; run every part (no part name, no --only), or leave this document out")
+    return texts
+
+
+def write_docs(texts: Dict[str, str], record: dict, source: str) -> None:
+    """Regenerate every block of every document; nothing is written unless all of them render."""
+    rendered = {path: refreshed(text, record, f"--docs {path}", source) for path, text in texts.items()}
+    for path, text in rendered.items():
+        write_bytes_atomic(os.path.realpath(path), text.encode("utf-8"))
+        print(f"wrote the bench blocks of {path}", file=sys.stderr)
 
 
 def refresh_docs(record_path: str, docs: List[str]) -> None:
     """``pangu-sigma bench --record BENCH_JSON --docs FILE...``: the blocks of each FILE from an earlier run."""
+    source = f"--record {record_path}"
+    if not os.path.isfile(record_path) or os.path.getsize(record_path) > 64 * 2 ** 20:
+        raise UserError(f"{source}: not a bench.json (missing, not a regular file, or larger than 64 MiB); pass the "
+                        f"bench.json of a pangu-sigma bench run")
     try:
         with open(record_path, encoding="utf-8") as handle:
             record = json.load(handle)
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"--record {record_path}: cannot be read as a bench.json ({err}); pass the bench.json of "
-                        f"a pangu-sigma bench run") from None
+        raise UserError(f"{source}: cannot be read as a bench.json ({str(err)[:120]}); pass the bench.json of a "
+                        f"pangu-sigma bench run") from None
     if not (isinstance(record, dict) and record.get("benchmark") == "suite" and isinstance(record.get("parts"), dict)
-            and isinstance(record.get("machine"), dict)):
-        raise UserError(f"--record {record_path}: not the bench.json of a pangu-sigma bench run (no suite, parts and "
-                        f"machine fields)")
-    for path in docs:
-        check_doc_file(path)
-    rendered = {}
-    for path in docs:
-        with open(path, encoding="utf-8") as handle:
-            rendered[path] = refreshed(handle.read(), record)  # every block renders before any file is written
-    for path, text in rendered.items():
-        write_bytes_atomic(path, text.encode("utf-8"))
-        print(f"wrote the bench blocks of {path}", file=sys.stderr)
+            and isinstance(record.get("machine"), dict) and isinstance(record.get("quick"), bool)):
+        raise UserError(f"{source}: not the bench.json of a pangu-sigma bench run (no suite, quick, parts and machine "
+                        f"fields)")
+    write_docs(check_docs(docs, record["parts"], "the record"), record, source)

@@ -31,7 +31,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mindformers_sigma.atomic import write_bytes_atomic
-from mindformers_sigma.benchmarks.doc_blocks import check_doc_file, machine_line, refresh_file
+from mindformers_sigma.benchmarks.doc_blocks import check_docs, machine_line, write_docs
 from mindformers_sigma.benchmarks.record import check_out_dir, machine
 from mindformers_sigma.errors import UserError
 
@@ -147,22 +147,20 @@ def _plot(record: dict, path: str) -> bool:
 
 def run_suite(quick: bool, only: Optional[str], out_dir: str, docs: Sequence[str] = ()) -> dict:
     """Run the parts, write OUT/bench.json, bench.md and bench.png, and regenerate the bench blocks of each
-    of ``docs`` (``doc_blocks.py``) from this run."""
+    of ``docs`` (``doc_blocks.py``) from this run; a document this run cannot fill is refused first."""
     names = parts_of(only)
     check_out_dir(out_dir)
-    for path in docs:
-        check_doc_file(path)
+    check_docs(docs, names, "this run")
     parts = _run_parts(names, quick, out_dir, at_once=2 if quick else 1)
     record = {"benchmark": "suite", "quick": quick, "parts": parts, "machine": machine()}
     write_bytes_atomic(os.path.join(out_dir, "bench.json"), json.dumps(record, indent=1).encode() + b"\n")
     text = markdown(record)
     write_bytes_atomic(os.path.join(out_dir, "bench.md"), text.encode())
-    for path in docs:
-        refresh_file(path, record)
     plotted = _plot(record, os.path.join(out_dir, "bench.png"))
     print(text)
-    print(f"wrote {out_dir}/bench.json, bench.md" + (", bench.png" if plotted else "") +
-          "".join(f", the bench blocks of {path}" for path in docs), file=sys.stderr)
+    print(f"wrote {out_dir}/bench.json, bench.md" + (", bench.png" if plotted else ""), file=sys.stderr)
+    if docs:  # read again: the documents may have been edited while the parts ran
+        write_docs(check_docs(docs, names, "this run"), record, f"the run in {out_dir}")
     return record
 
 
