@@ -294,3 +294,26 @@ def test_a_file_at_out_without_a_sidecar_is_never_overwritten(trained_sigma, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.ckpt"]
 
 
+
+
+@pytest.mark.parametrize("dropped", ["routing_table", "experts.b2"])
+def test_a_checkpoint_lacking_a_sparse_layers_table_or_expert_is_one_line(tmp_path, capsys, dropped):
+    """extract, add-domain and generate index a sparse layer's tensors by name: one that is missing is named."""
+    from mindformers_sigma.checkpoint.model import write_model
+    from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
+
+    from conftest import micro_config
+
+    config = micro_config()
+    weights = {p.name: p.asnumpy() for p in PanGuSigmaForCausalLM(config).get_parameters()}
+    name = next(n for n in weights if n.startswith("backbone.top_query_layer.") and n.endswith(dropped))
+    checkpoint = tmp_path / "model.ckpt"
+    write_model(str(checkpoint), {n: w for n, w in weights.items() if n != name}, config,
+                [f"d{i}" for i in range(config.moe.num_domains)], None, "test")
+    for command in (["extract", "--ckpt", str(checkpoint), "--domain", "d1", "--out", str(tmp_path / "sub")],
+                    ["add-domain", "--ckpt", str(checkpoint), "--name", "new", "--init-from", "d0", "--out",
+                     str(tmp_path / "grown.ckpt")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"lacks parameter {name}, of a sparse layer of its config" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.json"]  # nothing written

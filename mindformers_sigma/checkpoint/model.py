@@ -8,7 +8,7 @@ weights-only checkpoints that ``inherit``, ``extract`` and ``add-domain`` produc
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import mindspore as ms
 import numpy as np
@@ -21,6 +21,17 @@ from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.checkpoint.description import Description, description_fields
 
 
+def require_sparse_parameters(weights: Mapping[str, object], config: SigmaConfig, source: str) -> None:
+    """The sparse layers' routing tables and experts, which building, extracting and growing a model
+    index by name, must all be in ``weights``; the first missing one is one line naming it."""
+    for layer in names.sparse_layer_prefixes(config.model):
+        tables = (names.routing_table_name(layer),) if config.moe.table_routed else ()
+        missing = next((name for name in tables + names.expert_tensor_names(layer) if name not in weights), None)
+        if missing is not None:
+            raise DataError(f"{source}: lacks parameter {missing}, of a sparse layer of its config; was it written "
+                            f"with another config?")
+
+
 def model_weights(description: Description) -> Dict[str, np.ndarray]:
     """Every model parameter of the checkpoint as numpy arrays (optimizer state skipped unread); the
     sparse layers' routing tables and experts, which the lifecycle commands cut and grow, must be there."""
@@ -29,12 +40,7 @@ def model_weights(description: Description) -> Dict[str, np.ndarray]:
         stored = ms.load_checkpoint(path, format=description.info.meta["format"], choice_func=names.is_model_parameter)
     except (ValueError, RuntimeError, TypeError) as err:
         raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0][:160]})") from None
-    for layer in names.sparse_layer_prefixes(config.model):
-        tables = (names.routing_table_name(layer),) if config.moe.table_routed else ()
-        missing = next((name for name in tables + names.expert_tensor_names(layer) if name not in stored), None)
-        if missing is not None:
-            raise DataError(f"{path}: lacks parameter {missing} of the model its config describes; was it written "
-                            f"with another config?")
+    require_sparse_parameters(stored, config, path)
     return {name: value.asnumpy() for name, value in stored.items()}
 
 
@@ -54,12 +60,9 @@ def inference_config(config: SigmaConfig) -> SigmaConfig:
 def build_model(config: SigmaConfig, weights: Dict[str, np.ndarray], source: str) -> PanGuSigmaForCausalLM:
     """The network of ``config`` holding ``weights``; a missing or misshapen parameter is one line naming it
     and both shapes."""
+    require_sparse_parameters(weights, config, source)
     tables = [names.routing_table_name(layer) for layer in names.sparse_layer_prefixes(config.model)] \
         if config.moe.table_routed else []
-    for name in tables:
-        if name not in weights:
-            raise DataError(f"{source}: lacks parameter {name}, the routing table of a sparse layer of its config; "
-                            f"was it written with another config?")
     network = PanGuSigmaForCausalLM(inference_config(config), [weights[name] for name in tables] or None)
     for name, parameter in network.parameters_and_names():
         if name not in weights:
