@@ -161,11 +161,13 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is laid out over devices; CPU runs use stand-alone or data parallel only."""
+    """How the model is laid out over processes (``docs/parallel.md``).
 
-    # stand_alone: one process; data_parallel: msrun/rank-table workers, each a full replica;
-    # semi_auto_parallel: MindSpore shards ops by the strategies (Ascend/GPU only).
-    mode: Literal["stand_alone", "data_parallel", "semi_auto_parallel"] = "stand_alone"
+    stand_alone: one process.  hybrid_parallel (MindSpore's name for a model that splits itself and calls
+    its own collectives): msrun or rank-table workers, ``data_parallel x model_parallel`` of them, the
+    experts split over ``expert_parallel`` inside the data-parallel axis; the same code on CPU and Ascend."""
+
+    mode: Literal["stand_alone", "hybrid_parallel"] = "stand_alone"
     device_num: int = 1
     data_parallel: int = 1
     model_parallel: int = 1
@@ -193,12 +195,7 @@ class ParallelConfig:
         )
         if self.mode == "stand_alone":
             _require(self.device_num == 1, "parallel.device_num", self.device_num,
-                     "must be 1 for parallel.mode stand_alone; use data_parallel or semi_auto_parallel")
-        if self.mode == "data_parallel":
-            _require(self.model_parallel == 1 and self.pipeline_stage == 1 and self.expert_parallel == 1,
-                     "parallel.mode", self.mode, "needs model_parallel, pipeline_stage and expert_parallel 1 (every "
-                     "worker a whole replica); model, pipeline and expert parallelism need semi_auto_parallel "
-                     "on Ascend/GPU")
+                     "must be 1 for parallel.mode stand_alone; use hybrid_parallel")
 
 
 @dataclass
@@ -338,11 +335,6 @@ class SigmaConfig:
                  "trains only experts, and model.sparse_layers is 0; turn it off")
         if self.ecss.enabled:
             self._validate_ecss()
-        _require(
-            not (self.parallel.mode == "semi_auto_parallel" and self.context.device_target == "CPU"),
-            "parallel.mode", self.parallel.mode,
-            "MindSpore refuses semi_auto_parallel on CPU; use stand_alone or data_parallel there",
-        )
 
     def _validate_layout(self) -> None:
         """The rules a device layout puts on the model and the batch (per-parameter splits: ``parallel/layouts.py``)."""
@@ -352,6 +344,12 @@ class SigmaConfig:
                  f"data-parallel axis")
         _require(self.model.num_heads % p.model_parallel == 0, "parallel.model_parallel", p.model_parallel,
                  f"must divide model.num_heads ({self.model.num_heads}): attention is split by heads")
+        _require(self.model.ffn_hidden_size % p.model_parallel == 0, "parallel.model_parallel", p.model_parallel,
+                 f"must divide model.ffn_hidden_size ({self.model.ffn_hidden_size}): the FFN and the experts are "
+                 f"split by their hidden features")
+        _require(not p.vocab_parallel or self.model.vocab_size % p.model_parallel == 0, "parallel.model_parallel",
+                 p.model_parallel, f"must divide model.vocab_size ({self.model.vocab_size}) with "
+                 f"parallel.vocab_parallel: the word table is split by rows")
         _require(p.pipeline_stage <= self.model.num_layers, "parallel.pipeline_stage", p.pipeline_stage,
                  f"must be <= model.num_layers ({self.model.num_layers}): every stage needs a layer")
         per_step = p.data_parallel * p.micro_batch_num * self.train.grad_accumulation_steps

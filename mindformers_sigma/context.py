@@ -14,6 +14,8 @@ from typing import Optional
 import mindspore as ms
 
 from mindformers_sigma.config import ConfigError, SigmaConfig
+from mindformers_sigma.distributed.collectives import create_groups
+from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import UserError
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
@@ -25,6 +27,7 @@ class ParallelInfo:
 
     rank: int = 0
     group_size: int = 1
+    topology: Topology = Topology()  # its coordinates in the data x model x expert mesh
 
     @property
     def is_main(self) -> bool:
@@ -94,13 +97,8 @@ def configure_context(config: SigmaConfig) -> ParallelInfo:
     if group_size != parallel.device_num:
         raise ConfigError("parallel.device_num", parallel.device_num,
                           f"but the launcher started {group_size} workers; make them agree", config.source)
-    if parallel.mode == "data_parallel":
-        # Gradients are summed, not averaged: the loss is already normalised by the global
-        # token count (training/loss.py), which makes data parallel match one process exactly.
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
-                                     device_num=group_size)
-    else:
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.SEMI_AUTO_PARALLEL, device_num=group_size,
-                                     pipeline_stages=parallel.pipeline_stage,
-                                     enable_parallel_optimizer=parallel.optimizer_shard)
-    return ParallelInfo(get_rank(), group_size)
+    # MindSpore's own parallel context stays stand-alone: the model's layers call their collectives
+    # themselves (distributed/collectives.py) and the train step sums the gradients by group.
+    topology = Topology(parallel.data_parallel, parallel.model_parallel, parallel.expert_parallel, get_rank())
+    create_groups(topology)
+    return ParallelInfo(topology.rank, group_size, topology)

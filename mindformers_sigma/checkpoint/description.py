@@ -66,9 +66,12 @@ class Description:
 def _sidecar_of(path: str, flag: str) -> str:
     """The sidecar of a checkpoint named by its weights file or by the sidecar itself."""
     if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file; give a checkpoint's .ckpt, .safetensors or .json file")
+        raise DataError(f"{flag} {path}: no such file; give a checkpoint's .ckpt, .safetensors or .json file, or a "
+                        f"sharded step's folder")
     if path.endswith(".json"):
         return path
+    if os.path.isdir(path):  # a sharded step's folder (checkpoint/sharded.py)
+        return os.path.normpath(path) + ".json"
     stem, suffix = os.path.splitext(path)
     if suffix not in ckpt.SUFFIX.values():
         raise DataError(f"{flag} {path}: not a checkpoint; give a step_N.ckpt, step_N.safetensors or step_N.json "

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -30,11 +31,13 @@ import numpy as np
 from mindformers_sigma.atomic import atomic_file, write_bytes_atomic
 from mindformers_sigma.checksum import file_sha256
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.checkpoint import sharded
 from mindformers_sigma.checkpoint.safetensors_file import (SafetensorsError, copy_tensor, read_header, tensor_info,
                                                          write_safetensors)
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 _WEIGHTS = re.compile(r"^step_(\d{8})\.(?:ckpt|safetensors)$")
+_FOLDER = re.compile(r"^step_(\d{8})$")
 _ANY_FILE = re.compile(r"^step_(\d{8})\.(?:json|ckpt|safetensors)$")
 SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
@@ -55,8 +58,8 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_pair(weights: str, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]], record: dict, fmt: str) -> None:
-    """The weights file, then its sidecar (the commit mark), each atomically, then the folder fsynced."""
+def write_weights(weights: str, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]], fmt: str) -> None:
+    """One weights file, atomically."""
     with atomic_file(weights) as tmp:
         if fmt == "safetensors":
             write_safetensors(tmp, {name: value if isinstance(value, np.ndarray) else value.asnumpy()
@@ -69,6 +72,11 @@ def _write_pair(weights: str, parameters: Mapping[str, Union[ms.Tensor, np.ndarr
             finally:  # MindSpore writes STEM.tmp and renames it to STEM.ckpt: a failed write (a full disk) leaves it
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.splitext(tmp)[0] + ".tmp")
+
+
+def _write_pair(weights: str, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]], record: dict, fmt: str) -> None:
+    """The weights file, then its sidecar (the commit mark), each atomically, then the folder fsynced."""
+    write_weights(weights, parameters, fmt)
     record = dict(record, format=fmt, weights=os.path.basename(weights), sha256=file_sha256(weights))
     write_bytes_atomic(os.path.splitext(weights)[0] + ".json", json.dumps(record, indent=1).encode() + b"\n")
     _fsync_dir(os.path.dirname(os.path.abspath(weights)))
@@ -87,6 +95,45 @@ def save_checkpoint(directory: str, step: int, parameters: Mapping[str, Union[ms
     _write_pair(weights, parameters, dict(meta, step=step), fmt)
     prune_checkpoints(directory, step, keep)
     return weights
+
+
+def step_folder(directory: str, step: int) -> str:
+    """Where a sharded checkpoint's parts are (``checkpoint/sharded.py``)."""
+    return os.path.join(directory, f"step_{step:08d}")
+
+
+def save_part(directory: str, step: int, rank: int, parameters: Mapping[str, Union[ms.Tensor, np.ndarray]],
+              fmt: str) -> None:
+    """Rank ``rank``'s slices of sharded checkpoint ``step``, atomically, then its record; not yet committed."""
+    folder = step_folder(directory, step)
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, sharded.part_name(rank, SUFFIX[fmt]))
+    write_weights(weights, parameters, fmt)
+    sharded.write_part_record(folder, rank, weights)
+
+
+def commit_sharded(directory: str, step: int, meta: dict, fmt: str, layout: dict, strategy: dict, keep: int) -> str:
+    """Rank 0, once every rank has saved its part (after a barrier): the strategy file, then the sidecar
+    that commits the step, then pruning.  ``layout``: data/model/expert parallel and vocab_parallel."""
+    folder = step_folder(directory, step)
+    topology = sharded.layout_of({sharded.LAYOUT: layout})
+    try:
+        parts = sharded.read_part_records(folder, topology.world_size)
+    except ValueError as err:
+        raise DataError(f"checkpoint step {step} not committed: {err}") from None
+    strategy_path = os.path.join(folder, sharded.STRATEGY_FILE)
+    write_bytes_atomic(strategy_path, json.dumps(strategy, indent=1, sort_keys=True).encode() + b"\n")
+    _fsync_dir(folder)
+    record = dict(meta, step=step, format=fmt, weights=os.path.basename(folder), sha256=file_sha256(strategy_path),
+                  **{sharded.LAYOUT: layout, sharded.PARTS: parts})
+    write_bytes_atomic(folder + ".json", json.dumps(record, indent=1).encode() + b"\n")
+    _fsync_dir(directory)
+    prune_checkpoints(directory, step, keep)
+    return folder
+
+
+def is_sharded(info: "CheckpointInfo") -> bool:
+    return sharded.LAYOUT in info.meta
 
 
 WEIGHTS_ONLY = "weights_only"
@@ -112,6 +159,7 @@ def prune_checkpoints(directory: str, newest: int, keep: int) -> None:
         for suffix in SUFFIX.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, f"step_{old:08d}{suffix}"))
+        shutil.rmtree(step_folder(directory, old), ignore_errors=True)
     remove_uncommitted_weights(directory, below=newest)
 
 
@@ -120,9 +168,13 @@ def remove_uncommitted_weights(directory: str, below: int) -> None:
     its two renames leaves them, and no resume can use them."""
     committed = set(list_checkpoints(directory))
     for entry in os.listdir(directory):
-        match = _WEIGHTS.match(entry)
+        match = _WEIGHTS.match(entry) or _FOLDER.match(entry)
         if match and int(match.group(1)) < below and int(match.group(1)) not in committed:
-            os.unlink(os.path.join(directory, entry))
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
 
 
 def file_step(name: str) -> Optional[int]:
@@ -148,7 +200,8 @@ def _checked_sidecar(meta_path: str, meta: object) -> CheckpointInfo:
     if weights_only:  # any name; step 0
         expected_name, first_step, step_name = stem + SUFFIX.get(fmt, "?"), 0, stem
     else:
-        expected_name = f"step_{step:08d}{SUFFIX.get(fmt, '?')}" if isinstance(step, int) else None
+        suffix = "" if sharded.LAYOUT in meta else SUFFIX.get(fmt, "?")  # a sharded step's parts are in a folder
+        expected_name = f"step_{step:08d}{suffix}" if isinstance(step, int) else None
         first_step, step_name = 1, f"step_{step:08d}" if isinstance(step, int) else None
     problems = [
         (isinstance(step, int) and not isinstance(step, bool) and step >= first_step and
@@ -173,6 +226,15 @@ def read_checkpoint(meta_path: str) -> CheckpointInfo:
             info = _checked_sidecar(meta_path, json.load(handle))
     except (OSError, ValueError) as err:
         raise ValueError(f"{meta_path}: unusable sidecar ({err})") from None
+    if is_sharded(info):
+        strategy = os.path.join(info.weights_path, sharded.STRATEGY_FILE)
+        try:
+            if not os.path.isfile(strategy) or file_sha256(strategy) != info.meta["sha256"]:
+                raise ValueError(f"{strategy}: missing, or its sha256 does not match the sidecar")
+            sharded.verify_parts(info.weights_path, info.meta, SUFFIX[info.meta["format"]])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{meta_path}: unusable sidecar (bad field {err})") from None
+        return info
     if not os.path.isfile(info.weights_path):
         raise ValueError(f"{info.weights_path}: weights file missing")
     if file_sha256(info.weights_path) != info.meta["sha256"]:
@@ -200,11 +262,25 @@ def load_parameters(info: CheckpointInfo, skip: Collection[str] = ()) -> Dict[st
     sha256 matched the sidecar, so it was written unreadable, or the sidecar was rewritten) is
     one error line, not a traceback."""
     skipped = frozenset(skip)
+    choose = (lambda name: name not in skipped) if skipped else None
+    if is_sharded(info):
+        return {name: ms.Parameter(ms.Tensor(array), name=name) for name, array in read_tensors(info, choose).items()}
     try:
-        return ms.load_checkpoint(info.weights_path, format=info.meta["format"],
-                                  choice_func=(lambda name: name not in skipped) if skipped else None)
+        return ms.load_checkpoint(info.weights_path, format=info.meta["format"], choice_func=choose)
     except (ValueError, RuntimeError, TypeError) as err:
         raise _unreadable(info, err) from None
+
+
+def read_tensors(info: CheckpointInfo, choose: Optional[Callable[[str], bool]] = None) -> Dict[str, np.ndarray]:
+    """The checkpoint's tensors (those ``choose`` accepts) as whole numpy arrays, a sharded step's merged."""
+    try:
+        if is_sharded(info):
+            return sharded.merge_parts(info.weights_path, info.meta, info.meta["format"], SUFFIX[info.meta["format"]],
+                                       choose)
+        stored = ms.load_checkpoint(info.weights_path, format=info.meta["format"], choice_func=choose)
+    except (ValueError, RuntimeError, TypeError, KeyError) as err:
+        raise _unreadable(info, err) from None
+    return {name: value.asnumpy() for name, value in stored.items()}
 
 
 def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: str) -> None:
@@ -220,7 +296,7 @@ def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: s
             raise DataError(f"{source}: {name} is {found}, the model needs {target.dtype} of shape "
                             f"{target.shape}; was it written with another config?")
 
-    if info.meta["format"] == "safetensors":
+    if info.meta["format"] == "safetensors" and not is_sharded(info):
         try:
             start, header = read_header(info.weights_path)
         except (OSError, SafetensorsError) as err:
@@ -230,11 +306,8 @@ def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: s
             copy_tensor(info.weights_path, start, header[name], target)
         return
     wanted = frozenset(targets)
-    try:
-        stored = ms.load_checkpoint(info.weights_path, format="ckpt", choice_func=lambda name: name in wanted)
-    except (ValueError, RuntimeError, TypeError) as err:
-        raise _unreadable(info, err) from None
+    stored = read_tensors(info, lambda name: name in wanted)
     for name, target in targets.items():
-        array = stored[name].asnumpy() if name in stored else None
+        array = stored.get(name)
         check(name, None if array is None else (array.dtype, array.shape), target)
         target[...] = array

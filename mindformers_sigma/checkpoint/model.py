@@ -35,13 +35,9 @@ def require_sparse_parameters(weights: Mapping[str, object], config: SigmaConfig
 def model_weights(description: Description) -> Dict[str, np.ndarray]:
     """Every model parameter of the checkpoint as numpy arrays (optimizer state skipped unread); the
     sparse layers' routing tables and experts, which the lifecycle commands cut and grow, must be there."""
-    path, config = description.info.weights_path, description.config
-    try:
-        stored = ms.load_checkpoint(path, format=description.info.meta["format"], choice_func=names.is_model_parameter)
-    except (ValueError, RuntimeError, TypeError) as err:
-        raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0][:160]})") from None
-    require_sparse_parameters(stored, config, path)
-    return {name: value.asnumpy() for name, value in stored.items()}
+    stored = ckpt.read_tensors(description.info, names.is_model_parameter)
+    require_sparse_parameters(stored, description.config, description.info.weights_path)
+    return stored
 
 
 def inference_config(config: SigmaConfig) -> SigmaConfig:

@@ -3,29 +3,49 @@ and ECSS's host arrays."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import mindspore as ms
 import numpy as np
 
 from mindformers_sigma.checkpoint import files as ckpt
+from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
+from mindformers_sigma.model.initial_values import local_slice
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which slice of each whole tensor the restoring rank holds (one process: all of it)."""
+
+    topology: Topology = Topology()
+    vocab_parallel: bool = False
+
+    def local(self, name: str, value: ms.Parameter) -> ms.Parameter:
+        if self.topology.world_size == 1:
+            return value
+        part = local_slice(name, tuple(value.shape), self.topology, self.vocab_parallel)
+        return ms.Parameter(ms.Tensor(np.ascontiguousarray(value.asnumpy()[part])), name=name)
 
 
 def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple,
-            host_arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+            host_arrays: Optional[Dict[str, np.ndarray]] = None, placement: Placement = Placement()) -> None:
     """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale).
 
     ``host_arrays`` (ECSS: the host store and routing tables) are filled from the checkpoint's
-    entries of the same names, tensor by tensor; the others go into the cell.
+    entries of the same names, tensor by tensor; the others go into the cell, each cut to the slice
+    ``placement`` names (the checkpoint holds whole tensors, or is merged from a sharded step), so a
+    run resumes onto any layout.
     """
     host = host_arrays or {}
     wanted = {name for name in step_cell.parameters_dict() if name not in not_checkpointed and name not in host}
     if info.meta.get(ckpt.WEIGHTS_ONLY) is True:  # the model alone: optimizer state and loss scale start fresh
         host = {name: array for name, array in host.items() if names.is_model_parameter(name)}
         wanted = {name for name in wanted if names.is_model_parameter(name)}
-    stored = ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host))
+    stored = {name: placement.local(name, value)
+              for name, value in ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host)).items()}
     if host:
         ckpt.copy_into(info, host, f"--resume {info.weights_path}")
     try:

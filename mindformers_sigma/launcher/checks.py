@@ -16,7 +16,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from mindformers_sigma.config import SigmaConfig, parse_yaml
+from mindformers_sigma.config import SigmaConfig, load_config, parse_yaml
 from mindformers_sigma.errors import DataError, UserError
 from mindformers_sigma.launcher.options import absolute
 from mindformers_sigma.one_line_parser import RaisingParser
@@ -152,6 +152,23 @@ def check_train_args(config_path: str, train_args: Sequence[str],
         namespace.set.append(f"data.path={json.dumps(absolute(config.data.path))}")
         config = train_config(namespace)
     return TrainCommand(config, tuple(_as_arguments(parser, namespace)))
+
+
+def requested_model_parallel(config_path: str, train_args: Sequence[str]) -> int:
+    """parallel.model_parallel as the config and the TRAIN_ARGS ``--set`` say, before the launch mode's
+    settings make the whole config valid (the CPU launch derives data_parallel from it)."""
+    namespace = _train_parser().parse_args(["--config", config_path, *train_args])
+    value = load_config(config_path).parallel.model_parallel
+    for override in namespace.set:
+        key, _, text = override.partition("=")
+        if key.strip() == "parallel.model_parallel":
+            try:
+                value = parse_yaml(text)
+            except (UserError, ValueError, yaml.YAMLError):
+                value = None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"TRAIN_ARGS --set {override}: parallel.model_parallel must be an integer >= 1")
+    return value
 
 
 def check_layout(command: TrainCommand, launched: int, what: str) -> None:

@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from mindformers_sigma.errors import UserError, one_line
 from mindformers_sigma.launcher.checks import (RankTableLayout, Server, TrainCommand, check_layout,
-                                               check_train_args, read_rank_table)
+                                               check_train_args, read_rank_table, requested_model_parallel)
 from mindformers_sigma.launcher.options import DEFAULT_DEVICES, PROG, LaunchOptions, check_master_addr
 from mindformers_sigma.launcher.worker import RANK_FOLDERS_ENV
 
@@ -141,11 +141,18 @@ def _agree(flag: str, given: Optional[int], derived: int, source: str) -> None:
 
 def _cpu_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
     workers = options.workers
+    model_parallel = requested_model_parallel(options.config, options.train_args)
+    if workers % model_parallel:
+        raise UserError(f"--workers {workers} is not data_parallel x model_parallel: parallel.model_parallel is "
+                        f"{model_parallel}; start a multiple of {model_parallel} workers")
     command = check_train_args(options.config, options.train_args, {
-        "parallel.mode": "data_parallel", "parallel.device_num": workers, "parallel.data_parallel": workers,
-        "context.device_target": "CPU"}, "--cpu --workers")
+        "parallel.mode": "hybrid_parallel", "parallel.device_num": workers,
+        "parallel.data_parallel": workers // model_parallel, "context.device_target": "CPU"}, "--cpu --workers")
+    check_layout(command, workers, "--workers starts")
     process = _msrun_process(options, environ, command, workers, workers, 0, "127.0.0.1")
-    summary = (f"{PROG}: --cpu, {workers} msrun worker(s) on 127.0.0.1:{options.master_port}, data parallel; "
+    p = command.config.parallel
+    summary = (f"{PROG}: --cpu, {workers} msrun worker(s) on 127.0.0.1:{options.master_port}, data {p.data_parallel} x "
+               f"model {p.model_parallel}, experts over {p.expert_parallel}; "
                f"{_interpreter_note(options)}")
     return LaunchPlan(summary, (process,), True, tuple(range(workers)), options.log_dir, options.master_port)
 

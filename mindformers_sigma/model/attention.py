@@ -7,24 +7,30 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
+from mindformers_sigma.distributed.collectives import Sharding
 from mindformers_sigma.model.dropout import SeededDropout
 from mindformers_sigma.model.layers import Linear
 
 
 class SelfAttention(nn.Cell):
-    """Scaled dot-product attention with an additive mask bias; softmax always in float32."""
+    """Scaled dot-product attention with an additive mask bias; softmax always in float32.
+
+    Under model parallelism each rank holds ``num_heads / mp`` heads: Q/K/V are column-parallel
+    (its heads' output features), the output projection row-parallel, its partial sums reduced once."""
 
     def __init__(self, hidden_size: int, num_heads: int, init_std: float, dropout_rate: float, dropout_site: int,
-                 compute_dtype=ms.float32):
+                 compute_dtype=ms.float32, sharding: Sharding = Sharding()):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads = num_heads // sharding.model_parallel
         self.head_dim = hidden_size // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.compute_dtype = compute_dtype
-        self.query = Linear(hidden_size, hidden_size, init_std, compute_dtype)
-        self.key = Linear(hidden_size, hidden_size, init_std, compute_dtype)
-        self.value = Linear(hidden_size, hidden_size, init_std, compute_dtype)
-        self.output = Linear(hidden_size, hidden_size, init_std, compute_dtype)
+        local = self.num_heads * self.head_dim
+        self.copy_in = sharding.copy_to_model()
+        self.query = Linear(hidden_size, local, init_std, compute_dtype)
+        self.key = Linear(hidden_size, local, init_std, compute_dtype)
+        self.value = Linear(hidden_size, local, init_std, compute_dtype)
+        self.output = Linear(local, hidden_size, init_std, compute_dtype, reduce=sharding.reduce_from_model())
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.mix = ops.BatchMatMul()
         self.softmax = ops.Softmax(-1)
@@ -39,7 +45,8 @@ class SelfAttention(nn.Cell):
 
         Separate from :meth:`attend` so that a decoding step can write key and value into its cache in between.
         """
-        query_source = hidden if query_input is None else query_input
+        hidden = self.copy_in(hidden)
+        query_source = hidden if query_input is None else self.copy_in(query_input)
         return (self._split_heads(self.query(query_source)), self._split_heads(self.key(hidden)),
                 self._split_heads(self.value(hidden)))
 

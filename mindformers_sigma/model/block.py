@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.distributed.collectives import Sharding
 from mindformers_sigma.dtypes import dtype_of
 from mindformers_sigma.model.attention import SelfAttention
 from mindformers_sigma.model.dropout import SeededDropout
@@ -31,7 +32,7 @@ class DecoderLayer(nn.Cell):
     """
 
     def __init__(self, config: SigmaConfig, layer_index: int, sparse: bool, routing_table: Optional[np.ndarray] = None,
-                 expert_slots: Optional[int] = None):
+                 expert_slots: Optional[int] = None, sharding: Sharding = Sharding()):
         super().__init__()
         model = config.model
         dtype = dtype_of(model.compute_dtype)
@@ -39,12 +40,12 @@ class DecoderLayer(nn.Cell):
         first_site = DROPOUT_SITES_PER_LAYER * layer_index + 1  # site 0 is the embedding's
         self.attention_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
         self.attention = SelfAttention(model.hidden_size, model.num_heads, model.init_std, model.dropout_rate,
-                                       first_site, dtype)
+                                       first_site, dtype, sharding)
         self.ffn_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
         if sparse:
-            self.ffn = MoELayer(model, config.moe, routing_table, expert_slots)
+            self.ffn = MoELayer(model, config.moe, routing_table, expert_slots, sharding)
         else:
-            self.ffn = FeedForward(model.hidden_size, model.ffn_hidden_size, model.init_std, dtype)
+            self.ffn = FeedForward(model.hidden_size, model.ffn_hidden_size, model.init_std, dtype, sharding)
         self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)
         self.ffn_dropout = SeededDropout(model.dropout_rate, first_site + 2)
 

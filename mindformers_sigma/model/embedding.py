@@ -6,6 +6,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from mindformers_sigma.distributed.collectives import Sharding
 from mindformers_sigma.model.dropout import SeededDropout
 
 
@@ -22,13 +23,33 @@ class LookupTable(nn.Cell):
         return self.gather(self.embedding_table, ids, 0)
 
 
+class VocabularyParallelTable(LookupTable):
+    """The word table split on the vocabulary over the model-parallel ranks: each holds
+    ``vocab / mp`` rows from ``first_row``, looks up the ids it holds (zeros for the others), and the
+    partial rows are summed over mp."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, init_std: float, sharding: Sharding):
+        rows = vocab_size // sharding.model_parallel
+        super().__init__(rows, hidden_size, init_std)
+        self.rows = rows
+        self.first_row = sharding.model_index * rows
+        self.reduce = sharding.reduce_from_model()
+
+    def construct(self, ids):
+        local = ids - self.first_row
+        held = ops.logical_and(local >= 0, local < self.rows)
+        rows = self.gather(self.embedding_table, ops.where(held, local, ops.zeros_like(local)), 0)
+        return self.reduce(rows * held.astype(rows.dtype).expand_dims(-1))
+
+
 class Embedding(nn.Cell):
     """token ids + (EOD-reset) position ids -> hidden states."""
 
     def __init__(self, vocab_size: int, seq_length: int, hidden_size: int, init_std: float, dropout_rate: float,
-                 dropout_site: int):
+                 dropout_site: int, sharding: Sharding = Sharding()):
         super().__init__()
-        self.word = LookupTable(vocab_size, hidden_size, init_std)
+        self.word = (VocabularyParallelTable(vocab_size, hidden_size, init_std, sharding) if sharding.splits_vocabulary
+                     else LookupTable(vocab_size, hidden_size, init_std))
         self.position = LookupTable(seq_length, hidden_size, init_std)
         self.dropout = SeededDropout(dropout_rate, dropout_site)
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 class Linear(nn.Cell):
-    """``x @ weight + bias`` with weight stored ``[in, out]`` (PanGu-α layout), computed in ``compute_dtype``."""
+    """``x @ weight + bias`` with weight stored ``[in, out]`` (PanGu-α layout), computed in ``compute_dtype``.
 
-    def __init__(self, in_features: int, out_features: int, init_std: float, compute_dtype=ms.float32):
+    ``reduce``: a row-parallel layer's sum of partial products over the model-parallel ranks
+    (``distributed/collectives.py``), applied before the (whole) bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float, compute_dtype=ms.float32,
+                 reduce: Optional[nn.Cell] = None):
         super().__init__()
         self.compute_dtype = compute_dtype
+        self.reduce = reduce
         self.weight = Parameter(initializer(Normal(init_std), (in_features, out_features), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias")
         self.matmul = ops.MatMul()  # primitives, so that parallel/strategies.py can shard them
@@ -20,7 +27,10 @@ class Linear(nn.Cell):
     def construct(self, x):
         shape = x.shape
         flat = x.reshape((-1, shape[-1])).astype(self.compute_dtype)
-        out = self.add_bias(self.matmul(flat, self.weight.astype(self.compute_dtype)), self.bias.astype(self.compute_dtype))
+        out = self.matmul(flat, self.weight.astype(self.compute_dtype))
+        if self.reduce is not None:
+            out = self.reduce(out)
+        out = self.add_bias(out, self.bias.astype(self.compute_dtype))
         return out.reshape(shape[:-1] + (out.shape[-1],))
 
 

@@ -10,7 +10,7 @@ here against their parameters.  Imports no MindSpore: the planner and strategy f
 from __future__ import annotations
 
 import re
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from mindformers_sigma.config import ModelConfig
 
@@ -94,6 +94,30 @@ def is_model_parameter(name: str) -> bool:
 
 
 _LAYER = re.compile(rf"^(.*?(?:{re.escape(LAYERS)}\.\d+|{re.escape(TOP_QUERY_LAYER)}))\.")
+
+
+# How model and expert parallelism cut each tensor, one entry per dimension: "model" (over model_parallel),
+# "expert" (over expert_parallel) or None (whole).  Column-parallel linears split their output features,
+# row-parallel ones their input features; every other parameter is whole on every rank.
+_LINEAR_SPLITS = {"query": (None, "model"), "key": (None, "model"), "value": (None, "model"), "mapping": (None, "model"),
+                  "output": ("model", None), "projection": ("model", None)}
+_EXPERT_SPLITS = {"w1": ("expert", None, "model"), "b1": ("expert", None, "model"), "w2": ("expert", "model", None),
+                  "b2": ("expert", None, None)}
+
+
+def split_axes(name: str, ndim: int, vocab_parallel: bool) -> Tuple[Optional[str], ...]:
+    """Per dimension of parameter ``name`` (or of its optimizer moment): which parallel axis splits it."""
+    base = name.split(".", 1)[1] if is_moment(name) else name
+    owner, _, tensor = base.rpartition(".")
+    if is_expert_parameter(base):
+        return _EXPERT_SPLITS[tensor]
+    role = owner.rsplit(".", 1)[-1]
+    if role in _LINEAR_SPLITS and f".{ATTENTION}.{role}" in base or role in DENSE_FFN_LINEARS and f".{FFN}.{role}" in base:
+        weight_splits = _LINEAR_SPLITS[role]
+        return weight_splits if tensor == "weight" else weight_splits[1:]
+    if base == WORD_EMBEDDING and vocab_parallel:
+        return ("model",) + (None,) * (ndim - 1)
+    return (None,) * ndim
 
 
 def layer_of(name: str) -> str:

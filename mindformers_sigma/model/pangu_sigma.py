@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.distributed.collectives import Sharding
 from mindformers_sigma.model import names
 from mindformers_sigma.model.block import DecoderLayer
 from mindformers_sigma.model.embedding import Embedding, LookupTable
@@ -54,7 +55,7 @@ class PanGuSigmaModel(nn.Cell):
     One walk serves training, scoring, prefill and each decoding step (``construct``)."""
 
     def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None,
-                 expert_slots: Optional[int] = None):
+                 expert_slots: Optional[int] = None, sharding: Sharding = Sharding()):
         super().__init__()
         model = config.model
         if routing_tables is None:
@@ -64,9 +65,9 @@ class PanGuSigmaModel(nn.Cell):
             sparse_index = index - model.dense_layers
             sparse = sparse_index >= 0
             table = routing_tables[sparse_index] if sparse and config.moe.table_routed else None
-            layers.append(DecoderLayer(config, index, sparse, table, expert_slots))
+            layers.append(DecoderLayer(config, index, sparse, table, expert_slots, sharding))
         self.embedding = Embedding(model.vocab_size, model.seq_length, model.hidden_size, model.init_std,
-                                   model.dropout_rate, dropout_site=0)
+                                   model.dropout_rate, dropout_site=0, sharding=sharding)
         self.eod_reset = EodResetMask(model.seq_length, model.eod_token_id)
         self.layers = nn.CellList(layers[:-1])
         self.final_norm = LayerNorm(model.hidden_size, model.layernorm_epsilon)
@@ -132,6 +133,32 @@ def gather_rows(hidden, columns):
     return ops.gather(hidden.reshape((batch * seq, width)), index, 0)
 
 
+class VocabularyParallelLoss(nn.Cell):
+    """Cross-entropy over logits split on the vocabulary: each rank holds ``V / mp`` columns.
+
+    The row maximum is gathered (a constant shift, so no gradient), the sums of exponentials and the
+    target logits are summed over mp; nothing of size V crosses ranks."""
+
+    def __init__(self, sharding: Sharding):
+        super().__init__()
+        self.copy_in = sharding.copy_to_model()
+        self.reduce = sharding.reduce_from_model()
+        self.gather = sharding.gather_model()
+        self.model_index = sharding.model_index
+
+    def construct(self, logits, labels):
+        """logits [N, V / mp] (this rank's columns), labels [N] -> the NLL of each label [N]."""
+        columns = logits.shape[1]
+        shift = self.gather(logits.max(axis=1)).max(axis=0)
+        shifted = logits - shift.expand_dims(1)
+        sum_exp = self.reduce(ops.exp(shifted).sum(1))
+        local = labels - self.model_index * columns
+        held = ops.logical_and(local >= 0, local < columns)
+        picked = ops.gather_elements(shifted, 1, ops.where(held, local, ops.zeros_like(local)).reshape((-1, 1)))
+        target = self.reduce(picked.reshape((-1,)) * held.astype(picked.dtype))
+        return ops.log(sum_exp) - target
+
+
 class PanGuSigmaForCausalLM(nn.Cell):
     """Next-token statistics over packed samples ``tokens [B, S+1]`` with ``domain_ids [B]``.
 
@@ -139,14 +166,17 @@ class PanGuSigmaForCausalLM(nn.Cell):
     negative log-likelihood and the number of predicted tokens per domain, so that the
     training layer can normalise over a whole (data-parallel) batch and log per-domain loss.
     As in PanGu-α, positions whose *input* is EOD are not predicted: the first token of the
-    next document has no context.
+    next document has no context.  With a vocabulary split over model parallel the head gives each
+    rank its rows' logits and the cross-entropy combines the ranks' sums (``VocabularyParallelLoss``).
     """
 
     def __init__(self, config: SigmaConfig, routing_tables: Optional[Sequence[np.ndarray]] = None,
-                 expert_slots: Optional[int] = None):
-        """``expert_slots``: sparse layers hold only that many experts (the ECSS slab, ``ecss/``)."""
+                 expert_slots: Optional[int] = None, sharding: Sharding = Sharding()):
+        """``expert_slots``: sparse layers hold only that many experts (the ECSS slab, ``ecss/``);
+        ``sharding``: this rank's part of a model split over several processes (``distributed/``)."""
         super().__init__()
-        self.backbone = PanGuSigmaModel(config, routing_tables, expert_slots)
+        self.backbone = PanGuSigmaModel(config, routing_tables, expert_slots, sharding)
+        self.vocabulary_parallel = VocabularyParallelLoss(sharding) if sharding.splits_vocabulary else None
         self.eod_token_id = config.model.eod_token_id
         self.num_domains = config.moe.num_domains
         # the tied output head, hidden x word_table^T; transpose_b reads the table as stored (a transposed copy
@@ -154,7 +184,10 @@ class PanGuSigmaForCausalLM(nn.Cell):
         self.head = ops.MatMul(transpose_b=True)
 
     def vocabulary_logits(self, hidden):
-        """hidden [N, H] -> float32 logits [N, V] through the tied head."""
+        """hidden [N, H] -> float32 logits [N, V] through the tied head (this rank's [N, V / mp] when the
+        vocabulary is split)."""
+        if self.vocabulary_parallel is not None:
+            hidden = self.vocabulary_parallel.copy_in(hidden)
         return self.head(hidden.astype(ms.float32), self.backbone.embedding.word.embedding_table)
 
     def logits(self, input_ids, domain_ids, expert_plan=None, dropout_seed=None):
@@ -182,8 +215,11 @@ class PanGuSigmaForCausalLM(nn.Cell):
         labels = tokens[:, 1:]
         logits, aux_loss, dropped = self.logits(input_ids, domain_ids, expert_plan, dropout_seed)
         batch, seq, vocab = logits.shape
-        log_probs = ops.log_softmax(logits.reshape((-1, vocab)), -1)
-        token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((batch, seq))
+        if self.vocabulary_parallel is not None:
+            token_nll = self.vocabulary_parallel(logits.reshape((-1, vocab)), labels.reshape((-1,))).reshape((batch, seq))
+        else:
+            log_probs = ops.log_softmax(logits.reshape((-1, vocab)), -1)
+            token_nll = -ops.gather_elements(log_probs, 1, labels.reshape((-1, 1))).reshape((batch, seq))
         loss_mask = (input_ids != self.eod_token_id).astype(ms.float32)
         nll_per_domain = ops.unsorted_segment_sum((token_nll * loss_mask).sum(1), domain_ids, self.num_domains)
         tokens_per_domain = ops.unsorted_segment_sum(loss_mask.sum(1), domain_ids, self.num_domains)

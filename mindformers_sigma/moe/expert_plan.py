@@ -21,7 +21,7 @@ The plan is a pure function of the batch, so a resumed run plans alike.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -57,11 +57,15 @@ def slot_rows(layer_loads: List[np.ndarray]) -> int:
 
 
 class ExpertPlanner:
-    """Dispatch plans for the RRE layers of a model, from its routing tables."""
+    """Dispatch plans for the RRE layers of a model, from its routing tables.
 
-    def __init__(self, routing_tables: List[np.ndarray], num_experts: int):
+    ``experts``: the experts this rank holds (expert parallel); a plan then names them by their
+    index in that range and leaves out the tokens routed to other ranks."""
+
+    def __init__(self, routing_tables: List[np.ndarray], num_experts: int, experts: Optional[range] = None):
         self.tables = routing_tables
         self.num_experts = num_experts
+        self.experts = experts if experts is not None else range(num_experts)
 
     def token_experts(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> List[np.ndarray]:
         """Each layer's expert of every token, flattened ``[B*S]``."""
@@ -76,18 +80,20 @@ class ExpertPlanner:
     def plan(self, input_ids: np.ndarray, domain_ids: np.ndarray) -> np.ndarray:
         """input_ids [B, S], domain_ids [B] -> the stacked plan ``[L, K, C + 1]`` int32."""
         num_tokens = input_ids.size
-        experts = self.token_experts(input_ids, domain_ids)
-        loads = [np.bincount(e, minlength=self.num_experts) for e in experts]
+        held = len(self.experts)
+        experts = [e - self.experts.start for e in self.token_experts(input_ids, domain_ids)]
+        mine = [np.flatnonzero((e >= 0) & (e < held)) for e in experts]
+        loads = [np.bincount(e[m], minlength=held) for e, m in zip(experts, mine)]
         rows = slot_rows(loads)
         height = max(1, max(_slots_needed(layer, rows) for layer in loads))
         plan = np.full((len(experts), height, rows + 1), num_tokens, dtype=np.int32)
         plan[:, :, 0] = 0
-        for layer, (token_expert, layer_loads) in enumerate(zip(experts, loads)):
+        for layer, (token_expert, tokens, layer_loads) in enumerate(zip(experts, mine, loads)):
             slots = _slots_per_expert(layer_loads, rows)
-            plan[layer, :slots.sum(), 0] = np.repeat(np.arange(self.num_experts), slots)
+            plan[layer, :slots.sum(), 0] = np.repeat(np.arange(held), slots)
             # Token j of expert e (in token order) goes to that expert's slot j // C, row j % C.
-            order = np.argsort(token_expert, kind="stable")
-            rank = np.arange(num_tokens) - np.repeat(np.cumsum(layer_loads) - layer_loads, layer_loads)
+            order = tokens[np.argsort(token_expert[tokens], kind="stable")]
+            rank = np.arange(order.size) - np.repeat(np.cumsum(layer_loads) - layer_loads, layer_loads)
             first_slot = np.cumsum(slots) - slots
             plan[layer, first_slot[token_expert[order]] + rank // rows, 1 + rank % rows] = order
         return plan

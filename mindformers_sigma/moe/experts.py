@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
@@ -17,9 +19,12 @@ class BatchedExperts(nn.Cell):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
-                 compute_dtype=ms.float32):
+                 compute_dtype=ms.float32, reduce: Optional[nn.Cell] = None):
+        """Under model parallelism ``ffn_hidden_size`` is this rank's F / mp, and ``reduce`` sums the
+        partial outputs over mp before the (whole) ``b2`` is added."""
         super().__init__()
         self.compute_dtype = compute_dtype
+        self.reduce = reduce
         self.w1 = Parameter(initializer(Normal(init_std), (num_experts, hidden_size, ffn_hidden_size), ms.float32), name="w1")
         self.b1 = Parameter(initializer("zeros", (num_experts, 1, ffn_hidden_size), ms.float32), name="b1")
         self.w2 = Parameter(initializer(Normal(init_std), (num_experts, ffn_hidden_size, hidden_size), ms.float32), name="w2")
@@ -42,4 +47,7 @@ class BatchedExperts(nn.Cell):
             b2 = ops.gather(b2, slot_expert, 0)
         hidden = self.up(buffers.astype(dtype), w1.astype(dtype)) + b1.astype(dtype)
         hidden = fast_gelu(hidden)
-        return self.down(hidden, w2.astype(dtype)) + b2.astype(dtype)
+        output = self.down(hidden, w2.astype(dtype))
+        if self.reduce is not None:
+            output = self.reduce(output)
+        return output + b2.astype(dtype)

@@ -155,7 +155,7 @@ def slab_slots(config: SigmaConfig, stage: int) -> int:
     can need at once.  Stand-alone and data-parallel runs load a whole step (``ecss.slab.slab_size``); a
     pipeline stage holds its in-flight micro-batches of every data-parallel rank (their slab gradients are
     reduced slot by slot), rounded up so that expert_parallel divides it."""
-    if config.parallel.mode != "semi_auto_parallel":
+    if config.parallel.pipeline_stage == 1:
         return slab_size(config)
     mesh = DeviceMesh.of(config)
     in_flight = min(mesh.micro_batches, mesh.pipeline_stages - stage)

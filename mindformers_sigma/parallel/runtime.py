@@ -10,39 +10,35 @@ from mindformers_sigma.parallel.mesh import DeviceMesh
 def check_trainable(config: SigmaConfig) -> None:
     """One ConfigError for a layout that is planned (``pangu-sigma plan``) but whose training is not built."""
     p = config.parallel
-    if p.mode != "semi_auto_parallel":
+    if p.mode == "stand_alone":
         return
     parameter_layouts(config)  # every split divides: one error naming the parameter and the dimension
-    if config.ecss.enabled:
-        raise ConfigError("ecss.enabled", True, "with parallel.mode semi_auto_parallel is planned (pangu-sigma plan) "
-                          "but its training is not built: the slab would be split over expert_parallel; train ECSS "
-                          "stand-alone or data-parallel, or set ecss.enabled: false", config.source)
     if p.pipeline_stage > 1:
         raise ConfigError("parallel.pipeline_stage", p.pipeline_stage,
-                          "> 1 is planned and its stages are set on the layers, but the pipelined train step "
-                          "(micro-batches through PipelineCell) is not built; set pipeline_stage: 1 "
-                          "(data parallel trains)", config.source)
-    sharded = [f"{name} {value}" for name, value in (("model_parallel", p.model_parallel),
-                                                      ("expert_parallel", p.expert_parallel)) if value > 1]
-    if sharded or p.optimizer_shard:
-        what = " and ".join(sharded + (["optimizer_shard"] if p.optimizer_shard else []))
-        raise ConfigError("parallel.mode", p.mode, f"with {what} is planned and its strategies are set on the "
-                          "model, but sliced checkpoints (each rank saving its part, merged with the strategy "
-                          "file) are not built, so rank 0 would save only its own slices; train with "
-                          "data_parallel only, or plan the layout with pangu-sigma plan", config.source)
+                          "> 1 is planned, but the pipelined train step (micro-batches passed between stages) is "
+                          "not built, and the 512-card layout uses none; set pipeline_stage: 1", config.source)
+    if p.model_parallel > 1 and config.model.dropout_rate > 0:
+        raise ConfigError("model.dropout_rate", config.model.dropout_rate,
+                          "> 0 with parallel.model_parallel > 1 is not built: the attention dropout of heads split "
+                          "over ranks would not be the one-process mask; set dropout_rate: 0 or model_parallel: 1",
+                          config.source)
+    if config.ecss.enabled and (p.model_parallel > 1 or p.expert_parallel > 1):
+        raise ConfigError("ecss.enabled", True, "with model_parallel or expert_parallel > 1 is not built yet (each "
+                          "rank's store would hold its own experts' slices); train ECSS with data parallel only, or "
+                          "set ecss.enabled: false", config.source)
+    if p.optimizer_shard:
+        raise ConfigError("parallel.optimizer_shard", True, "is not built yet (each data-parallel rank updating "
+                          "1/dp of the weights); set optimizer_shard: false", config.source)
 
 
 def describe_layout(config: SigmaConfig, workers: int) -> str:
     """The start line: how this run is laid out, in words."""
     p = config.parallel
     if p.mode == "stand_alone":
-        return "layout: stand-alone, one process holding the whole model (CPU runs stand-alone or data-parallel)"
-    if p.mode == "data_parallel":
-        return (f"layout: data parallel over {workers} workers, each a whole replica, gradients all-reduced "
-                f"(CPU runs stand-alone or data-parallel)")
+        return "layout: stand-alone, one process holding the whole model"
     mesh = DeviceMesh.of(config)
-    extras = [name for name, on in (("vocabulary-parallel embedding", p.vocab_parallel),
+    extras = [name for name, on in (("vocabulary-parallel embedding", p.vocab_parallel and p.model_parallel > 1),
                                     ("optimizer shard", p.optimizer_shard), ("recompute", p.recompute)) if on]
-    return (f"layout: semi_auto_parallel over {mesh.devices} devices: data {mesh.data_parallel} x model "
-            f"{mesh.model_parallel} x pipeline {mesh.pipeline_stages}, experts over {mesh.expert_parallel}"
-            + "".join(f", {extra}" for extra in extras))
+    return (f"layout: hybrid_parallel over {workers} workers: data {mesh.data_parallel} x model "
+            f"{mesh.model_parallel}, experts over {mesh.expert_parallel}" + "".join(f", {extra}" for extra in extras)
+            + "; explicit collectives (docs/parallel.md)")

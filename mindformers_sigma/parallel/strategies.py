@@ -1,9 +1,8 @@
-"""The layout applied to a built network: op-level shard strategies, pipeline stages, recompute.
+"""Op-level shard strategies of the layout (for the strategy file), and recompute on a built network.
 
-The model code holds primitives and no numbers; this module sets every strategy from the
-parallel config, with the same split rules as the parameter layouts (``layouts.LINEAR_ROLES``).
-Strategies take effect under ``semi_auto_parallel`` (Ascend/GPU); stand-alone and data-parallel
-runs get only the recompute marks, so a CPU graph is the one the tests check.
+The strategies describe, in MindSpore's terms, how the layers split themselves
+(``distributed/``), with the same rules as the parameter layouts (``layouts.LINEAR_ROLES``); the
+strategy file records them beside the parameter layouts that ``transform_checkpoints`` reads.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from mindformers_sigma.parallel.layouts import COLUMN, LINEAR_ROLES
 from mindformers_sigma.parallel.mesh import DeviceMesh
 
 if TYPE_CHECKING:  # the strategies themselves need no MindSpore: plan and strategy files run without it
-    from mindspore import nn
-
     from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 
 Strategy = Tuple[Tuple[int, ...], ...]
@@ -76,29 +73,11 @@ def op_strategies(config: SigmaConfig) -> Dict[str, OpStrategy]:
     return found
 
 
-def _primitive(network: nn.Cell, key: str):
-    path, attribute = key.rsplit("/", 1) if "/" in key else ("", key)
-    cell = network
-    for part in filter(None, path.split(".")):
-        cell = getattr(cell, part) if not part.isdigit() else cell[int(part)]
-    return getattr(cell, attribute)
-
-
 def apply_layout(config: SigmaConfig, network: PanGuSigmaForCausalLM) -> None:
-    """Shard strategies and pipeline stages (semi_auto_parallel only) and per-layer recompute."""
-    backbone = network.backbone
-    layers = (*backbone.layers, backbone.top_query_layer)
-    if config.parallel.recompute:  # keep only layer inputs; recompute activations in the backward pass
-        for layer in layers:
-            layer.recompute()
-    if config.parallel.mode != "semi_auto_parallel":
+    """Per-layer recompute: keep only layer inputs, recompute activations in the backward pass.  (The op
+    strategies above describe the layout in the strategy file; the layers split themselves.)"""
+    if not config.parallel.recompute:
         return
-    for key, op in op_strategies(config).items():
-        _primitive(network, key).shard(op.in_strategy)
-    mesh = DeviceMesh.of(config)
-    if mesh.pipeline_stages > 1:
-        backbone.embedding.pipeline_stage = 0
-        for index, layer in enumerate(layers):
-            layer.pipeline_stage = mesh.stage_of_layer(index)
-        for tail in (backbone.final_norm, backbone.top_query_embedding):
-            tail.pipeline_stage = mesh.last_stage
+    backbone = network.backbone
+    for layer in (*backbone.layers, backbone.top_query_layer):
+        layer.recompute()

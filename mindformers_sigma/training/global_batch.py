@@ -10,7 +10,10 @@ what ``G`` data-parallel ranks read).  Every rank reads the whole global batch, 
 * each part's dropout seed, a pure function of ``(context.seed, step, k)``.
 
 Each part's RRE dispatch plan (``moe/expert_plan.py``) is made for that part alone: the
-graph declares its sizes dynamic, so ranks need not agree on them.
+graph declares its sizes dynamic, so ranks need not agree on them.  Under expert parallelism a
+rank's plan covers the tokens of its whole expert block (the ``ep`` data shards that exchange
+tokens, in shard order) and names only the experts it holds.  Model-parallel ranks of one data
+shard read the same rows.
 """
 
 from __future__ import annotations
@@ -63,11 +66,13 @@ class GlobalBatchReader:
     def __init__(self, source, batch_size: int, data_parallel: int, rank: int, accumulation_steps: int,
                  eod_token_id: int, planner: Optional[ExpertPlanner], base_seed: int, dropout: bool,
                  stage_plans: Optional[Callable[[List[np.ndarray], int, List[List[np.ndarray]]],
-                                                List[np.ndarray]]] = None):
+                                                List[np.ndarray]]] = None, expert_parallel: int = 1):
         """``stage_plans(plans, tokens_per_plan, micro_experts)``: called with each step's micro-batch
         plans (and each micro-batch index's experts over all ranks) before they become inputs;
-        returns the plans to use (ECSS stages the slab loads and renames experts to slots)."""
+        returns the plans to use (ECSS stages the slab loads and renames experts to slots).
+        ``rank``: this rank's data-parallel index."""
         self.source = source
+        self.expert_parallel = expert_parallel
         self.batch_size = batch_size
         self.data_parallel = data_parallel
         self.rank = rank
@@ -88,13 +93,23 @@ class GlobalBatchReader:
                                             domains[micro * per_micro:(micro + 1) * per_micro])
                 for micro in range(self.accumulation_steps)]
 
+    def _block_rows(self, micro: int) -> np.ndarray:
+        """The rows of micro-batch ``micro`` of every data shard of this rank's expert block, in shard order."""
+        first = self.rank - self.rank % self.expert_parallel
+        return np.concatenate([np.arange(part * self.part_size, (part + 1) * self.part_size)
+                               for part in range(micro * self.data_parallel + first,
+                                                 micro * self.data_parallel + first + self.expert_parallel)])
+
     def read(self, step: int, position: int) -> StepBatch:
         tokens, domains = self.source.read(position, self.batch_size)
         total = predicted_tokens(tokens, self.eod_token_id)
         normaliser = Tensor(float(total), ms.float32)
         parts = [micro * self.data_parallel + self.rank for micro in range(self.accumulation_steps)]
         rows = [slice(part * self.part_size, (part + 1) * self.part_size) for part in parts]
-        plans = [self.planner.plan(tokens[r, :-1], domains[r]) for r in rows] if self.planner is not None else None
+        plans = None
+        if self.planner is not None:
+            block = [self._block_rows(micro) for micro in range(self.accumulation_steps)]
+            plans = [self.planner.plan(tokens[r, :-1], domains[r]) for r in block]
         if plans is not None and self.stage_plans is not None:
             plans = self.stage_plans(plans, tokens[rows[0], :-1].size, self._micro_experts(tokens, domains))
         micro_batches = []
@@ -119,6 +134,13 @@ class PrefetchingReader:
         self.reader = reader
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._ahead: Optional[Tuple[int, int, "Future[StepBatch]"]] = None
+
+    def _block_rows(self, micro: int) -> np.ndarray:
+        """The rows of micro-batch ``micro`` of every data shard of this rank's expert block, in shard order."""
+        first = self.rank - self.rank % self.expert_parallel
+        return np.concatenate([np.arange(part * self.part_size, (part + 1) * self.part_size)
+                               for part in range(micro * self.data_parallel + first,
+                                                 micro * self.data_parallel + first + self.expert_parallel)])
 
     def read(self, step: int, position: int) -> StepBatch:
         if self._ahead is not None and self._ahead[:2] == (step, position):

@@ -10,6 +10,8 @@ token count is (EOD positions carry no loss, so parts differ).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -22,12 +24,15 @@ class TrainingLoss(nn.Cell):
     summed over data-parallel ranks, for logging.
     """
 
-    def __init__(self, network: nn.Cell, aux_loss_coef: float, data_parallel: int, accumulation_steps: int):
+    def __init__(self, network: nn.Cell, aux_loss_coef: float, data_parallel: int, accumulation_steps: int,
+                 data_group: Optional[str] = None):
+        """``data_group``: the process group of this rank's data-parallel peers (the statistics are summed
+        there; model-parallel peers hold the same ones)."""
         super().__init__(auto_prefix=False)
         self.network = network
         # The auxiliary loss is a mean over every micro-batch of every rank.
         self.aux_weight = aux_loss_coef / (data_parallel * accumulation_steps)
-        self.all_reduce = ops.AllReduce() if data_parallel > 1 else None
+        self.all_reduce = ops.AllReduce(group=data_group) if data_group else None
 
     def construct(self, tokens, domain_ids, loss_scale, token_total, expert_plan=None, dropout_seed=None):
         nll, counted, aux_loss, dropped = self.network(tokens, domain_ids, expert_plan, dropout_seed)

@@ -99,7 +99,7 @@ def choose_start(out_dir: Optional[str], resume: Optional[str], overwrite: bool,
             log(f"resume: no checkpoint in {checkpoint_dir}; starting from scratch")
         return info
     try:
-        info = ckpt.read_checkpoint(os.path.splitext(resume)[0] + ".json")
+        info = ckpt.read_checkpoint(os.path.splitext(os.path.normpath(resume))[0] + ".json")
     except ValueError as err:
         raise DataError(f"--resume {resume}: {err}; pass a checkpoint with its .json sidecar, or auto") from None
     if out_dir and not is_in_folder(info.weights_path, checkpoint_dir):

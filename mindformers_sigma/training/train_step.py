@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindformers_sigma.config import TrainConfig
+from mindformers_sigma.distributed.gradients import GlobalNorm
 
 _hyper_map = ops.HyperMap()
 _scale_by = ops.MultitypeFuncGraph("scale_by")
@@ -37,20 +38,29 @@ def _grad_sum_of_squares(grad):
     return squared.sum()
 
 
-def unscale_and_clip(grads, inverse_scale, clip_norm: float, extra_squares=None):
+def unscale_and_clip(grads, inverse_scale, clip_norm: float, extra_squares=None, norm_weights=None, world_sum=None):
     """Unscaled gradients, clipped to global norm ``clip_norm`` (0: no clipping), whether all are
     finite, the factor applied (unscale times clip) and the unscaled global norm before clipping.  ``extra_squares``: the sum of squares of
     (scaled) gradients held elsewhere (ECSS's host-summed expert gradients), which count in the
     norm and the check and are scaled by the returned factor by their holder.
+
+    Over several ranks (``world_sum``) each gradient's sum of squares is weighted by one over the number
+    of ranks holding the same slice (``norm_weights``) and the weighted sums are summed over the world:
+    the norm of the whole model's gradient, each slice counted once.
 
     One sum of squares per gradient serves both the finiteness check and the norm, and the
     unscale and the clip are one multiplication: an inf or nan anywhere makes the sum non-finite.
     So does a finite gradient whose squared norm overflows float32 (above 1.8e19): it is skipped
     like an overflow, and a dynamic loss scale lowers the scale.
     """
-    squares = ops.stack(_hyper_map(_sum_of_squares, grads)).sum()
+    per_gradient = ops.stack(_hyper_map(_sum_of_squares, grads))
+    if norm_weights is not None:
+        per_gradient = per_gradient * norm_weights
+    squares = per_gradient.sum()
     if extra_squares is not None:
         squares = squares + extra_squares
+    if world_sum is not None:
+        squares = world_sum(squares)
     finite = ops.isfinite(squares)
     norm = ops.sqrt(squares) * inverse_scale
     factor = inverse_scale
@@ -87,13 +97,14 @@ class DynamicLossScale(nn.Cell):
 
 
 class ForwardBackward(nn.Cell):
-    """Loss statistics and (data-parallel reduced) scaled gradients for one micro-batch."""
+    """Loss statistics and scaled gradients for one micro-batch, summed over the ranks that hold the same
+    slice of each parameter (``grad_reducer``: ``distributed/gradients.py``; None in one process)."""
 
-    def __init__(self, loss_cell: nn.Cell, weights, data_parallel: int):
+    def __init__(self, loss_cell: nn.Cell, weights, grad_reducer: Optional[nn.Cell] = None):
         super().__init__(auto_prefix=False)
         self.loss_cell = loss_cell
         self.value_and_grad = ops.value_and_grad(loss_cell, None, weights, has_aux=True)
-        self.grad_reducer = nn.DistributedGradReducer(weights, mean=False) if data_parallel > 1 else None
+        self.grad_reducer = grad_reducer
 
     def construct(self, tokens, domain_ids, loss_scale, token_total, expert_plan=None, dropout_seed=None):
         outputs, grads = self.value_and_grad(tokens, domain_ids, loss_scale, token_total, expert_plan, dropout_seed)
@@ -109,20 +120,23 @@ class ApplyGradients(nn.Cell):
     updated elsewhere (the ECSS slab, ``ecss/``): they count in the clip and the overflow check,
     and their clipped gradients are returned after the finite flag, the factor applied and the norm.
     ``host_squares`` adds gradients summed on the host (see :func:`unscale_and_clip`).
+    ``norm``: over several ranks, the global norm's weights and world sum (``distributed/gradients.py``).
     """
 
     def __init__(self, optimizer: nn.Optimizer, loss_scale: DynamicLossScale, grad_clip_norm: float,
-                 host_updated: Sequence[Parameter] = ()):
+                 host_updated: Sequence[Parameter] = (), norm: Optional[GlobalNorm] = None):
         super().__init__(auto_prefix=False)
         self.optimizer = optimizer
         self.loss_scale = loss_scale
         self.grad_clip_norm = grad_clip_norm
         self.host_updated = tuple(host_updated)
         self.device_count = len(optimizer.parameters)
+        self.norm_weights = None if norm is None else norm.weights
+        self.world_sum = None if norm is None else norm.world_sum
 
     def construct(self, grads, host_squares=None):
         grads, finite, factor, norm = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm,
-                                                 host_squares)
+                                                       host_squares, self.norm_weights, self.world_sum)
         if finite:
             self.optimizer(grads[:self.device_count])
         return (self.loss_scale.update(finite), factor, norm) + grads[self.device_count:]

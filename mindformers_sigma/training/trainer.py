@@ -21,13 +21,17 @@ import numpy as np
 
 from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.checkpoint.description import description_fields
-from mindformers_sigma.checkpoint.restore import restore
+from mindformers_sigma.checkpoint.restore import Placement, restore
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.context import ParallelInfo, configure_context
+from mindformers_sigma.distributed.collectives import Sharding
+from mindformers_sigma.distributed.gradients import GradientReducer, global_norm
+from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
 from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
+from mindformers_sigma.model.initial_values import initialize
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables, routing_tables_of
 from mindformers_sigma.moe.expert_plan import ExpertPlanner
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
@@ -43,6 +47,7 @@ from mindformers_sigma.training.optimizer import build_optimizer
 from mindformers_sigma.training.resume import (DATA_FINGERPRINT, check_same_experiment, check_same_tokenizer,
                                                choose_start, is_in_folder)
 from mindformers_sigma.training.run_folder import ECSS_STORE, RunFolder
+from mindformers_sigma.training.saving import NOT_CHECKPOINTED, checkpointed_parameters, save_step
 from mindformers_sigma.training.train_step import (ApplyGradients, DynamicLossScale, ForwardBackward,
                                                    TrainOneStepCell, declare_dynamic_plan, run_step)
 from mindformers_sigma.training.training_data import TrainingData, open_training_data
@@ -67,19 +72,28 @@ class TrainSummary:
     ecss: Optional[dict] = None  # totals of ExpertOffload (bytes moved, seconds) when ECSS is on
 
 
-def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray], data_parallel: int) -> TrainOneStepCell:
-    """Model, loss, optimizer and loss scale, wired into one cell that owns every trainable state."""
+def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray],
+                     topology: Topology = Topology()) -> TrainOneStepCell:
+    """Model (this rank's slices of it), loss, optimizer and loss scale, wired into one cell that owns every
+    trainable state; the gradients are summed over the ranks that share each slice."""
     if config.moe.table_balance == "uniform":
         frequency = None
     ecss = config.ecss.enabled  # experts on the host: the network holds a slab, the host updates them
     network = PanGuSigmaForCausalLM(config, build_routing_tables(config, frequency),
-                                    slab_size(config) if ecss else None)
-    apply_layout(config, network)  # strategies, pipeline stages, recompute (parallel/strategies.py)
-    loss_cell = TrainingLoss(network, aux_loss_coef(config), data_parallel, config.train.grad_accumulation_steps)
+                                    slab_size(config) if ecss else None,
+                                    Sharding(topology, config.parallel.vocab_parallel))
+    initialize(network, config, topology, skip_experts=ecss)
+    apply_layout(config, network)  # recompute (parallel/strategies.py)
+    data_group = topology.data_group()
+    loss_cell = TrainingLoss(network, aux_loss_coef(config), topology.data_parallel,
+                             config.train.grad_accumulation_steps, data_group[0] if len(data_group[1]) > 1 else None)
     optimizer = build_optimizer(network, config.train, without_experts=ecss)
     slab = [p for p in network.trainable_params() if names.is_expert_parameter(p.name)] if ecss else []
-    forward_backward = ForwardBackward(loss_cell, ms.ParameterTuple(list(optimizer.parameters) + slab), data_parallel)
-    apply_gradients = ApplyGradients(optimizer, DynamicLossScale(config.train), config.train.grad_clip_norm, slab)
+    weights = list(optimizer.parameters) + slab
+    reducer = GradientReducer(weights, topology) if topology.data_parallel > 1 else None
+    forward_backward = ForwardBackward(loss_cell, ms.ParameterTuple(weights), reducer)
+    apply_gradients = ApplyGradients(optimizer, DynamicLossScale(config.train), config.train.grad_clip_norm, slab,
+                                     global_norm(weights, topology, config.parallel.vocab_parallel))
     return TrainOneStepCell(forward_backward, apply_gradients)
 
 
@@ -97,19 +111,13 @@ def aux_loss_coef(config: SigmaConfig) -> float:
     return config.moe.aux_loss_coef if config.moe.learned_gate else 0.0
 
 
-NOT_CHECKPOINTED = ("learning_rate",)
-
-
-def checkpointed_parameters(step_cell: TrainOneStepCell) -> dict:
-    """Everything a checkpoint holds; the LR schedule array is left out, as the config defines it."""
-    return {name: param for name, param in step_cell.parameters_dict().items() if name not in NOT_CHECKPOINTED}
-
-
-def expert_planner(config: SigmaConfig, step_cell: TrainOneStepCell) -> Optional[ExpertPlanner]:
-    """Host-planned, dropless RRE dispatch unless the config caps capacity itself."""
+def expert_planner(config: SigmaConfig, step_cell: TrainOneStepCell,
+                   topology: Topology = Topology()) -> Optional[ExpertPlanner]:
+    """Host-planned, dropless RRE dispatch (of this rank's experts) unless the config caps capacity itself."""
     if not config.moe.table_routed or config.moe.capacity_factor is not None or config.model.sparse_layers == 0:
         return None
-    return ExpertPlanner(list(routing_tables_of(step_cell).values()), config.moe.num_experts)
+    return ExpertPlanner(list(routing_tables_of(step_cell).values()), config.moe.num_experts,
+                         topology.expert_range(config.moe.num_experts))
 
 
 def print_now(line: str) -> None:
@@ -117,9 +125,9 @@ def print_now(line: str) -> None:
     print(line, flush=True)
 
 
-def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int,
+def build_or_restore(config: SigmaConfig, data: TrainingData, topology: Topology,
                      info: Optional[ckpt.CheckpointInfo], allow_config_change: bool, say: Callable[[str], None],
-                     folder: Optional[RunFolder] = None, rank: int = 0
+                     folder: Optional[RunFolder] = None
                      ) -> Tuple[TrainOneStepCell, Optional[ExpertPlanner], Optional[ExpertOffload]]:
     """The train step, with the checkpoint's state when resuming, its RRE dispatch planner and,
     with ECSS, the host side of the experts.
@@ -127,15 +135,16 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
     The planner reads the routing tables from the built (and restored) cell, so a resumed run
     plans dispatch with the tables it really routes with, not the config's.
     """
-    step_cell = build_train_step(config, data.token_frequency, data_parallel)
+    step_cell = build_train_step(config, data.token_frequency, topology)
     offload = None
     if config.ecss.enabled:
-        store = os.path.join(folder.path, ECSS_STORE, f"rank_{rank}") if folder else None  # each rank its own
+        store = os.path.join(folder.path, ECSS_STORE, f"rank_{topology.rank}") if folder else None  # each its own
         offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated,
                                       routing_tables_of(step_cell), store)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
-        restore(step_cell, info, NOT_CHECKPOINTED, offload.host_arrays() if offload else None)
+        restore(step_cell, info, NOT_CHECKPOINTED, offload.host_arrays() if offload else None,
+                Placement(topology, config.parallel.vocab_parallel))
         say(f"resume: continuing from step {info.step} ({info.weights_path})")
     if offload is not None:
         offload.device_resident_bytes = device_resident_bytes(step_cell)
@@ -146,9 +155,9 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, data_parallel: int
                          f"; reloaded between micro-batches when a step needs more (whole step: {whole})") +
             ("" if offload.slab_experts >= safe else
              f"; below the safe {safe}: a micro-batch needing more stops the run"))
-    planner = expert_planner(config, step_cell)
+    planner = expert_planner(config, step_cell, topology)
     if planner is not None:
-        rows = config.train.batch_size // (data_parallel * config.train.grad_accumulation_steps)
+        rows = config.train.batch_size // (topology.data_parallel * config.train.grad_accumulation_steps)
         declare_dynamic_plan(step_cell, rows, config.model.seq_length, config.model.sparse_layers,
                              config.model.dropout_rate > 0)
     return step_cell, planner, offload
@@ -174,9 +183,12 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
     parallel: ParallelInfo = configure_context(config)
     say = log if parallel.is_main else (lambda line: None)
     say(describe_layout(config, parallel.group_size))
+    if parallel.group_size > 1:  # each rank's own log says where it sits
+        log(parallel.topology.describe(config.moe.num_experts))
     for note in notes:
         say(note)
-    check_fits_in_memory(config, train_cfg.batch_size // (parallel.group_size * train_cfg.grad_accumulation_steps),
+    data_parallel = parallel.topology.data_parallel
+    check_fits_in_memory(config, train_cfg.batch_size // (data_parallel * train_cfg.grad_accumulation_steps),
                          parallel.group_size if config.context.device_target == "CPU" else 1)
     if out_dir:
         check_store_fits_on_disk(config, out_dir, parallel.group_size if config.context.device_target == "CPU" else 1)
@@ -197,9 +209,9 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
               say: Callable[[str], None]) -> TrainSummary:
     """The part of :func:`train` that runs with the run folder open."""
     train_cfg, model = config.train, config.model
-    parts = parallel.group_size * train_cfg.grad_accumulation_steps
-    step_cell, planner, offload = build_or_restore(config, data, parallel.group_size, info, allow_config_change, say,
-                                                   folder, parallel.rank)
+    topology = parallel.topology
+    parts = topology.data_parallel * train_cfg.grad_accumulation_steps
+    step_cell, planner, offload = build_or_restore(config, data, topology, info, allow_config_change, say, folder)
     if folder is not None and parallel.is_main and overwrite:  # only once the resume is known to be sound
         continued_here = info is not None and is_in_folder(info.weights_path, folder.checkpoints)
         removed = folder.remove_outputs(newer_than=info.step if continued_here else None)
@@ -207,10 +219,10 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
             say(f"--overwrite: removed {len(removed)} output file(s) of the previous run in {folder.path}")
     optimizer_step = step_cell.apply_gradients.optimizer.global_step  # skipped (overflow) steps do not advance it
     start_step, position = (info.step, info.data_position) if info else (0, 0)
-    reader = GlobalBatchReader(data.source, train_cfg.batch_size, parallel.group_size, parallel.rank,
+    reader = GlobalBatchReader(data.source, train_cfg.batch_size, topology.data_parallel, topology.data_index,
                                train_cfg.grad_accumulation_steps,
                                model.eod_token_id, planner, config.context.seed, model.dropout_rate > 0,
-                               offload.stage if offload else None)
+                               offload.stage if offload else None, topology.expert_parallel)
     peak = train_cfg.peak_flops or measure_matmul_peak()
     # what each checkpoint's sidecar says about the run (training/description.py)
     description = description_fields(config, data.domain_names, data.tokenizer_model) if folder and parallel.is_main \
@@ -270,17 +282,16 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                 say(progress_line(record, train_cfg.steps, data.domain_names))
             due = (step + 1) % train_cfg.checkpoint_interval == 0 or step + 1 == train_cfg.steps
             # Every rank stops after the same step (one that stopped alone would leave the others
-            # waiting in the next step's all-reduce), and rank 0 saves that step.
+            # waiting in the next step's all-reduce), and they save that step.
             stopping = parallel.any_rank(stop.signum is not None)
-            if folder and parallel.is_main and (due or stopping):
+            if folder and (due or stopping):
                 meta = {"data_position": position,
                         "loss_scale": float(step_cell.apply_gradients.loss_scale.scale.asnumpy()),
                         DATA_FINGERPRINT: data.fingerprint, **description}
                 parameters = checkpointed_parameters(step_cell)
                 if offload:
                     parameters = offload.checkpoint_parameters(parameters)
-                saved = ckpt.save_checkpoint(folder.checkpoints, step + 1, parameters, meta,
-                                             train_cfg.checkpoint_format, train_cfg.keep_checkpoints)
+                saved = save_step(folder.checkpoints, step + 1, parameters, meta, config, parallel) or saved
             if stopping:
                 stop.raise_now(f"after step {step + 1}: " + (
                     f"checkpoint saved in {folder.checkpoints}; continue with --resume auto" if folder
