@@ -13,7 +13,7 @@ from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
-from mindformers_sigma.model.initial_values import local_slice
+from mindformers_sigma.model.initial_values import piece_of
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,11 @@ class Placement:
     topology: Topology = Topology()
     vocab_parallel: bool = False
 
-    def local(self, name: str, value: ms.Parameter) -> ms.Parameter:
-        if self.topology.world_size == 1:
+    def local(self, name: str, value: ms.Parameter, held: Optional[tuple]) -> ms.Parameter:
+        """The piece of whole tensor ``value`` this rank holds (``held``: its shape here, None if not held)."""
+        if self.topology.world_size == 1 or held is None:
             return value
-        part = local_slice(name, tuple(value.shape), self.topology, self.vocab_parallel)
+        part = piece_of(name, tuple(value.shape), held, self.topology, self.vocab_parallel)
         return ms.Parameter(ms.Tensor(np.ascontiguousarray(value.asnumpy()[part])), name=name)
 
 
@@ -44,7 +45,8 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
     if info.meta.get(ckpt.WEIGHTS_ONLY) is True:  # the model alone: optimizer state and loss scale start fresh
         host = {name: array for name, array in host.items() if names.is_model_parameter(name)}
         wanted = {name for name in wanted if names.is_model_parameter(name)}
-    stored = {name: placement.local(name, value)
+    shapes = {name: tuple(param.shape) for name, param in step_cell.parameters_dict().items()}
+    stored = {name: placement.local(name, value, shapes.get(name))
               for name, value in ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host)).items()}
     if host:
         ckpt.copy_into(info, host, f"--resume {info.weights_path}")

@@ -27,10 +27,11 @@ import numpy as np
 
 from mindformers_sigma.atomic import write_bytes_atomic
 from mindformers_sigma.checksum import file_sha256
-from mindformers_sigma.distributed.topology import Topology, holders
+from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.model import names
+from mindformers_sigma.model.initial_values import full_shape, piece_of
 
-LAYOUT = "sharded_layout"  # sidecar field: {data_parallel, model_parallel, expert_parallel, vocab_parallel}
+LAYOUT = "sharded_layout"  # sidecar field: {data_parallel, model_parallel, expert_parallel, vocab_parallel, optimizer_shard}
 PARTS = "shard_sha256"  # sidecar field: [sha256 of rank 0's part, rank 1's, ...]
 STRATEGY_FILE = "strategy.json"
 
@@ -81,25 +82,21 @@ def verify_parts(folder: str, meta: Mapping, suffix: str) -> None:
 
 def merge_parts(folder: str, meta: Mapping, fmt: str, suffix: str,
                 keep: Optional[Callable[[str], bool]] = None) -> Dict[str, np.ndarray]:
-    """Whole tensors from the parts (only names for which ``keep(name)`` is true when given)."""
-    topology = layout_of(meta)
+    """Whole tensors from the parts (only names for which ``keep(name)`` is true when given): each rank's
+    piece written where it sits in the whole tensor (its model and expert slice, and with the optimizer
+    shard its rows of a moment)."""
+    layout = layout_of(meta)
     vocab_parallel = bool(meta[LAYOUT]["vocab_parallel"])
-    pieces = holders(topology.data_parallel, topology.model_parallel, topology.expert_parallel)
-    parts = {rank: ms.load_checkpoint(os.path.join(folder, part_name(rank, suffix)), format=fmt, choice_func=keep)
-             for rank in sorted(set(pieces.values()))}
+    parts = [ms.load_checkpoint(os.path.join(folder, part_name(rank, suffix)), format=fmt, choice_func=keep)
+             for rank in range(layout.world_size)]
     merged = {}
     for name, first in parts[0].items():
-        axes = names.split_axes(name, len(first.shape), vocab_parallel)
-        if all(axis is None for axis in axes):
-            merged[name] = first.asnumpy()
-            continue
-
-        def joined(expert: int) -> np.ndarray:
-            if "model" not in axes:
-                return parts[pieces[(0, expert)]][name].asnumpy()
-            return np.concatenate([parts[pieces[(model, expert)]][name].asnumpy()
-                                   for model in range(topology.model_parallel)], axis=axes.index("model"))
-
-        merged[name] = (np.concatenate([joined(e) for e in range(topology.expert_parallel)], axis=0)
-                        if "expert" in axes else joined(0))
+        base = name.split(".", 1)[1] if names.is_moment(name) else name
+        base_shape = tuple(parts[0][base].shape) if base in parts[0] else tuple(first.shape)
+        whole = np.zeros(full_shape(name, base_shape, layout, vocab_parallel), first.asnumpy().dtype)
+        for rank, part in enumerate(parts):
+            topology = Topology(layout.data_parallel, layout.model_parallel, layout.expert_parallel, rank)
+            piece = part[name].asnumpy()
+            whole[piece_of(name, whole.shape, piece.shape, topology, vocab_parallel)] = piece
+        merged[name] = whole
     return merged

@@ -11,7 +11,7 @@ without MindSpore.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 # A group's name says which axis it spans and which slice of the other axes it sits in.
 GroupRanks = Tuple[str, Tuple[int, ...]]
@@ -108,9 +108,17 @@ def slice_of(topology: Topology, kind: str) -> Tuple[int, int]:
     return topology.expert_index, topology.expert_parallel
 
 
-def holders(data_parallel: int, model_parallel: int, expert_parallel: int) -> Dict[Tuple[int, int], int]:
-    """``(model index, expert index) -> the lowest rank holding that piece``: where a merge reads each slice."""
-    found: Dict[Tuple[int, int], int] = {}
-    for topology in reversed(all_ranks(data_parallel, model_parallel, expert_parallel)):
-        found[(topology.model_index, topology.expert_index)] = topology.rank
-    return found
+def optimizer_shard_group(topology: Topology, is_expert: bool) -> GroupRanks:
+    """The ranks holding the same slice of a parameter, among which the optimizer shard splits its update."""
+    return topology.expert_data_group() if is_expert else topology.data_group()
+
+
+def optimizer_shard_index(topology: Topology, is_expert: bool) -> int:
+    """This rank's place in :func:`optimizer_shard_group`."""
+    return topology.expert_block if is_expert else topology.data_index
+
+
+def optimizer_shards(topology: Topology, is_expert: bool, rows: int) -> int:
+    """Into how many pieces the optimizer shard cuts a parameter's dimension 0 of ``rows`` (1: not cut)."""
+    count = len(optimizer_shard_group(topology, is_expert)[1])
+    return count if count > 1 and rows % count == 0 else 1

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Sequence, Tuple
 import numpy as np
 
 from mindformers_sigma.config import SigmaConfig
-from mindformers_sigma.distributed.topology import Topology, slice_of
+from mindformers_sigma.distributed.topology import Topology, optimizer_shard_index, slice_of
 from mindformers_sigma.model import names
 
 
@@ -44,6 +44,18 @@ def local_slice(name: str, full_shape: Sequence[int], topology: Topology, vocab_
         index, count = slice_of(topology, axis)
         found.append(slice(index * (size // count), (index + 1) * (size // count)))
     return tuple(found)
+
+
+def piece_of(name: str, whole: Sequence[int], held: Sequence[int], topology: Topology,
+             vocab_parallel: bool) -> Tuple[slice, ...]:
+    """Where a rank's ``held`` piece of parameter ``name`` sits in the ``whole`` tensor: its model and expert
+    slice, and, when it holds fewer rows than that (an optimizer-sharded moment), its rows of the slice."""
+    part = local_slice(name, whole, topology, vocab_parallel)
+    rows = range(whole[0])[part[0]] if whole else range(0)
+    if held and held[0] < len(rows):
+        index = optimizer_shard_index(topology, names.is_expert_parameter(name))
+        part = (slice(rows.start + index * held[0], rows.start + (index + 1) * held[0]),) + part[1:]
+    return part
 
 
 def full_shape(name: str, local: Sequence[int], topology: Topology, vocab_parallel: bool) -> Tuple[int, ...]:

@@ -12,10 +12,10 @@ The split rules (one table, used by the op strategies too):
 * experts ``[E, H, F]`` split E over ``expert_parallel`` and F over mp;
 * the word embedding (and the tied head) is split on the vocabulary over mp with
   ``parallel.vocab_parallel``, else replicated; everything else is replicated;
-* with ``parallel.optimizer_shard`` every trainable weight and its moments are also split on
-  dimension 0 over the ranks that hold the same slice, where that dimension divides and those
-  ranks lie along one device-matrix axis (a replicated parameter gets the one-axis matrix
-  ``[dp * mp]`` for that; an expert bias repeated over both the rest of dp and mp stays whole).
+* with ``parallel.optimizer_shard`` the AdamW moments of every trainable weight are also split on
+  dimension 0 over the data-parallel ranks that hold the same slice (``dp`` of them for a dense
+  weight, ``dp / ep`` for an expert tensor), where that dimension divides; the weights stay whole
+  slices (``distributed/optimizer_shard.py`` updates each rank's rows and gathers them).
 """
 
 from __future__ import annotations
@@ -82,8 +82,6 @@ class _Builder:
         matrix = self.mesh.expert_matrix if expert else self.mesh.dense_matrix
         axis_of = {"mp": 0, "ep": 1} if expert else {"mp": 0}
         tensor_map = tuple(-1 if s is None else axis_of[s] for s in split)
-        if all(axis < 0 for axis in tensor_map):
-            matrix = [self.mesh.stage_devices]  # replicated: one axis, so the optimizer shard has one group
         for dim, (size, axis) in enumerate(zip(shape, tensor_map)):
             parts = 1 if axis < 0 else matrix[len(matrix) - 1 - axis]
             if size % parts:
@@ -91,27 +89,23 @@ class _Builder:
                 raise ConfigError(what, parts, f"does not divide dimension {dim} ({size}) of {name} "
                                                f"{list(shape)}; choose a divisor", self.config.source)
         size, step = self._optimizer_shard(shape, matrix, tensor_map) if trainable and kind != "slab" else (0, 0)
-        layout = ParameterLayout(name, tuple(shape), dtype, trainable, tuple(matrix), tensor_map, stages, size, step,
-                                 kind)
-        self.layouts.append(layout)
+        self.layouts.append(ParameterLayout(name, tuple(shape), dtype, trainable, tuple(matrix), tensor_map, stages,
+                                            kind=kind))
         if trainable and kind != "slab":
             for moment in names.moment_names(name):
                 self.layouts.append(ParameterLayout(moment, tuple(shape), dtype, True, tuple(matrix),
                                                     tensor_map, stages, size, step, "optimizer"))
 
     def _optimizer_shard(self, shape, matrix, tensor_map) -> Tuple[int, int]:
-        """(ranks, stride) of the parallel optimizer's split of dimension 0, or (0, 0) where it does not apply."""
-        if not self.config.parallel.optimizer_shard or not shape:
+        """(ranks, stride) of the optimizer shard's split of a moment's dimension 0 (the ranks of the data axis,
+        ``matrix[0]``, that hold the same slice), or (0, 0) where it does not apply."""
+        group = matrix[0]
+        if not self.config.parallel.optimizer_shard or not shape or group == 1:
             return 0, 0
-        used = {len(matrix) - 1 - axis for axis in tensor_map if axis >= 0}
-        repeated = [index for index, size in enumerate(matrix) if index not in used and size > 1]
-        if len(repeated) != 1:
-            return 0, 0
-        group = matrix[repeated[0]]
         local = shape[0] // (1 if tensor_map[0] < 0 else matrix[len(matrix) - 1 - tensor_map[0]])
         if local % group:
-            return 0, 0  # as MindSpore does: a dimension 0 the group does not divide stays whole
-        return group, math.prod(matrix[repeated[0] + 1:])
+            return 0, 0  # a dimension 0 the group does not divide stays whole
+        return group, math.prod(matrix[1:])
 
 
 def _linear(builder: _Builder, prefix: str, role_name: str, fan_in: int, fan_out: int, stages) -> None:

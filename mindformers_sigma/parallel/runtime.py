@@ -26,9 +26,6 @@ def check_trainable(config: SigmaConfig) -> None:
         raise ConfigError("ecss.enabled", True, "with model_parallel or expert_parallel > 1 is not built yet (each "
                           "rank's store would hold its own experts' slices); train ECSS with data parallel only, or "
                           "set ecss.enabled: false", config.source)
-    if p.optimizer_shard:
-        raise ConfigError("parallel.optimizer_shard", True, "is not built yet (each data-parallel rank updating "
-                          "1/dp of the weights); set optimizer_shard: false", config.source)
 
 
 def describe_layout(config: SigmaConfig, workers: int) -> str:

@@ -22,7 +22,8 @@ def checkpointed_parameters(step_cell: nn.Cell) -> dict:
 
 def is_split(config: SigmaConfig) -> bool:
     """Whether ranks hold different slices (else every rank holds the whole model and rank 0 saves it)."""
-    return config.parallel.model_parallel > 1 or config.parallel.expert_parallel > 1
+    p = config.parallel
+    return p.model_parallel > 1 or p.expert_parallel > 1 or (p.optimizer_shard and p.data_parallel > 1)
 
 
 def save_step(directory: str, step: int, parameters: dict, meta: dict, config: SigmaConfig,
@@ -37,5 +38,6 @@ def save_step(directory: str, step: int, parameters: dict, meta: dict, config: S
         return None
     p = config.parallel
     layout = {"data_parallel": p.data_parallel, "model_parallel": p.model_parallel,
-              "expert_parallel": p.expert_parallel, "vocab_parallel": p.vocab_parallel}
+              "expert_parallel": p.expert_parallel, "vocab_parallel": p.vocab_parallel,
+              "optimizer_shard": p.optimizer_shard}
     return ckpt.commit_sharded(directory, step, meta, fmt, layout, strategy_document(config, config.source), keep)

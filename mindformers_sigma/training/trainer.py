@@ -87,7 +87,8 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray],
     data_group = topology.data_group()
     loss_cell = TrainingLoss(network, aux_loss_coef(config), topology.data_parallel,
                              config.train.grad_accumulation_steps, data_group[0] if len(data_group[1]) > 1 else None)
-    optimizer = build_optimizer(network, config.train, without_experts=ecss)
+    optimizer = build_optimizer(network, config.train, without_experts=ecss,
+                                topology=topology if config.parallel.optimizer_shard else None)
     slab = [p for p in network.trainable_params() if names.is_expert_parameter(p.name)] if ecss else []
     weights = list(optimizer.parameters) + slab
     reducer = GradientReducer(weights, topology) if topology.data_parallel > 1 else None
