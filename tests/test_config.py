@@ -33,12 +33,18 @@ RULES = [
     ("model", {"num_layers": 10 ** 9, "dense_layers": 10 ** 9 - 2}, "model.num_layers", "must be <= 1,000"),
     ("parallel", {"device_num": 4, "data_parallel": 2}, "parallel.device_num",
      "data_parallel * model_parallel * pipeline_stage"),
-    ("parallel", {"expert_parallel": 3, "device_num": 3, "data_parallel": 3, "mode": "semi_auto_parallel"},
+    ("parallel", {"expert_parallel": 3, "device_num": 3, "data_parallel": 3, "mode": "hybrid_parallel"},
      "parallel.expert_parallel", "must divide moe.num_experts"),
-    ("parallel", {"mode": "semi_auto_parallel"}, "parallel.mode", "refuses semi_auto_parallel on CPU"),
-    ("parallel", {"expert_parallel": 2, "device_num": 2, "data_parallel": 2, "mode": "data_parallel"}, "parallel.mode",
-     "expert parallelism need semi_auto_parallel"),
-    ("parallel", {"device_num": 2, "data_parallel": 2}, "parallel.device_num", "must be 1 for parallel.mode stand_alone"),
+    # the modes before hybrid_parallel are gone: one line listing the valid choices
+    ("parallel", {"mode": "semi_auto_parallel"}, "parallel.mode", "must be one of 'stand_alone', 'hybrid_parallel'"),
+    ("parallel", {"device_num": 2, "data_parallel": 2, "mode": "data_parallel"}, "parallel.mode",
+     "must be one of 'stand_alone', 'hybrid_parallel'"),
+    ("parallel", {"expert_parallel": 2, "device_num": 2, "model_parallel": 2, "mode": "hybrid_parallel"},
+     "parallel.expert_parallel", "must divide parallel.data_parallel (1): experts are split over the data-parallel"),
+    ("parallel", {"model_parallel": 8, "device_num": 8, "mode": "hybrid_parallel"}, "parallel.model_parallel",
+     "must divide model.num_heads (4): attention is split by heads"),
+    ("parallel", {"device_num": 2, "data_parallel": 2}, "parallel.device_num",
+     "must be 1 for parallel.mode stand_alone; use hybrid_parallel"),
     ("train", {"batch_size": 6, "grad_accumulation_steps": 4}, "train.batch_size", "must be divisible by"),
     ("train", {"loss_scale": "static"}, "train.loss_scale", "must be one of"),
     ("parallel", {"pipeline_stage": 2, "device_num": 2, "micro_batch_num": 1}, "parallel.micro_batch_num",
@@ -71,6 +77,34 @@ def test_rule_violation_names_file_field_value_and_rule(tmp_path, section, chang
     assert message.startswith(f"{path}: {field} = ")
     assert rule in message
     assert "\n" not in message
+
+
+SPLIT_RULES = [
+    # (sections changed, field named in the error, words of the rule): model_parallel splits more than the heads
+    ({"model": {"ffn_hidden_size": 510}, "parallel": {"model_parallel": 4, "device_num": 4, "mode": "hybrid_parallel"}},
+     "parallel.model_parallel", "must divide model.ffn_hidden_size (510): the FFN and the experts are split by their "
+                                "hidden features"),
+    ({"model": {"vocab_size": 4094}, "parallel": {"model_parallel": 4, "device_num": 4, "mode": "hybrid_parallel",
+                                                  "vocab_parallel": True}},
+     "parallel.model_parallel", "must divide model.vocab_size (4094) with parallel.vocab_parallel: the word table is "
+                                "split by rows"),
+]
+
+
+@pytest.mark.parametrize("sections,field,rule", SPLIT_RULES)
+def test_model_parallel_must_divide_every_dimension_it_splits(tmp_path, sections, field, rule):
+    raw = tiny_raw()
+    for section, changes in sections.items():
+        raw[section].update(changes)
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field} = ") and rule in message and "\n" not in message
+    # the same vocabulary without vocab_parallel is replicated, so any size loads; a divisible FFN loads
+    raw["parallel"]["vocab_parallel"] = False
+    raw["model"]["ffn_hidden_size"] = 512
+    load_config(_write(tmp_path, raw, "fixed.yaml"))
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
