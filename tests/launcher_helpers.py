@@ -18,23 +18,24 @@ SCRIPT = REPO / "run" / "distributed_train.sh"
 VENV_BIN = Path(sys.executable).parent  # msrun lives here
 
 
-def micro_yaml(tmp_path, dropout=0.0, steps=3, name="micro.yaml", batch_size=8, **parallel):
+def micro_yaml(tmp_path, dropout=0.0, steps=3, name="micro.yaml", batch_size=8, device_target=None, **parallel):
+    """The micro model as a YAML file; ``parallel`` updates its parallel section, ``device_target`` its context."""
     raw = tiny_raw()
     raw["model"].update(vocab_size=64, hidden_size=32, num_heads=4, ffn_hidden_size=48, num_layers=3,
                         dense_layers=1, sparse_layers=2, seq_length=16, dropout_rate=dropout)
     raw["train"].update(batch_size=batch_size, steps=steps, warmup_steps=1, peak_flops=1.0e11, log_interval=1)
     raw["parallel"].update(parallel)
-    if parallel.get("mode") == "semi_auto_parallel":
-        raw["context"]["device_target"] = "Ascend"
+    if device_target:
+        raw["context"]["device_target"] = device_target
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def ascend_yaml(tmp_path, devices, name="ascend.yaml"):
-    """An Ascend config for ``devices`` ranks (semi_auto_parallel, data parallel: the layout this build trains)."""
-    return micro_yaml(tmp_path, name=name, batch_size=max(8, devices), mode="semi_auto_parallel", device_num=devices,
-                      data_parallel=devices)
+    """An Ascend config for ``devices`` ranks (hybrid_parallel, data parallel over all of them)."""
+    return micro_yaml(tmp_path, name=name, batch_size=max(8, devices), device_target="Ascend", mode="hybrid_parallel",
+                      device_num=devices, data_parallel=devices)
 
 
 def rank_table(tmp_path, servers=1, devices=8, device_ids=None, name="rank_table.json"):

@@ -229,7 +229,7 @@ def test_launcher_refuses_an_invalid_rank_table(tmp_path):
     from conftest import tiny_raw
 
     raw = tiny_raw()
-    raw["parallel"].update(mode="semi_auto_parallel", device_num=2, data_parallel=2)
+    raw["parallel"].update(mode="hybrid_parallel", device_num=2, data_parallel=2)
     raw["context"]["device_target"] = "Ascend"
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
