@@ -21,7 +21,7 @@ def _setup(mode, router, recompute=False):
     ms.set_seed(0)
     config = micro_config(moe={"router": router}, train={"learning_rate": 1.0e-2, "warmup_steps": 0, "steps": 2},
                           parallel={"recompute": recompute})
-    step = build_train_step(config, None, data_parallel=1)
+    step = build_train_step(config, None)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.model.vocab_size, (4, config.model.seq_length + 1)).astype(np.int32)
     tokens[:, 7] = config.model.eod_token_id

@@ -75,7 +75,7 @@ def _step_inputs(tokens, domains):
 
 def test_inf_gradient_skips_the_update_and_lowers_the_scale(pynative):
     config = micro_config(train={"loss_scale": "dynamic", "initial_loss_scale": 1024.0, "loss_scale_window": 2})
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     weights = step.apply_gradients.optimizer.parameters
     before = [w.asnumpy().copy() for w in weights]
     poisoned = [np.zeros(w.shape, np.float32) for w in weights]
@@ -140,7 +140,7 @@ def test_unscale_and_clip_matches_numpy_and_flags_inf_and_nan(mode):
 
 def test_overflowing_loss_scale_is_skipped_then_recovers(pynative):
     config = micro_config(train={"loss_scale": "dynamic", "initial_loss_scale": 2.0 ** 127})
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     tokens, domains = _batch(config)
     finites = [bool(step(*_step_inputs(tokens, domains))[4].asnumpy()) for _ in range(3)]
     assert finites[0] is False  # loss * 2^127 overflows float32
@@ -160,7 +160,7 @@ def test_accumulated_gradients_equal_the_whole_batch_on_real_text_with_eod(pynat
     counts = [predicted_tokens(tokens[:2], EOD), predicted_tokens(tokens[2:], EOD)]
     assert counts[0] != counts[1], "the micro-batches must hold different numbers of predicted tokens"
     total = sum(counts)
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     whole_stats, whole = _gradients(step, tokens, domains, total)
     first_stats, first = _gradients(step, tokens[:2], domains[:2], total)
     second_stats, second = _gradients(step, tokens[2:], domains[2:], total)
@@ -182,9 +182,9 @@ def test_trainer_step_reports_the_same_loss_however_the_batch_is_split(pynative,
     tokens, domains = real_batch(corpus, rows_per_domain=(1, 2, 1), offset=5)
     total = predicted_tokens(tokens, EOD)
     ms.set_seed(0)
-    whole = run_step(build_train_step(config, None, 1), [_step_inputs(tokens, domains)], total, 0.0, 1)
+    whole = run_step(build_train_step(config, None), [_step_inputs(tokens, domains)], total, 0.0, 1)
     ms.set_seed(0)
-    split_cell = build_train_step(config, None, 1)
+    split_cell = build_train_step(config, None)
     parts = [_step_inputs(tokens[i:i + 1], domains[i:i + 1])[:2] + (Tensor(float(total), ms.float32),)
              for i in range(4)]
     split = run_step(split_cell, parts, total, 0.0, 4)
@@ -309,7 +309,7 @@ def test_cli_training_errors_are_one_line(tmp_path):
 def test_a_step_whose_inputs_are_all_eod_is_harmless(pynative):
     # The tail of a domain is EOD fill: a batch can hold no predicted token at all.
     config = micro_config()
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     before = [w.asnumpy().copy() for w in step.apply_gradients.optimizer.parameters]
     tokens = np.full((4, config.model.seq_length + 1), EOD, np.int32)
     domains = np.arange(4, dtype=np.int32)
