@@ -14,13 +14,15 @@ from mindspore.parallel import build_searched_strategy, rank_list_for_transform,
 
 from mindformers_sigma.cli import main
 from mindformers_sigma.config import ConfigError, apply_overrides, load_config
+from mindformers_sigma.distributed.collectives import Sharding
+from mindformers_sigma.distributed.topology import all_ranks
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM, build_routing_tables
 from mindformers_sigma.parallel.layouts import parameter_layouts
 from mindformers_sigma.parallel.mesh import DeviceMesh
 from mindformers_sigma.parallel.planner import check_fits, plan_layout
 from mindformers_sigma.parallel.runtime import check_trainable, describe_layout
-from mindformers_sigma.parallel.strategies import _primitive, apply_layout, op_strategies
+from mindformers_sigma.parallel.strategies import apply_layout, op_strategies
 from mindformers_sigma.parallel.strategy_file import PRODUCER_FIELD, strategy_document, write_strategy_file
 from mindformers_sigma.params import count_parameters
 from mindformers_sigma.training.trainer import NOT_CHECKPOINTED, build_train_step, train
@@ -28,17 +30,17 @@ from mindformers_sigma.training.trainer import NOT_CHECKPOINTED, build_train_ste
 from conftest import CONFIGS, REAL_VOCAB, REPO, micro_config
 
 COMMITTED = {"pangu_sigma_1085b_512p.yaml": CONFIGS / "strategy" / "pangu_sigma_1085b_512p.json"}
-EIGHT_RANKS = {"mode": "semi_auto_parallel", "device_num": 8, "data_parallel": 4, "model_parallel": 2,
+EIGHT_RANKS = {"mode": "hybrid_parallel", "device_num": 8, "data_parallel": 4, "model_parallel": 2,
                "expert_parallel": 2, "optimizer_shard": True, "vocab_parallel": True}
 
 
 def _sharded(parallel, **sections):
-    """A micro model laid out for Ascend (semi_auto_parallel is refused on CPU, where it would run)."""
-    return micro_config(parallel=parallel, context={"device_target": "Ascend"}, **sections)
+    """A micro model laid out over several ranks (hybrid_parallel: the same layout on CPU and Ascend)."""
+    return micro_config(parallel=parallel, **sections)
 
 
 def _built_parameters(config):
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     return {name: (tuple(p.shape), str(p.dtype).lower()) for name, p in step.parameters_dict().items()
             if name not in NOT_CHECKPOINTED}
 
@@ -79,17 +81,28 @@ def test_every_committed_config_fits_its_devices_by_the_planner(config_file):
 
 
 def test_a_split_that_does_not_divide_names_the_parameter_and_the_dimension():
-    config = _sharded(dict(EIGHT_RANKS), model={"ffn_hidden_size": 51})
+    with pytest.raises(ConfigError, match=r"model_parallel = 2: must divide model.ffn_hidden_size \(51\)"):
+        _sharded(dict(EIGHT_RANKS), model={"ffn_hidden_size": 51})  # refused when the config is loaded
+    config = _sharded(dict(EIGHT_RANKS))
+    config.model.ffn_hidden_size = 51  # past the config's rules, the layouts still name what does not divide
     with pytest.raises(ConfigError, match=r"model_parallel = 2: does not divide dimension 1 \(51\) of "
                                           r"backbone.layers.0.ffn.mapping.weight \[32, 51\]"):
         parameter_layouts(config)
-    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 3: must be a multiple of parallel.expert_parallel"):
+    # without pipeline stages the slab is the whole step's (ecss.slab.slab_size), split over expert_parallel
+    with pytest.raises(ConfigError, match=r"expert_parallel = 2: does not divide dimension 0 \(3\) of "
+                                          r"backbone.layers.1.ffn.experts.w1 \[3, 32, 48\]"):
         parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 3}))
-    # 4 data-parallel ranks x 2 rows span all 4 domains: 8 experts; a smaller slab would overflow
-    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 4: is below the 8 experts"):
-        parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 4}))
     slabs = {l.shape[0] for l in parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True}))
              if l.kind == "slab"}
+    assert slabs == {8}
+    # a pipeline stage holds the in-flight micro-batches of every data-parallel rank
+    pipelined = {**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}
+    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 3: must be a multiple of parallel.expert_parallel"):
+        parameter_layouts(_sharded(pipelined, ecss={"enabled": True, "slab_experts": 3}))
+    # 2 data-parallel ranks x 2 micro-batches x 2 rows span all 4 domains: 8 experts; a smaller slab would overflow
+    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 4: is below the 8 experts"):
+        parameter_layouts(_sharded(pipelined, ecss={"enabled": True, "slab_experts": 4}))
+    slabs = {l.shape[0] for l in parameter_layouts(_sharded(pipelined, ecss={"enabled": True})) if l.kind == "slab"}
     assert slabs == {8}
 
 
@@ -109,49 +122,114 @@ def test_layout_rules_are_checked_when_the_config_is_loaded(parallel, field, wor
     assert field in str(caught.value) and words in str(caught.value)
 
 
-def test_cpu_refuses_model_pipeline_and_expert_parallelism_and_says_how_it_runs():
-    with pytest.raises(ConfigError, match="expert_parallel 1"):
-        micro_config(parallel={"mode": "data_parallel", "device_num": 2, "data_parallel": 2, "expert_parallel": 2})
-    with pytest.raises(ConfigError, match="refuses semi_auto_parallel on CPU"):
-        micro_config(parallel=dict(EIGHT_RANKS))
-    assert "stand-alone" in describe_layout(micro_config(), 1)
-    assert "data parallel over 2 workers" in describe_layout(
-        micro_config(parallel={"mode": "data_parallel", "device_num": 2, "data_parallel": 2}), 2)
-    with pytest.raises(ConfigError, match="ecss.enabled.*not built"):
-        check_trainable(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True}))
-    with pytest.raises(ConfigError, match="pipelined train step.*not built"):
-        check_trainable(_sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}))
-    with pytest.raises(ConfigError, match="model_parallel 2 and expert_parallel 2 and optimizer_shard.*sliced "
-                                          "checkpoints.*not built"):
-        check_trainable(_sharded(dict(EIGHT_RANKS)))
-    check_trainable(_sharded({"mode": "semi_auto_parallel", "device_num": 8, "data_parallel": 8}))  # trains
+def test_the_old_modes_are_refused_naming_the_valid_ones():
+    for old in ("data_parallel", "semi_auto_parallel"):
+        with pytest.raises(ConfigError, match=rf"parallel.mode = '{old}': must be one of 'stand_alone', "
+                                              r"'hybrid_parallel'"):
+            micro_config(parallel={"mode": old, "device_num": 2, "data_parallel": 2})
 
 
-def test_op_strategies_are_set_on_the_primitives_and_agree_with_the_parameter_layouts():
-    config = _sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2})
-    network = PanGuSigmaForCausalLM(config, build_routing_tables(config))
-    apply_layout(config, network)
+def test_check_trainable_refuses_only_what_is_not_built_and_the_start_line_says_how_it_runs():
+    # Model, expert and vocabulary parallelism and the optimizer shard all train, on CPU too.
+    check_trainable(micro_config(parallel=dict(EIGHT_RANKS)))
+    check_trainable(_sharded({"mode": "hybrid_parallel", "device_num": 8, "data_parallel": 8}, model={"dropout_rate": 0.1},
+                             ecss={"enabled": True}))  # dropout and ECSS with data parallel only
+    check_trainable(micro_config(model={"dropout_rate": 0.1}, ecss={"enabled": True}))  # stand-alone: anything
+    refusals = [
+        ({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}, {},
+         r"parallel.pipeline_stage = 2: > 1 is planned, but the pipelined train step .* is not built"),
+        (dict(EIGHT_RANKS), {"model": {"dropout_rate": 0.1}},
+         r"model.dropout_rate = 0.1: > 0 with parallel.model_parallel > 1 is not built"),
+        (dict(EIGHT_RANKS), {"ecss": {"enabled": True}},
+         r"ecss.enabled = True: with model_parallel or expert_parallel > 1 is not built"),
+        ({**EIGHT_RANKS, "data_parallel": 8, "model_parallel": 1}, {"ecss": {"enabled": True}},
+         r"ecss.enabled = True: with model_parallel or expert_parallel > 1 is not built"),
+        ({**EIGHT_RANKS, "expert_parallel": 1}, {"ecss": {"enabled": True}},
+         r"ecss.enabled = True: with model_parallel or expert_parallel > 1 is not built"),
+        # a split that does not divide is named by the parameter layouts first
+        (dict(EIGHT_RANKS), {"ecss": {"enabled": True, "slab_experts": 3}},
+         r"expert_parallel = 2: does not divide dimension 0 \(3\) of backbone.layers.1.ffn.experts.w1"),
+    ]
+    for parallel, sections, words in refusals:
+        config = _sharded(parallel, **sections)  # each loads: planned, just not trained
+        with pytest.raises(ConfigError, match=words):
+            check_trainable(config)
+
+    assert describe_layout(micro_config(), 1) == "layout: stand-alone, one process holding the whole model"
+    assert describe_layout(micro_config(parallel=dict(EIGHT_RANKS)), 8) == (
+        "layout: hybrid_parallel over 8 workers: data 4 x model 2, experts over 2, vocabulary-parallel embedding, "
+        "optimizer shard; explicit collectives (docs/parallel.md)")
+    data_only = micro_config(parallel={"mode": "hybrid_parallel", "device_num": 2, "data_parallel": 2,
+                                       "vocab_parallel": True, "recompute": True})
+    assert describe_layout(data_only, 2) == (  # vocab_parallel splits nothing with model_parallel 1
+        "layout: hybrid_parallel over 2 workers: data 2 x model 1, experts over 1, recompute; explicit collectives "
+        "(docs/parallel.md)")
+
+
+def _primitive_of(network, key: str):
+    """The primitive an op-strategy key names: ``"cell.path/attribute"``."""
+    path, attribute = key.rsplit("/", 1) if "/" in key else ("", key)
+    cell = network
+    for part in filter(None, path.split(".")):
+        cell = getattr(cell, part) if not part.isdigit() else cell[int(part)]
+    return getattr(cell, attribute)
+
+
+def _weight_of(key: str, layouts) -> tuple:
+    """(operand index, parameter layout) of the weight an op-strategy key multiplies or gathers, or None."""
+    path, attribute = key.rsplit("/", 1) if "/" in key else ("", key)
+    if attribute == "matmul":
+        return 1, layouts[f"{path}.weight"]
+    if attribute in ("up", "down"):
+        return 1, layouts[f"{path}.{'w1' if attribute == 'up' else 'w2'}"]
+    if key.endswith("word/gather") or key == "head":
+        return (0 if key.endswith("gather") else 1), layouts["backbone.embedding.word.embedding_table"]
+    return None
+
+
+def test_op_strategies_describe_how_each_ranks_model_splits_itself_and_agree_with_the_parameter_layouts():
+    config = _sharded(dict(EIGHT_RANKS))
     strategies = op_strategies(config)
-    for key, op in strategies.items():
-        assert _primitive(network, key).in_strategy == op.in_strategy, key
-    # Every MatMul/BatchMatMul/Gather of the model has a strategy: no op is left to MindSpore's default.
-    sharded = {f"{path}/{name}" if path else name for path, cell in network.cells_and_names()
-               for name, value in vars(cell).get("_primitives", {}).items()
-               if type(value).__name__ in ("MatMul", "BatchMatMul", "Gather")}
-    assert len(sharded) > 20 and sharded <= set(strategies)
+    layouts = {l.name: l for l in parameter_layouts(config)}
+    weighted = {key: _weight_of(key, layouts) for key in strategies}
+    assert sum(w is not None for w in weighted.values()) > 15
+    for key, found in weighted.items():
+        if found is not None:  # the weight operand's strategy is the weight's split
+            operand, layout = found
+            assert strategies[key].in_strategy[operand] == layout.splits, key
+    for topology in all_ranks(4, 2, 2):
+        network = PanGuSigmaForCausalLM(config, build_routing_tables(config), None, Sharding(topology, True))
+        apply_layout(config, network)
+        built = {name: tuple(p.shape) for name, p in network.parameters_and_names()}
+        # each rank builds its own slices: the layout's shard of every weight (moments are the optimizer's)
+        assert built == {name: l.shard_shape for name, l in layouts.items()  # (less the step state)
+                         if l.kind != "optimizer" and name.startswith("backbone.")}, topology.rank
+        # every MatMul/BatchMatMul/Gather of the model has a strategy; none is set on the primitive, since
+        # under hybrid_parallel the layers split themselves and MindSpore must not split them again
+        sharded = {f"{path}/{name}" if path else name for path, cell in network.cells_and_names()
+                   for name, value in vars(cell).get("_primitives", {}).items()
+                   if type(value).__name__ in ("MatMul", "BatchMatMul", "Gather")}
+        assert len(sharded) > 20 and sharded <= set(strategies)
+        for key, op in strategies.items():
+            primitive = _primitive_of(network, key)
+            assert getattr(primitive, "in_strategy", None) is None and "in_strategy" not in primitive.attrs, key
+            if weighted[key] is not None:
+                operand, layout = weighted[key]
+                local = tuple(size // split for size, split in zip(layout.shape, op.in_strategy[operand]))
+                assert built[layout.name] == local, (topology.rank, key)
+
+
+def test_op_strategies_put_each_op_on_the_stage_of_its_parameters():
+    config = _sharded({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2})
+    strategies = op_strategies(config)
     layouts = {l.name: l for l in parameter_layouts(config)}
     for key, op in strategies.items():
-        path, attribute = key.rsplit("/", 1) if "/" in key else ("", key)
-        if attribute == "matmul":  # the weight operand's strategy is the weight's split
-            assert op.in_strategy[1] == layouts[f"{path}.weight"].splits, key
-        if attribute in ("up", "down"):
-            weight = layouts[f"{path}.{'w1' if attribute == 'up' else 'w2'}"]
-            assert op.in_strategy[1] == weight.splits, key
-        if key.endswith("word/gather"):
-            assert op.in_strategy[0] == layouts["backbone.embedding.word.embedding_table"].splits
+        path = key.rsplit("/", 1)[0] if "/" in key else ""
         assert op.stage in layouts[next(n for n in layouts if n.startswith(path))].stages or not path, key
-    stages = [layer.pipeline_stage for layer in (*network.backbone.layers, network.backbone.top_query_layer)]
-    assert stages == [0, 0, 1] and network.backbone.final_norm.pipeline_stage == 1
+    layer_stages = {key.split(".")[2]: op.stage for key, op in strategies.items() if key.startswith("backbone.layers.")}
+    assert layer_stages == {"0": 0, "1": 0}  # 3 layers over 2 stages: the first takes one more
+    assert {op.stage for key, op in strategies.items() if key.startswith("backbone.top_query_layer")} == {1}
+    assert strategies["head"].stage == 1 and strategies["backbone.embedding.word/gather"].stage == 0
 
 
 def _split_rule(name: str):
@@ -174,7 +252,11 @@ def _split_rule(name: str):
 
 def _rank_slice(name: str, trainable: bool, rank: int, full: np.ndarray, dp=4, mp=2, ep=2) -> np.ndarray:
     """The slice of ``full`` rank ``rank`` holds by the mesh numbering (model parallel fastest; an expert's ep
-    owners mp ranks apart), then the optimizer shard of dimension 0 over the ranks holding the same slice."""
+    owners mp ranks apart); an AdamW moment is further cut on dimension 0 by the optimizer shard over the
+    data axis: the ``dp`` ranks holding the same slice of a dense parameter, the ``dp / ep`` holding the same
+    experts' slice, where that many divide the slice's dimension 0 (an expert tensor whole over the model
+    axis, ``b2``, is held by ranks along two axes: under model parallel its moments stay whole).  Weights stay
+    whole slices."""
     data, model = divmod(rank, mp)
     coordinate = {"mp": (model, mp), "ep": (data % ep, ep)}
     rule = _split_rule(name)
@@ -184,16 +266,11 @@ def _rank_slice(name: str, trainable: bool, rank: int, full: np.ndarray, dp=4, m
             at, parts = coordinate[axis]
             size = piece.shape[dim] // parts
             piece = np.take(piece, range(at * size, (at + 1) * size), axis=dim)
-    if not trainable or full.ndim == 0:
+    if not trainable or full.ndim == 0 or not name.startswith(("adam_m.", "adam_v.")):
         return piece
-    if rule is None:
-        replica, replicas = rank, dp * mp
-    elif "ep" in rule and "mp" not in rule:
-        return piece  # repeated over two axes (the rest of dp, and mp): not optimizer-sharded
-    elif "ep" in rule:
-        replica, replicas = data // ep, dp // ep
-    else:
-        replica, replicas = data, dp
+    if ".experts." in name and "mp" not in rule and mp > 1:
+        return piece
+    replica, replicas = (data // ep, dp // ep) if ".experts." in name else (data, dp)
     if replicas > 1 and piece.shape[0] % replicas == 0:
         size = piece.shape[0] // replicas
         piece = piece[replica * size:(replica + 1) * size]
@@ -235,7 +312,10 @@ def test_transform_checkpoints_splits_a_trained_checkpoint_over_8_ranks_and_merg
             expected = _rank_slice(name, layout.trainable, rank, original[name])
             assert tuple(shard[name].shape) == layout.shard_shape, (rank, name)
             np.testing.assert_array_equal(shard[name].asnumpy(), expected, err_msg=f"rank {rank} {name}")
-    assert any(layout.opt_shard_size for layout in layouts.values())  # the optimizer shard was exercised
+    # the optimizer shard was exercised, on moments only: dense ones over dp, expert ones over dp / ep
+    assert {l.opt_shard_size for l in layouts.values() if l.kind != "optimizer"} == {0}
+    assert 2 in {l.opt_shard_size for n, l in layouts.items() if l.kind == "optimizer" and ".experts." in n}
+    assert 4 in {l.opt_shard_size for n, l in layouts.items() if l.kind == "optimizer" and ".experts." not in n}
 
     transform_checkpoints(str(tmp_path / "split"), str(tmp_path / "merged"), "whole", strategy, None)
     merged = ms.load_checkpoint(str(tmp_path / "merged" / "rank_0" / "whole0.ckpt"))
@@ -295,7 +375,7 @@ def test_plan_memory_is_the_parameter_bytes_of_the_built_model():
     # which a built train step holds as Parameters: the two are computed independently.
     config = micro_config()
     stage = plan_layout(config).stages[0]
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     params = {n: p for n, p in step.parameters_dict().items() if n not in NOT_CHECKPOINTED}  # the LR schedule
     trainable = sum(p.nbytes for n, p in params.items() if p.requires_grad and not n.startswith(("adam_", "global")))
     moments = sum(p.nbytes for n, p in params.items() if n.startswith("adam_"))
@@ -348,10 +428,19 @@ def test_the_launcher_refuses_a_planned_only_layout_before_starting_a_rank(tmp_p
 
     from launcher_helpers import micro_yaml
 
-    sharded = micro_yaml(tmp_path, mode="semi_auto_parallel", device_num=8, data_parallel=4, model_parallel=2)
-    with pytest.raises(ConfigError, match="model_parallel 2.*sliced checkpoints"):
-        check_layout(check_train_args(str(sharded), []), 8, "the rank table lists")
-    plain = micro_yaml(tmp_path, name="dp.yaml", mode="semi_auto_parallel", device_num=8, data_parallel=8)
+    eight = dict(mode="hybrid_parallel", device_num=8, data_parallel=4, model_parallel=2)
+    dropout = micro_yaml(tmp_path, dropout=0.1, **eight)
+    with pytest.raises(ConfigError, match=r"model.dropout_rate = 0.1: > 0 with parallel.model_parallel > 1 is not "
+                                          r"built"):
+        check_layout(check_train_args(str(dropout), []), 8, "the rank table lists")
+    pipelined = micro_yaml(tmp_path, name="pp.yaml", **{**eight, "data_parallel": 2, "pipeline_stage": 2,
+                                                         "micro_batch_num": 2})
+    with pytest.raises(ConfigError, match="parallel.pipeline_stage = 2: .*pipelined train step.*not built"):
+        check_layout(check_train_args(str(pipelined), []), 8, "the rank table lists")
+    sharded = micro_yaml(tmp_path, name="sharded.yaml", expert_parallel=2, optimizer_shard=True, vocab_parallel=True,
+                         **eight)
+    check_layout(check_train_args(str(sharded), []), 8, "the rank table lists")  # model and expert parallel train
+    plain = micro_yaml(tmp_path, name="dp.yaml", dropout=0.1, mode="hybrid_parallel", device_num=8, data_parallel=8)
     check_layout(check_train_args(str(plain), []), 8, "the rank table lists")
 
 
