@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import mindspore as ms
+import numpy as np
 
 from mindformers_sigma.config import ConfigError, SigmaConfig
 from mindformers_sigma.distributed.collectives import create_groups
@@ -38,8 +39,14 @@ class ParallelInfo:
         of every step (the trainer uses it to stop all ranks after the same step)."""
         if self.group_size == 1:
             return flag
-        votes = _all_reduce_sum()(ms.Tensor([float(flag)], ms.float32))
-        return bool(votes.asnumpy()[0] > 0)
+        return self.sum([float(flag)])[0] > 0
+
+    def sum(self, values: List[float]) -> List[float]:
+        """``values`` summed over every rank (a collective: every rank calls it at the same point), in float32:
+        the one type MindSpore's CPU AllReduce sums outside a graph (a byte total is exact to 1 part in 1e7)."""
+        if self.group_size == 1:
+            return [float(v) for v in values]
+        return [float(v) for v in _all_reduce_sum()(ms.Tensor(np.array(values, np.float32))).asnumpy()]
 
 
 @functools.lru_cache(maxsize=1)

@@ -106,8 +106,8 @@ def save_part(directory: str, step: int, rank: int, parameters: Mapping[str, Uni
               fmt: str) -> None:
     """Rank ``rank``'s slices of sharded checkpoint ``step``, atomically, then its record; not yet committed."""
     folder = step_folder(directory, step)
-    os.makedirs(folder, exist_ok=True)
     weights = os.path.join(folder, sharded.part_name(rank, SUFFIX[fmt]))
+    os.makedirs(os.path.dirname(weights), exist_ok=True)
     write_weights(weights, parameters, fmt)
     sharded.write_part_record(folder, rank, weights)
 
@@ -283,9 +283,11 @@ def read_tensors(info: CheckpointInfo, choose: Optional[Callable[[str], bool]] =
     return {name: value.asnumpy() for name, value in stored.items()}
 
 
-def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: str) -> None:
+def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: str,
+              stored: Optional[Mapping[str, np.ndarray]] = None) -> None:
     """Overwrite each array of ``targets`` with the checkpoint's tensor of that name, which must
-    have its dtype and shape (one error line naming the first that does not, or is missing).
+    have its dtype and shape (one error line naming the first that does not, or is missing);
+    ``stored``: those tensors already read (and cut to this rank's slices).
 
     A safetensors checkpoint is read tensor by tensor in chunks, so targets that are memory-mapped
     files never pass through RAM whole; a ckpt one is parsed whole by MindSpore.
@@ -296,7 +298,7 @@ def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: s
             raise DataError(f"{source}: {name} is {found}, the model needs {target.dtype} of shape "
                             f"{target.shape}; was it written with another config?")
 
-    if info.meta["format"] == "safetensors" and not is_sharded(info):
+    if info.meta["format"] == "safetensors" and not is_sharded(info) and stored is None:
         try:
             start, header = read_header(info.weights_path)
         except (OSError, SafetensorsError) as err:
@@ -306,7 +308,8 @@ def copy_into(info: CheckpointInfo, targets: Mapping[str, np.ndarray], source: s
             copy_tensor(info.weights_path, start, header[name], target)
         return
     wanted = frozenset(targets)
-    stored = read_tensors(info, lambda name: name in wanted)
+    if stored is None:
+        stored = read_tensors(info, lambda name: name in wanted)
     for name, target in targets.items():
         array = stored.get(name)
         check(name, None if array is None else (array.dtype, array.shape), target)

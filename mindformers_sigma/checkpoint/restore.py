@@ -48,7 +48,12 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
     shapes = {name: tuple(param.shape) for name, param in step_cell.parameters_dict().items()}
     stored = {name: placement.local(name, value, shapes.get(name))
               for name, value in ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host)).items()}
-    if host:
+    if host and placement.topology.world_size > 1:  # this rank's experts' slices of the whole store
+        whole = ckpt.read_tensors(info, lambda name: name in host)
+        ckpt.copy_into(info, host, f"--resume {info.weights_path}",
+                       {name: placement.local(name, ms.Parameter(ms.Tensor(array), name=name), host[name].shape)
+                        .asnumpy() for name, array in whole.items()})
+    elif host:
         ckpt.copy_into(info, host, f"--resume {info.weights_path}")
     try:
         missing, _ = ms.load_param_into_net(step_cell, stored, strict_load=True)

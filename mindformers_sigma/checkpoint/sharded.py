@@ -2,8 +2,9 @@
 
 A step of a run whose model is split (model or expert parallel) is, in ``OUT/checkpoints``:
 
-* ``step_NNNNNNNN/rank_R.ckpt`` (or ``.safetensors``): rank R's slices, under the whole
-  parameters' names, written atomically by rank R, with ``rank_R.json`` (its sha256);
+* ``step_NNNNNNNN/rank_R/part.ckpt`` (or ``.safetensors``): rank R's slices, under the whole
+  parameters' names, written atomically by rank R, then ``rank_R.json`` (its sha256); the
+  ``rank_R/`` folders are the layout ``mindspore.transform_checkpoints`` reads;
 * ``step_NNNNNNNN/strategy.json``: the layout in MindSpore's strategy-file format
   (``mindspore.transform_checkpoints`` reads it; ``parallel/strategy_file.py``);
 * ``step_NNNNNNNN.json``: the sidecar, written by rank 0 once every rank's part is on disk (a
@@ -37,7 +38,7 @@ STRATEGY_FILE = "strategy.json"
 
 
 def part_name(rank: int, suffix: str) -> str:
-    return f"rank_{rank}{suffix}"
+    return os.path.join(f"rank_{rank}", f"part{suffix}")
 
 
 def part_record_name(rank: int) -> str:

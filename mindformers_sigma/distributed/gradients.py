@@ -56,6 +56,7 @@ class GlobalNorm:
 
     weights: Tensor
     world_sum: nn.Cell
+    host_weight: float  # the weight of the squares of expert gradients summed on the host (ECSS)
 
 
 def global_norm(parameters: Sequence[Parameter], topology: Topology, vocab_parallel: bool) -> Optional[GlobalNorm]:
@@ -63,4 +64,5 @@ def global_norm(parameters: Sequence[Parameter], topology: Topology, vocab_paral
     if topology.world_size == 1:
         return None
     weights = [1.0 / copies(p.name, len(p.shape), topology, vocab_parallel) for p in parameters]
-    return GlobalNorm(Tensor(np.array(weights, np.float32)), ops.AllReduce())
+    host_weight = topology.expert_parallel * topology.model_parallel / topology.world_size  # held by dp / ep ranks
+    return GlobalNorm(Tensor(np.array(weights, np.float32)), ops.AllReduce(), host_weight)

@@ -1,8 +1,8 @@
 """The optimizer shard: each of the ``n`` ranks that hold the same slice of a parameter keeps AdamW
 moments for 1/n of its rows, updates those rows, and the updated rows are gathered.
 
-The rows of dimension 0 are cut (a parameter whose dimension 0 does not divide is updated whole on
-every rank, with whole moments).  The gradients were summed over those ranks before
+The rows of dimension 0 are cut (a parameter whose dimension 0 does not divide, or an expert bias
+held whole by the model-parallel ranks too, is updated whole on every rank, with whole moments).  The gradients were summed over those ranks before
 (``gradients.py``), so each piece's update is the one-process update of those rows, and the gather
 (``collectives.GroupGather``) gives every rank the same whole parameter.
 """
@@ -42,7 +42,8 @@ def row_shards(parameters: Sequence[Parameter], topology: Topology) -> Tuple[Opt
     found = []
     for param in parameters:
         expert = names.is_expert_parameter(param.name)
-        count = optimizer_shards(topology, expert, param.shape[0]) if param.shape else 1
+        whole_over_model = "model" not in names.split_axes(param.name, len(param.shape), False)
+        count = optimizer_shards(topology, expert, param.shape[0], whole_over_model) if param.shape else 1
         if count == 1:
             found.append(None)
             continue

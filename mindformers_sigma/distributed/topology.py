@@ -118,7 +118,10 @@ def optimizer_shard_index(topology: Topology, is_expert: bool) -> int:
     return topology.expert_block if is_expert else topology.data_index
 
 
-def optimizer_shards(topology: Topology, is_expert: bool, rows: int) -> int:
-    """Into how many pieces the optimizer shard cuts a parameter's dimension 0 of ``rows`` (1: not cut)."""
+def optimizer_shards(topology: Topology, is_expert: bool, rows: int, whole_over_model: bool = False) -> int:
+    """Into how many pieces the optimizer shard cuts a parameter's dimension 0 of ``rows`` (1: not cut).
+    An expert tensor that is whole over the model axis (``b2``) is not cut: its holders span two axes."""
     count = len(optimizer_shard_group(topology, is_expert)[1])
+    if is_expert and whole_over_model and topology.model_parallel > 1:
+        return 1
     return count if count > 1 and rows % count == 0 else 1

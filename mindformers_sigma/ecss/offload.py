@@ -15,18 +15,20 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
 from mindformers_sigma.ecss.host_store import HostExpertStore
 from mindformers_sigma.ecss.slab import SlabLoad, plan_slab_loads, slab_size
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
+from mindformers_sigma.model.initial_values import expert_draw, local_slice
 
 
 class SlabWriter(nn.Cell):
@@ -94,32 +96,43 @@ class ExpertOffload:
 
     @classmethod
     def build(cls, config: SigmaConfig, slab_params: Sequence[Parameter], routing_tables: Dict[str, np.ndarray],
-              store_directory: Optional[str] = None) -> "ExpertOffload":
-        """A fresh store: every expert drawn from the distribution ``BatchedExperts`` uses (normal
-        ``init_std`` matrices, zero biases), with numpy seeded by ``context.seed`` and the layer
-        (so not the plain model's draw); memory-mapped under ``store_directory`` with
-        ``ecss.host_store: mmap``."""
+              store_directory: Optional[str] = None, topology: Topology = Topology()) -> "ExpertOffload":
+        """A fresh store of this rank's experts (``num_experts / expert_parallel`` of them, their model-parallel
+        slices), each drawn as the plain model draws it (``model/initial_values.py``); memory-mapped under
+        ``store_directory`` with ``ecss.host_store: mmap``.  Plans and slots name experts by their index
+        among this rank's."""
         if config.ecss.host_store == "mmap" and store_directory is None:
             raise DataError("ecss.host_store: mmap keeps the expert store in files under --out; pass --out, or "
                             "set ecss.host_store: ram")
         model, moe, train = config.model, config.moe, config.train
         layers = list(dict.fromkeys(names.layer_of(p.name) for p in slab_params))
-        shapes = {"w1": (model.hidden_size, model.ffn_hidden_size), "b1": (1, model.ffn_hidden_size),
-                  "w2": (model.ffn_hidden_size, model.hidden_size), "b2": (1, model.hidden_size)}
+        whole = {"w1": (model.hidden_size, model.ffn_hidden_size), "b1": (1, model.ffn_hidden_size),
+                 "w2": (model.ffn_hidden_size, model.hidden_size), "b2": (1, model.hidden_size)}
+        mine = topology.expert_range(moe.num_experts)
+        vocab_parallel = config.parallel.vocab_parallel
+        parts = {t: local_slice(f"{names.expert_prefix(layers[0])}.{t}", (moe.num_experts,) + shape, topology,
+                                vocab_parallel)[1:] for t, shape in whole.items()}
+        shapes = {t: np.empty(shape)[parts[t]].shape for t, shape in whole.items()}
         directory = store_directory if config.ecss.host_store == "mmap" else None
-        store = HostExpertStore.allocate(layers, shapes, moe.num_experts, directory)
-        scale = np.float32(model.init_std)
-        for index, layer in enumerate(store.layers):
-            rng = np.random.default_rng([config.context.seed, index])
-            for name in ("w1", "w2"):  # expert by expert: the same stream as one [E, ...] draw
-                for expert in range(moe.num_experts):
-                    layer.weights[name][expert] = rng.standard_normal(shapes[name], dtype=np.float32) * scale
+        store = HostExpertStore.allocate(layers, shapes, len(mine), directory)
+        for layer in store.layers:
+            for tensor in ("w1", "w2"):
+                name = f"{names.expert_prefix(layer.layer)}.{tensor}"
+                for index, expert in enumerate(mine):
+                    layer.weights[tensor][index] = expert_draw(config.context.seed, name, expert, whole[tensor],
+                                                               model.init_std)[parts[tensor]]
         if directory is None:
             store.fault_in_zeros()
         settings = AdamWSettings(train.beta1, train.beta2, train.expert_eps,
                                  {t: 0.0 if names.is_bias_or_norm(t) else train.weight_decay
                                   for t in names.EXPERT_TENSORS})
         return cls(slab_params, store, slab_size(config), settings, routing_tables, directory)
+
+    def summed_totals(self, sum_over_ranks: Callable[[List[float]], List[float]]) -> Dict[str, float]:
+        """The totals summed over every rank (each rank moves and updates its own experts' slices)."""
+        keys = ("h2d_bytes", "d2h_bytes", "host_resident_bytes", "host_update_seconds", "transfer_seconds")
+        totals = dict(self.totals, host_resident_bytes=self.host_resident_bytes)
+        return dict(zip([f"all_ranks_{key}" for key in keys], sum_over_ranks([totals[key] for key in keys])))
 
     def stage(self, plans: List[np.ndarray], num_tokens: int, micro_experts: List[List[np.ndarray]]
               ) -> List[np.ndarray]:

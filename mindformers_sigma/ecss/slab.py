@@ -19,9 +19,11 @@ from mindformers_sigma.errors import DataError
 
 
 def slab_for_rows(config: SigmaConfig, rows: int) -> int:
-    """The most experts ``rows`` samples can activate in one sparse layer: they span at most
-    that many domains, and a domain's tokens only reach its own ``experts_per_domain`` experts."""
-    return min(config.moe.num_experts, min(rows, config.moe.num_domains) * config.moe.experts_per_domain)
+    """The most experts of one rank ``rows`` samples can activate in one sparse layer: they span at most
+    that many domains, a domain's tokens only reach its own ``experts_per_domain`` experts, and a rank
+    holds ``num_experts / expert_parallel`` experts."""
+    held = config.moe.num_experts // config.parallel.expert_parallel
+    return min(held, min(rows, config.moe.num_domains) * config.moe.experts_per_domain)
 
 
 def smallest_safe_slab(config: SigmaConfig) -> int:

@@ -122,8 +122,9 @@ def _refuse_conflicts(user_sets: Sequence[str], mode_settings: Mapping[str, obje
 
 def _check_train_paths(namespace) -> None:
     """What the ranks would only find missing after the cluster has formed."""
-    if namespace.resume not in (None, "auto") and not os.path.isfile(namespace.resume):
-        raise DataError(f"TRAIN_ARGS --resume {namespace.resume}: no such checkpoint file; give one, or auto")
+    if namespace.resume not in (None, "auto") and not os.path.exists(namespace.resume):
+        raise DataError(f"TRAIN_ARGS --resume {namespace.resume}: no such checkpoint (file, or sharded step folder); "
+                        f"give one, or auto")
     if namespace.data is not None and not os.path.isdir(namespace.data):
         raise DataError(f"TRAIN_ARGS --data {namespace.data}: no such folder; give a prepare-data output folder")
     if namespace.out is not None and os.path.exists(namespace.out) and not os.path.isdir(namespace.out):

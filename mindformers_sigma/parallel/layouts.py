@@ -88,24 +88,34 @@ class _Builder:
                 what = "parallel.expert_parallel" if split[dim] == "ep" else "parallel.model_parallel"
                 raise ConfigError(what, parts, f"does not divide dimension {dim} ({size}) of {name} "
                                                f"{list(shape)}; choose a divisor", self.config.source)
-        size, step = self._optimizer_shard(shape, matrix, tensor_map) if trainable and kind != "slab" else (0, 0)
         self.layouts.append(ParameterLayout(name, tuple(shape), dtype, trainable, tuple(matrix), tensor_map, stages,
                                             kind=kind))
         if trainable and kind != "slab":
+            moment_map, size, step = self._moment_layout(shape, matrix, tensor_map)
             for moment in names.moment_names(name):
                 self.layouts.append(ParameterLayout(moment, tuple(shape), dtype, True, tuple(matrix),
-                                                    tensor_map, stages, size, step, "optimizer"))
+                                                    moment_map, stages, size, step, "optimizer"))
 
-    def _optimizer_shard(self, shape, matrix, tensor_map) -> Tuple[int, int]:
-        """(ranks, stride) of the optimizer shard's split of a moment's dimension 0 (the ranks of the data axis,
-        ``matrix[0]``, that hold the same slice), or (0, 0) where it does not apply."""
+    def _moment_layout(self, shape, matrix, tensor_map) -> Tuple[Tuple[int, ...], int, int]:
+        """(tensor map, opt shard ranks, opt shard stride) of a weight's AdamW moments.
+
+        With the optimizer shard the data-axis ranks (``matrix[0]``) that hold the same slice each keep the
+        moments of 1/n of its rows (``distributed/optimizer_shard.py``), said in the terms MindSpore's
+        transform reads: a replicated weight's moments are split on dimension 0 over the data axis; a
+        weight split on other axes has its moments optimizer-sharded over the data axis.  A weight repeated
+        over the model axis as well (an expert's ``b2`` under model parallel) keeps whole moments, as does
+        a dimension 0 the ranks do not divide."""
         group = matrix[0]
         if not self.config.parallel.optimizer_shard or not shape or group == 1:
-            return 0, 0
-        local = shape[0] // (1 if tensor_map[0] < 0 else matrix[len(matrix) - 1 - tensor_map[0]])
-        if local % group:
-            return 0, 0  # a dimension 0 the group does not divide stays whole
-        return group, math.prod(matrix[1:])
+            return tensor_map, 0, 0
+        if shape[0] // (1 if tensor_map[0] < 0 else matrix[len(matrix) - 1 - tensor_map[0]]) % group:
+            return tensor_map, 0, 0
+        if all(axis < 0 for axis in tensor_map):
+            return (len(matrix) - 1,) + tuple(tensor_map[1:]), 0, 0
+        used = {len(matrix) - 1 - axis for axis in tensor_map if axis >= 0}
+        if any(size > 1 and index not in used for index, size in enumerate(matrix) if index > 0):
+            return tensor_map, 0, 0
+        return tensor_map, group, math.prod(matrix[1:])
 
 
 def _linear(builder: _Builder, prefix: str, role_name: str, fan_in: int, fan_out: int, stages) -> None:

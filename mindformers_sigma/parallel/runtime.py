@@ -22,10 +22,6 @@ def check_trainable(config: SigmaConfig) -> None:
                           "> 0 with parallel.model_parallel > 1 is not built: the attention dropout of heads split "
                           "over ranks would not be the one-process mask; set dropout_rate: 0 or model_parallel: 1",
                           config.source)
-    if config.ecss.enabled and (p.model_parallel > 1 or p.expert_parallel > 1):
-        raise ConfigError("ecss.enabled", True, "with model_parallel or expert_parallel > 1 is not built yet (each "
-                          "rank's store would hold its own experts' slices); train ECSS with data parallel only, or "
-                          "set ecss.enabled: false", config.source)
 
 
 def describe_layout(config: SigmaConfig, workers: int) -> str:

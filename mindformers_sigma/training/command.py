@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
           + (f"; ECSS moved {summary.ecss['h2d_bytes'] / 2 ** 20:,.1f} MiB to and "
              f"{summary.ecss['d2h_bytes'] / 2 ** 20:,.1f} MiB from the device, transfers "
              f"{summary.ecss['transfer_seconds']:.1f}s, host updates {summary.ecss['host_update_seconds']:.1f}s"
+             + (f" (all ranks: {summary.ecss['all_ranks_h2d_bytes'] / 2 ** 20:,.1f} MiB to and "
+                f"{summary.ecss['all_ranks_d2h_bytes'] / 2 ** 20:,.1f} MiB from their devices)"
+                if summary.ecss["all_ranks_h2d_bytes"] != summary.ecss["h2d_bytes"] else "")
              if summary.ecss else "")
           + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
     return 0

@@ -85,12 +85,14 @@ class GlobalBatchReader:
         self.stage_plans = stage_plans
 
     def _micro_experts(self, tokens: np.ndarray, domains: np.ndarray) -> List[List[np.ndarray]]:
-        """Per micro-batch index, each sparse layer's experts that index activates on any rank
-        (data-parallel ranks all-reduce slab gradients slot by slot, so they share one slab layout;
-        every rank reads the whole global batch, so each computes it alone)."""
+        """Per micro-batch index, each sparse layer's experts of this rank that index activates on any rank
+        (the ranks holding the same experts all-reduce slab gradients slot by slot, so they share one slab
+        layout; every rank reads the whole global batch, so each computes it alone)."""
         per_micro = self.part_size * self.data_parallel  # parts micro * dp ... (micro + 1) * dp - 1, contiguous
-        return [self.planner.active_experts(tokens[micro * per_micro:(micro + 1) * per_micro, :-1],
-                                            domains[micro * per_micro:(micro + 1) * per_micro])
+        mine = self.planner.experts  # under expert parallel: this rank's, named by their index among them
+        return [[active[(active >= mine.start) & (active < mine.stop)] - mine.start
+                 for active in self.planner.active_experts(tokens[micro * per_micro:(micro + 1) * per_micro, :-1],
+                                                           domains[micro * per_micro:(micro + 1) * per_micro])]
                 for micro in range(self.accumulation_steps)]
 
     def _block_rows(self, micro: int) -> np.ndarray:
@@ -111,7 +113,7 @@ class GlobalBatchReader:
             block = [self._block_rows(micro) for micro in range(self.accumulation_steps)]
             plans = [self.planner.plan(tokens[r, :-1], domains[r]) for r in block]
         if plans is not None and self.stage_plans is not None:
-            plans = self.stage_plans(plans, tokens[rows[0], :-1].size, self._micro_experts(tokens, domains))
+            plans = self.stage_plans(plans, tokens[block[0], :-1].size, self._micro_experts(tokens, domains))
         micro_batches = []
         for micro, part in enumerate(parts):
             inputs = [Tensor(tokens[rows[micro]]), Tensor(domains[rows[micro]]), normaliser]

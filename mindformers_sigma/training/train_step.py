@@ -133,8 +133,11 @@ class ApplyGradients(nn.Cell):
         self.device_count = len(optimizer.parameters)
         self.norm_weights = None if norm is None else norm.weights
         self.world_sum = None if norm is None else norm.world_sum
+        self.host_weight = 1.0 if norm is None else norm.host_weight
 
     def construct(self, grads, host_squares=None):
+        if host_squares is not None:
+            host_squares = host_squares * self.host_weight
         grads, finite, factor, norm = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm,
                                                        host_squares, self.norm_weights, self.world_sum)
         if finite:

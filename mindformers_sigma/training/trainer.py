@@ -141,7 +141,7 @@ def build_or_restore(config: SigmaConfig, data: TrainingData, topology: Topology
     if config.ecss.enabled:
         store = os.path.join(folder.path, ECSS_STORE, f"rank_{topology.rank}") if folder else None  # each its own
         offload = ExpertOffload.build(config, step_cell.apply_gradients.host_updated,
-                                      routing_tables_of(step_cell), store)
+                                      routing_tables_of(step_cell), store, topology)
     if info is not None:
         check_same_experiment(info, config, data.fingerprint, allow_config_change, say)
         restore(step_cell, info, NOT_CHECKPOINTED, offload.host_arrays() if offload else None,
@@ -308,7 +308,8 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
         dropped_assignments=dropped_total,
         skipped_steps=skipped, resumed_from=info.step if info else None, checkpoint=saved,
         peak_rss_mb=peak_rss_mb(), device_resident_bytes=device_resident_bytes(step_cell),
-        ecss=dict(offload.totals, host_resident_bytes=offload.host_resident_bytes) if offload else None)
+        ecss=dict(offload.totals, host_resident_bytes=offload.host_resident_bytes,
+                  **offload.summed_totals(parallel.sum)) if offload else None)
     if folder and parallel.is_main and plot_losses(folder.metrics, folder.loss_plot):
         say(f"loss curve: {folder.loss_plot}")
     return summary
