@@ -203,6 +203,7 @@ def test_resume_refuses_a_different_experiment(two_step_run, tmp_path, section, 
 
 def test_a_resumed_run_plans_capacity_with_the_checkpoints_routing_tables(two_step_run, tmp_path):
     from mindformers_sigma.model.pangu_sigma import routing_tables_of
+    from mindformers_sigma.distributed.topology import Topology
     from mindformers_sigma.training.resume import choose_start
     from mindformers_sigma.training.trainer import build_or_restore
     from mindformers_sigma.training.training_data import open_training_data
@@ -212,13 +213,14 @@ def test_a_resumed_run_plans_capacity_with_the_checkpoints_routing_tables(two_st
     saved = [v.asnumpy() for k, v in ckpt.load_parameters(info).items() if k.endswith("routing_table")]
     changed = dataclasses.replace(config, moe=dataclasses.replace(config.moe, routing_seed=7))
     log = []
-    step_cell, planner, _ = build_or_restore(changed, open_training_data(changed), 1, info, True, log.append)
+    step_cell, planner, _ = build_or_restore(changed, open_training_data(changed), Topology(), info, True,
+                                             log.append)
     assert any("--allow-config-change" in line for line in log)
     assert len(saved) == len(planner.tables) == config.model.sparse_layers
     for table, used, restored in zip(saved, planner.tables, routing_tables_of(step_cell).values()):
         np.testing.assert_array_equal(used, table)
         np.testing.assert_array_equal(restored, table)
-    fresh, _, _ = build_or_restore(changed, open_training_data(changed), 1, None, False, log.append)
+    fresh, _, _ = build_or_restore(changed, open_training_data(changed), Topology(), None, False, log.append)
     assert any((a != b).any() for a, b in zip(routing_tables_of(fresh).values(), saved))  # seed 7 does route differently
 
 
