@@ -145,10 +145,11 @@ from mindformers_sigma.launcher.worker import join_launch
 join_launch()
 import mindspore as ms
 import mindspore.communication as communication
-calls = []
+calls, groups = [], []
 ms.set_device = lambda *args: calls.append(list(args))
 ms.set_auto_parallel_context = lambda **kwargs: None
 communication.init = lambda *args, **kwargs: None
+communication.create_group = lambda name, ranks, *args, **kwargs: groups.append([name, list(ranks)])
 communication.get_group_size = lambda: int(os.environ["RANK_SIZE"])
 communication.get_rank = lambda: int(os.environ["RANK_ID"])
 from mindformers_sigma.context import configure_context
@@ -157,12 +158,13 @@ import argparse
 parser = argparse.ArgumentParser()
 add_train_arguments(parser)
 info = configure_context(train_config(parser.parse_args(sys.argv[2:])))
-print(json.dumps({{"cwd": os.getcwd(), "set_device": calls, "rank": info.rank}}))
+print(json.dumps({{"cwd": os.getcwd(), "set_device": calls, "rank": info.rank, "groups": groups}}))
 """
 
 
 def test_each_rank_table_rank_binds_its_own_device_and_works_in_its_own_folder(tmp_path):
-    # The rank runs the real context set-up with MindSpore's device and communication calls stubbed.
+    # The rank runs the real context set-up with MindSpore's device and communication calls stubbed; with
+    # data_parallel 2 each rank creates the groups it sums dense and expert gradients over (both ranks each).
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(repo=str(REPO)))
     stub = python_stub(tmp_path / "bin", f'case "${{1:-}}" in */run/train.py) exec {sys.executable} {probe} "$@" ;; '
@@ -174,7 +176,8 @@ def test_each_rank_table_rank_binds_its_own_device_and_works_in_its_own_folder(t
     assert result.returncode == 0, result.stderr
     for rank, device in [(0, 4), (1, 6)]:
         report = json.loads((logs / f"rank_{rank}.log").read_text().strip().splitlines()[-1])
-        assert report == {"cwd": str(logs / f"rank_{rank}"), "set_device": [["Ascend", device]], "rank": rank}
+        assert report == {"cwd": str(logs / f"rank_{rank}"), "set_device": [["Ascend", device]], "rank": rank,
+                          "groups": [["dp_m0", [0, 1]], ["edp_e0_m0", [0, 1]]]}
     assert result.stdout.splitlines()[0].startswith("distributed_train.sh: --rank-table")
 
 
