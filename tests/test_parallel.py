@@ -92,18 +92,20 @@ def test_a_split_that_does_not_divide_names_the_parameter_and_the_dimension():
     with pytest.raises(ConfigError, match=r"expert_parallel = 2: does not divide dimension 0 \(3\) of "
                                           r"backbone.layers.1.ffn.experts.w1 \[3, 32, 48\]"):
         parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True, "slab_experts": 3}))
+    # a rank holds 8 / ep = 4 of the experts: its step can activate at most those
     slabs = {l.shape[0] for l in parameter_layouts(_sharded(dict(EIGHT_RANKS), ecss={"enabled": True}))
              if l.kind == "slab"}
-    assert slabs == {8}
+    assert slabs == {4}
     # a pipeline stage holds the in-flight micro-batches of every data-parallel rank
     pipelined = {**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}
     with pytest.raises(ConfigError, match=r"ecss.slab_experts = 3: must be a multiple of parallel.expert_parallel"):
         parameter_layouts(_sharded(pipelined, ecss={"enabled": True, "slab_experts": 3}))
-    # 2 data-parallel ranks x 2 micro-batches x 2 rows span all 4 domains: 8 experts; a smaller slab would overflow
-    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 4: is below the 8 experts"):
-        parameter_layouts(_sharded(pipelined, ecss={"enabled": True, "slab_experts": 4}))
+    # 2 data-parallel ranks x 2 micro-batches x 2 rows span all 4 domains, so every one of the 4 experts a rank
+    # holds; a smaller slab would overflow
+    with pytest.raises(ConfigError, match=r"ecss.slab_experts = 2: is below the 4 experts"):
+        parameter_layouts(_sharded(pipelined, ecss={"enabled": True, "slab_experts": 2}))
     slabs = {l.shape[0] for l in parameter_layouts(_sharded(pipelined, ecss={"enabled": True})) if l.kind == "slab"}
-    assert slabs == {8}
+    assert slabs == {4}
 
 
 @pytest.mark.parametrize("parallel,field,words", [
@@ -130,22 +132,17 @@ def test_the_old_modes_are_refused_naming_the_valid_ones():
 
 
 def test_check_trainable_refuses_only_what_is_not_built_and_the_start_line_says_how_it_runs():
-    # Model, expert and vocabulary parallelism and the optimizer shard all train, on CPU too.
+    # Model, expert and vocabulary parallelism, the optimizer shard, dropout and ECSS all train, on CPU too.
     check_trainable(micro_config(parallel=dict(EIGHT_RANKS)))
+    check_trainable(_sharded(dict(EIGHT_RANKS), model={"dropout_rate": 0.1}, ecss={"enabled": True}))
     check_trainable(_sharded({"mode": "hybrid_parallel", "device_num": 8, "data_parallel": 8}, model={"dropout_rate": 0.1},
-                             ecss={"enabled": True}))  # dropout and ECSS with data parallel only
-    check_trainable(micro_config(model={"dropout_rate": 0.1}, ecss={"enabled": True}))  # stand-alone: anything
+                             ecss={"enabled": True}))
+    check_trainable(micro_config(model={"dropout_rate": 0.1}, ecss={"enabled": True}))  # stand-alone
     refusals = [
         ({**EIGHT_RANKS, "data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}, {},
          r"parallel.pipeline_stage = 2: > 1 is planned, but the pipelined train step .* is not built"),
-        (dict(EIGHT_RANKS), {"model": {"dropout_rate": 0.1}},
-         r"model.dropout_rate = 0.1: > 0 with parallel.model_parallel > 1 is not built"),
-        (dict(EIGHT_RANKS), {"ecss": {"enabled": True}},
-         r"ecss.enabled = True: with model_parallel or expert_parallel > 1 is not built"),
-        ({**EIGHT_RANKS, "data_parallel": 8, "model_parallel": 1}, {"ecss": {"enabled": True}},
-         r"ecss.enabled = True: with model_parallel or expert_parallel > 1 is not built"),
-        ({**EIGHT_RANKS, "expert_parallel": 1}, {"ecss": {"enabled": True}},
-         r"ecss.enabled = True: with model_parallel or expert_parallel > 1 is not built"),
+        ({**EIGHT_RANKS, "data_parallel": 4, "model_parallel": 1, "device_num": 8, "pipeline_stage": 2,
+          "micro_batch_num": 2}, {"ecss": {"enabled": True}}, r"parallel.pipeline_stage = 2: .*not built"),
         # a split that does not divide is named by the parameter layouts first
         (dict(EIGHT_RANKS), {"ecss": {"enabled": True, "slab_experts": 3}},
          r"expert_parallel = 2: does not divide dimension 0 \(3\) of backbone.layers.1.ffn.experts.w1"),
@@ -429,16 +426,14 @@ def test_the_launcher_refuses_a_planned_only_layout_before_starting_a_rank(tmp_p
     from launcher_helpers import micro_yaml
 
     eight = dict(mode="hybrid_parallel", device_num=8, data_parallel=4, model_parallel=2)
-    dropout = micro_yaml(tmp_path, dropout=0.1, **eight)
-    with pytest.raises(ConfigError, match=r"model.dropout_rate = 0.1: > 0 with parallel.model_parallel > 1 is not "
-                                          r"built"):
-        check_layout(check_train_args(str(dropout), []), 8, "the rank table lists")
+    with pytest.raises(DataError, match=r"parallel.device_num = 8 but the rank table lists 4"):
+        check_layout(check_train_args(str(micro_yaml(tmp_path, **eight)), []), 4, "the rank table lists")
     pipelined = micro_yaml(tmp_path, name="pp.yaml", **{**eight, "data_parallel": 2, "pipeline_stage": 2,
                                                          "micro_batch_num": 2})
     with pytest.raises(ConfigError, match="parallel.pipeline_stage = 2: .*pipelined train step.*not built"):
         check_layout(check_train_args(str(pipelined), []), 8, "the rank table lists")
-    sharded = micro_yaml(tmp_path, name="sharded.yaml", expert_parallel=2, optimizer_shard=True, vocab_parallel=True,
-                         **eight)
+    sharded = micro_yaml(tmp_path, name="sharded.yaml", dropout=0.1, expert_parallel=2, optimizer_shard=True,
+                         vocab_parallel=True, **eight)
     check_layout(check_train_args(str(sharded), []), 8, "the rank table lists")  # model and expert parallel train
     plain = micro_yaml(tmp_path, name="dp.yaml", dropout=0.1, mode="hybrid_parallel", device_num=8, data_parallel=8)
     check_layout(check_train_args(str(plain), []), 8, "the rank table lists")
