@@ -4,6 +4,7 @@ transform, resumed onto other layouts, and a rank dying mid-save."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import yaml
 from mindspore.parallel import transform_checkpoints
 
 from mindformers_sigma.checkpoint import files as ckpt
-from mindformers_sigma.config import config_to_dict
+from mindformers_sigma.config import config_from_dict, config_to_dict
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.model.initial_values import full_shape, piece_of
 from mindformers_sigma.training.global_batch import GlobalBatchReader
@@ -91,6 +92,8 @@ def test_four_workers_dp2_mp2_ep2_with_the_optimizer_shard_train_as_one_process(
 def test_first_gradients_equal_one_process_and_collectives_equal_numpy(runs, tmp_path):
     config_path, _ = runs
     raw = yaml.safe_load(config_path.read_text())
+    raw["model"]["dropout_rate"] = 0.1  # the heads' attention dropout split over mp draws one process's mask
+    single = copy.deepcopy(raw)
     raw["parallel"].update(mode="hybrid_parallel", device_num=4, data_parallel=2, model_parallel=2,
                            expert_parallel=2)
     sharded_path = tmp_path / "four.yaml"
@@ -124,14 +127,11 @@ def test_first_gradients_equal_one_process_and_collectives_equal_numpy(runs, tmp
     assert topologies[1].expert_group()[1] == (1, 3) and topologies[1].model_group()[1] == (0, 1)
 
     # Gradients before the first update: the pieces, put where they sit, are one process's gradients.
-    config = yaml.safe_load(config_path.read_text())
-    from mindformers_sigma.config import config_from_dict
-
-    config = config_from_dict(config)
+    config = config_from_dict(single)
     data = open_training_data(config)
     step_cell = build_train_step(config, data.token_frequency)
     reader = GlobalBatchReader(data.source, config.train.batch_size, 1, 0, 1, config.model.eod_token_id,
-                               expert_planner(config, step_cell), config.context.seed, False)
+                               expert_planner(config, step_cell), config.context.seed, True)
     tokens, domains, *rest = reader.read(0, 0).micro_batches[0]
     _, grads = step_cell.forward_backward(tokens, domains, ms.Tensor(1.0, ms.float32), *rest)
     names = [p.name for p in step_cell.apply_gradients.optimizer.parameters]
@@ -201,3 +201,41 @@ def test_a_rank_dying_mid_save_leaves_the_previous_step_for_resume_auto(runs):
     assert ckpt.list_checkpoints(str(out / "checkpoints")) == [8]  # step 12 never committed
     info = ckpt.find_resume_checkpoint(str(out / "checkpoints"), print)
     assert info.step == 8
+
+
+@pytest.mark.slow
+def test_ecss_on_four_workers_trains_as_one_process_and_moves_the_same_expert_bytes(runs):
+    # Each rank's host store holds its 3 experts' model-parallel halves; together the ranks move each
+    # active expert's bytes once, as the one process does.
+    config_path, root = runs
+    ecss = ("--set", "ecss.enabled=true")
+    one = subprocess.run([sys.executable, "-m", "mindformers_sigma", "train", "--config", str(config_path),
+                          "--out", str(root / "ecss_one"), *ecss], capture_output=True, text=True, cwd=REPO)
+    assert one.returncode == 0, one.stderr[-2000:]
+    logs = root / "logs_ecss"
+    four = launcher("--cpu", "--workers", 4, "--master-port", 8269, "--log-dir", logs, config_path,
+                    "--", "--out", root / "ecss_four", *SPLIT, *ecss, timeout=600)
+    assert four.returncode == 0, (four.stderr[-2000:], (logs / "worker_1.log").read_text()[-3000:])
+    _close(_losses(root / "ecss_four"), _losses(root / "ecss_one"))
+    moved = one.stdout.split("ECSS moved ")[1].split(" MiB to")[0]
+    assert f"(all ranks: {moved} MiB to and {moved} MiB from their devices)" in four.stdout
+
+
+@pytest.mark.parametrize("workers,sets,words", [
+    (4, ["parallel.model_parallel=3"], "--workers 4 is not data_parallel x model_parallel: parallel.model_parallel "
+                                       "is 3; start a multiple of 3 workers"),
+    (6, ["parallel.model_parallel=3"], "parallel.model_parallel = 3: must divide model.num_heads (4)"),
+    (8, ["parallel.model_parallel=2", "parallel.expert_parallel=4", "moe.num_experts=6", "moe.num_domains=3"],
+     "parallel.expert_parallel = 4: must divide moe.num_experts (6)"),
+    (2, ["parallel.expert_parallel=4"], "parallel.expert_parallel = 4: must divide parallel.data_parallel (2)"),
+    (4, ["parallel.pipeline_stage=2"], "parallel.pipeline_stage"),
+])
+def test_a_wrong_layout_is_one_line_before_any_rank_starts(tmp_path, workers, sets, words):
+    config = tmp_path / "tiny.yaml"
+    config.write_text((REPO / "ascend_configs" / "pangu_sigma_tiny_cpu.yaml").read_text())
+    result = launcher("--cpu", "--workers", workers, "--master-port", 8271, "--log-dir", tmp_path / "logs", config,
+                      "--", "--out", tmp_path / "out", *[item for s in sets for item in ("--set", s)], timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert words in line and "Traceback" not in result.stdout
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "out").exists()  # no rank was started

@@ -48,8 +48,8 @@ HEADLINE_ROWS: Tuple[Tuple[str, str, Callable[[dict], str]], ...] = (
     ("generation", "KV-cache decoding against full recompute, batch 1 / batch 8",
      lambda p: f"{p['decoding']['1']['speedup']:.1f}x / {p['decoding']['8']['speedup']:.1f}x"),
     ("memory", "peak RSS training T4", lambda p: f"{p['train']['peak_rss_mb'] / 1024:.1f} GiB"),
-    ("dp_scaling", "2 data-parallel msrun workers against 1 process (2 cores shared)",
-     lambda p: f"{p['ratio']:.2f}x"),
+    ("parallel", "4 msrun workers (data 2 x model 2, experts over 2) against 1 process (2 cores shared)",
+     lambda p: f"{p['layouts'][-1]['ratio']:.2f}x"),
     ("data", "prepare-data tokens/s (demo corpus, end to end)",
      lambda p: f"{p['prepare_data_tokens_per_second']:,.0f}"),
 )

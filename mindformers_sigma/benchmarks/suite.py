@@ -7,7 +7,8 @@ Parts (each in its own process, so memory and compiled graphs are its own):
 * ``moe_layer``: the same three routers on one sparse layer alone;
 * ``profile``: where a T1 step's time goes, by part and by op type;
 * ``memory``: peak RSS of one layer against tokens per step, and of training T4;
-* ``dp_scaling``: one process against two data-parallel msrun workers on CPU;
+* ``parallel``: one process against 2 data-parallel and 4 sharded msrun workers on CPU, and the bytes
+  each collective moves against the planner;
 * ``ecss``: ECSS expert scaling and the 640-expert comparison (``docs/ecss.md``);
 * ``data``: prepare-data tokens/s and the input pipeline's share of a step;
 * ``generation``: decoding tokens/s with and without the KV cache, a sub-model against the full model;
@@ -42,7 +43,7 @@ PARTS: Dict[str, Tuple[str, str, str]] = {
     "moe_layer": ("moe_layer", "run", "table"),
     "profile": ("profile", "run", "table"),
     "memory": ("memory", "run", "table"),
-    "dp_scaling": ("dp_scaling", "run", "table"),
+    "parallel": ("parallel", "run", "table"),
     "ecss": ("ecss", "run", "table"),
     "data": ("data_pipeline", "run", "table"),
     "generation": ("generation", "run", "table"),

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import UserError, one_line
 from mindformers_sigma.launcher.checks import (RankTableLayout, Server, TrainCommand, check_layout,
                                                check_train_args, read_rank_table, requested_model_parallel)
@@ -65,6 +66,7 @@ class LaunchPlan:
     local_ranks: Tuple[int, ...]
     log_dir: str
     scheduler_port: Optional[int] = None  # msrun's scheduler listens here on this node
+    coordinates: Tuple[str, ...] = ()  # each local rank's place in the data x model x expert mesh
 
     def rank_log(self, rank: int) -> str:
         return rank_log(self.log_dir, rank, self.uses_msrun)
@@ -79,7 +81,7 @@ class LaunchPlan:
 
     def script(self) -> str:
         """The dry run: a shell script doing what the launcher would start (without its supervision)."""
-        lines = [f"# {self.summary}", f"mkdir -p {shlex.quote(self.log_dir)}"]
+        lines = [f"# {self.summary}", *(f"# {line}" for line in self.coordinates), f"mkdir -p {shlex.quote(self.log_dir)}"]
         lines += [process.shell() for process in self.processes]
         if not self.uses_msrun:
             lines.append("wait")
@@ -91,6 +93,13 @@ def _span(values: Sequence[int]) -> str:
     if values == list(range(values[0], values[-1] + 1)):
         return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
     return ",".join(map(str, values))
+
+
+def _coordinates(command: TrainCommand, ranks: Sequence[int]) -> Tuple[str, ...]:
+    """Where each of ``ranks`` sits in the config's mesh (``distributed/topology.py``)."""
+    p = command.config.parallel
+    return tuple(Topology(p.data_parallel, p.model_parallel, p.expert_parallel, rank).describe(
+        command.config.moe.num_experts) for rank in ranks)
 
 
 def _interpreter_note(options: LaunchOptions) -> str:
@@ -154,7 +163,8 @@ def _cpu_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
     summary = (f"{PROG}: --cpu, {workers} msrun worker(s) on 127.0.0.1:{options.master_port}, data {p.data_parallel} x "
                f"model {p.model_parallel}, experts over {p.expert_parallel}; "
                f"{_interpreter_note(options)}")
-    return LaunchPlan(summary, (process,), True, tuple(range(workers)), options.log_dir, options.master_port)
+    return LaunchPlan(summary, (process,), True, tuple(range(workers)), options.log_dir, options.master_port,
+                      _coordinates(command, range(workers)))
 
 
 def _msrun_layout_from_table(layout: RankTableLayout, server: Server) -> Tuple[int, int, str]:
@@ -206,7 +216,7 @@ def _msrun_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPla
                f"of {total} on devices {_span(range(devices))}), master {master}:{options.master_port}; "
                f"{_interpreter_note(options)}")
     return LaunchPlan(summary, (process,), True, tuple(range(first, first + devices)), options.log_dir,
-                      options.master_port if node_rank == 0 else None)
+                      options.master_port if node_rank == 0 else None, _coordinates(command, range(first, first + devices)))
 
 
 def _rank_table_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
@@ -225,7 +235,8 @@ def _rank_table_plan(options: LaunchOptions, environ: Mapping[str, str]) -> Laun
     summary = (f"{PROG}: --rank-table {options.rank_table}, server {server.server_id} (ranks {_span(ranks)} of "
                f"{layout.size} on devices {_span([device for _, device in server.ranks])}); "
                f"{_interpreter_note(options)}")
-    return LaunchPlan(summary, tuple(processes), False, tuple(ranks), options.log_dir)
+    return LaunchPlan(summary, tuple(processes), False, tuple(ranks), options.log_dir,
+                      coordinates=_coordinates(command, ranks))
 
 
 def build_plan(options: LaunchOptions, environ: Mapping[str, str] = os.environ) -> LaunchPlan:

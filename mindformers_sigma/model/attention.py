@@ -34,7 +34,9 @@ class SelfAttention(nn.Cell):
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.mix = ops.BatchMatMul()
         self.softmax = ops.Softmax(-1)
-        self.dropout = SeededDropout(dropout_rate, dropout_site)
+        # split over model-parallel ranks: this rank's heads of the probabilities one process drops from
+        split = None if sharding.model_parallel == 1 else (1, sharding.model_index * self.num_heads, num_heads)
+        self.dropout = SeededDropout(dropout_rate, dropout_site, split)
 
     def _split_heads(self, x):
         batch, seq, _ = x.shape

@@ -28,26 +28,42 @@ def _mix32(value):
     return ops.bitwise_xor(value, value // 65536)
 
 
-def uniform_from_seed(shape: tuple, seed, site: int):
-    """``[shape]`` float32 values in [0, 1), determined by the int64 ``seed`` tensor and ``site``."""
+def _element_index(shape: tuple, split: tuple):
+    """Each element's row-major index in the whole tensor, of which ``shape`` holds, along axis ``split[0]``,
+    the entries ``split[1] ...`` of ``split[2]``."""
+    axis, offset, whole = split
+    index = ops.zeros(shape, ms.int64)
+    for dim, size in enumerate(shape):
+        steps = ops.arange(size, dtype=ms.int64) + (offset if dim == axis else 0)
+        extent = whole if dim == axis else size
+        index = index * extent + steps.reshape((1,) * dim + (size,) + (1,) * (len(shape) - dim - 1))
+    return index
+
+
+def uniform_from_seed(shape: tuple, seed, site: int, split=None):
+    """``[shape]`` float32 values in [0, 1), determined by the int64 ``seed`` tensor and ``site``;
+    ``split`` (axis, offset, whole size): ``shape`` is that slice of a larger tensor, whose values it gets."""
     count = 1
     for size in shape:
         count *= size
     key = _mix32(ops.bitwise_and(seed * _SEED_STRIDE + site * _SITE_STRIDE, _MASK32))
-    index = ops.arange(count, dtype=ms.int64).reshape(shape)
+    index = ops.arange(count, dtype=ms.int64).reshape(shape) if split is None else _element_index(shape, split)
     return _mix32(ops.bitwise_xor(index, key)).astype(ms.float32) * (1.0 / 4294967296.0)
 
 
 class SeededDropout(nn.Cell):
     """Zero each element with probability ``rate`` and scale the rest by ``1 / (1 - rate)``."""
 
-    def __init__(self, rate: float, site: int):
+    def __init__(self, rate: float, site: int, split: tuple = None):
+        """``split`` (axis, offset, whole size): the input is that slice of the tensor one process drops
+        from (attention heads split over model-parallel ranks), and gets that tensor's mask."""
         super().__init__()
         self.rate = rate
         self.site = site
+        self.split = split
 
     def construct(self, x, seed=None):
         if seed is None or self.rate == 0.0:
             return x
-        keep = uniform_from_seed(x.shape, seed, self.site) >= self.rate
+        keep = uniform_from_seed(x.shape, seed, self.site, self.split) >= self.rate
         return x * keep.astype(x.dtype) * (1.0 / (1.0 - self.rate))

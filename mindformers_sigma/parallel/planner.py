@@ -27,6 +27,7 @@ from typing import Dict, List, Tuple
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.ecss.slab import whole_step_slab
+from mindformers_sigma.parallel.collective_volume import collective_buffers
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
 from mindformers_sigma.parallel.hardware import GIB, Assumption, ascend_910_cluster
@@ -114,32 +115,20 @@ def _stage_memory(config: SigmaConfig, mesh: DeviceMesh, layouts: List[Parameter
 
 def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan], layouts: List[ParameterLayout],
                    per_server: int) -> Tuple[Dict[str, int], Dict[str, float]]:
-    """Bytes each device of the busiest stage sends per step, per collective, and the bandwidth class of each."""
-    m, p = config.model, config.parallel
-    act = _activation_bytes(config)
-    rows, micro = micro_batch_rows(config), p.micro_batch_num * config.train.grad_accumulation_steps
-    tokens_bytes = rows * m.seq_length * m.hidden_size * act
+    """Bytes each device sends per step, per collective, and the bandwidth class of each: the AllReduces the
+    code makes (``collective_volume.py``), each a ring that sends ``2 (n - 1) / n`` of its buffer."""
+    p = config.parallel
     dp, mp, ep = mesh.data_parallel, mesh.model_parallel, mesh.expert_parallel
-    passes = 4 + (2 if p.recompute else 0)  # forward 2, backward 2, recompute's forward 2 again
     ring = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # noqa: E731
-    share = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
+    members = {"model": mp, "expert": ep, "expert_model": ep * mp, "data": dp, "expert_data": dp // ep,
+               "world": dp * mp}
+    volume: Dict[str, int] = {f"{kind}_allreduce": int(ring(members[kind]) * size)
+                              for kind, size in collective_buffers(config).items() if size}
     busiest = max(stages, key=lambda s: (len(s.layers), s.sparse_layers))
-    volume: Dict[str, int] = {}
-    volume["model_parallel_allreduce"] = int(len(busiest.layers) * micro * passes * ring(mp) * tokens_bytes)
-    volume["expert_alltoall"] = int(busiest.sparse_layers * micro * passes * share(ep) * tokens_bytes)
-    mine = [l for l in layouts if busiest.stage in l.stages and l.trainable and l.kind != "optimizer"]
-
-    def grads(expert: bool, sharded: bool) -> int:  # fp32 gradient bytes at the model/expert-parallel slice
-        return sum(4 * l.elements // math.prod(l.splits) for l in mine
-                   if names.is_expert_parameter(l.name) == expert and bool(l.opt_shard_size) == sharded)
-
-    # optimizer-sharded gradients are reduce-scattered (and their weights all-gathered), the rest all-reduced
-    volume["gradient_allreduce"] = int(ring(dp) * grads(False, False) + ring(dp // ep) * grads(True, False))
-    if p.optimizer_shard:
-        sharded = share(dp) * grads(False, True) + share(dp // ep) * grads(True, True)
-        volume["gradient_reducescatter"] = int(sharded)
-        volume["weight_allgather"] = int(sharded * act / 4)
-    volume["pipeline_send_recv"] = int((2 * micro * tokens_bytes) if mesh.pipeline_stages > 1 else 0)
+    micro = p.micro_batch_num * config.train.grad_accumulation_steps
+    if mesh.pipeline_stages > 1:
+        volume["pipeline_send_recv"] = int(2 * micro * micro_batch_rows(config) * config.model.seq_length *
+                                           config.model.hidden_size * _activation_bytes(config))
     if config.ecss.enabled:
         slab = sum(4 * l.shard_elements for l in layouts if l.kind == "slab" and busiest.stage in l.stages)
         slots = max((l.shape[0] for l in layouts if l.kind == "slab"), default=0)
@@ -148,11 +137,9 @@ def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan
         volume["ecss_host_to_device"] = int(loads * slab)
         volume["ecss_device_to_host"] = int(loads * slab)
     inside = per_server % mp == 0  # model-parallel groups inside one server use HCCS
-    bandwidth_class = {"model_parallel_allreduce": "intra_server_bandwidth" if inside else "inter_server_bandwidth",
-                       "expert_alltoall": "inter_server_bandwidth", "gradient_allreduce": "inter_server_bandwidth",
-                       "gradient_reducescatter": "inter_server_bandwidth", "weight_allgather": "inter_server_bandwidth",
-                       "pipeline_send_recv": "inter_server_bandwidth", "ecss_host_to_device": "host_device_bandwidth",
-                       "ecss_device_to_host": "host_device_bandwidth"}
+    bandwidth_class = {name: "inter_server_bandwidth" for name in volume}
+    bandwidth_class["model_allreduce"] = "intra_server_bandwidth" if inside else "inter_server_bandwidth"
+    bandwidth_class.update(ecss_host_to_device="host_device_bandwidth", ecss_device_to_host="host_device_bandwidth")
     return volume, bandwidth_class
 
 

@@ -17,11 +17,6 @@ def check_trainable(config: SigmaConfig) -> None:
         raise ConfigError("parallel.pipeline_stage", p.pipeline_stage,
                           "> 1 is planned, but the pipelined train step (micro-batches passed between stages) is "
                           "not built, and the 512-card layout uses none; set pipeline_stage: 1", config.source)
-    if p.model_parallel > 1 and config.model.dropout_rate > 0:
-        raise ConfigError("model.dropout_rate", config.model.dropout_rate,
-                          "> 0 with parallel.model_parallel > 1 is not built: the attention dropout of heads split "
-                          "over ranks would not be the one-process mask; set dropout_rate: 0 or model_parallel: 1",
-                          config.source)
 
 
 def describe_layout(config: SigmaConfig, workers: int) -> str:
