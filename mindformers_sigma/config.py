@@ -370,8 +370,10 @@ class SigmaConfig:
                  f"and a learned router ({self.moe.router}) only chooses them inside it")
         _require(self.moe.capacity_factor is None, "ecss.enabled", True,
                  "needs moe.capacity_factor: null (ECSS loads the experts of the host-made dropless plan)")
-        _require(self.ecss.slab_experts <= self.moe.num_experts, "ecss.slab_experts", self.ecss.slab_experts,
-                 f"must be <= moe.num_experts ({self.moe.num_experts})")
+        held = self.moe.num_experts // self.parallel.expert_parallel
+        _require(self.ecss.slab_experts <= held, "ecss.slab_experts", self.ecss.slab_experts,
+                 f"(slots per rank) must be <= the {held} experts a rank holds (moe.num_experts / "
+                 f"parallel.expert_parallel)")
 
 
 _SECTIONS = ("model", "moe", "parallel", "context", "train", "data", "ecss")

@@ -15,7 +15,7 @@ The split rules (one table, used by the op strategies too):
 * with ``parallel.optimizer_shard`` the AdamW moments of every trainable weight are also split on
   dimension 0 over the data-parallel ranks that hold the same slice (``dp`` of them for a dense
   weight, ``dp / ep`` for an expert tensor), where that dimension divides; the weights stay whole
-  slices (``distributed/optimizer_shard.py`` updates each rank's rows and gathers them).
+  slices (``parallel/optimizer_shard.py`` updates each rank's rows and gathers them).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class _Builder:
         """(tensor map, opt shard ranks, opt shard stride) of a weight's AdamW moments.
 
         With the optimizer shard the data-axis ranks (``matrix[0]``) that hold the same slice each keep the
-        moments of 1/n of its rows (``distributed/optimizer_shard.py``), said in the terms MindSpore's
+        moments of 1/n of its rows (``parallel/optimizer_shard.py``), said in the terms MindSpore's
         transform reads: a replicated weight's moments are split on dimension 0 over the data axis; a
         weight split on other axes has its moments optimizer-sharded over the data axis.  A weight repeated
         over the model axis as well (an expert's ``b2`` under model parallel) keeps whole moments, as does
@@ -145,7 +145,7 @@ def _layer(builder: _Builder, prefix: str, layer: int, sparse: bool, slots: Opti
                     stages, "state", INT32, trainable=False)
     if moe.learned_gate:
         builder.add(f"{prefix}.{names.GATE_WEIGHT}", (h, moe.num_experts), (None, None), stages)
-    experts = slots or moe.num_experts
+    experts = slots * config.parallel.expert_parallel if slots else moe.num_experts  # a rank holds 1/ep of them
     kind = "slab" if slots else "expert"
     splits = {"w1": ((experts, h, f), ("ep", None, "mp")), "b1": ((experts, 1, f), ("ep", None, "mp")),
               "w2": ((experts, f, h), ("ep", "mp", None)), "b2": ((experts, 1, h), ("ep", None, None))}
@@ -155,25 +155,20 @@ def _layer(builder: _Builder, prefix: str, layer: int, sparse: bool, slots: Opti
 
 
 def slab_slots(config: SigmaConfig, stage: int) -> int:
-    """ECSS slab slots of a sparse layer on ``stage``: ``ecss.slab_experts``, or when 0 the most experts it
-    can need at once.  Stand-alone and data-parallel runs load a whole step (``ecss.slab.slab_size``); a
+    """ECSS slab slots per rank of a sparse layer on ``stage``: ``ecss.slab_experts``, or when 0 the most of the
+    rank's experts it can need at once.  Without pipeline stages that is a whole step (``ecss.slab.slab_size``); a
     pipeline stage holds its in-flight micro-batches of every data-parallel rank (their slab gradients are
-    reduced slot by slot), rounded up so that expert_parallel divides it."""
+    reduced slot by slot)."""
     if config.parallel.pipeline_stage == 1:
         return slab_size(config)
     mesh = DeviceMesh.of(config)
     in_flight = min(mesh.micro_batches, mesh.pipeline_stages - stage)
     needed = slab_for_rows(config, in_flight * micro_batch_rows(config) * mesh.data_parallel)
-    needed = -(-needed // mesh.expert_parallel) * mesh.expert_parallel
     chosen = config.ecss.slab_experts
     if not chosen:
         return needed
-    if chosen % mesh.expert_parallel:
-        raise ConfigError("ecss.slab_experts", chosen, f"must be a multiple of parallel.expert_parallel "
-                                                       f"({mesh.expert_parallel}): the slab is split over it",
-                          config.source)
     if chosen < needed:
-        raise ConfigError("ecss.slab_experts", chosen, f"is below the {needed} experts that the in-flight "
+        raise ConfigError("ecss.slab_experts", chosen, f"is below the {needed} experts per rank that the in-flight "
                                                        f"micro-batches of all {mesh.data_parallel} data-parallel "
                                                        f"ranks can activate on pipeline stage {stage}; raise it "
                                                        f"or set 0", config.source)

@@ -89,13 +89,12 @@ def _stage_memory(config: SigmaConfig, mesh: DeviceMesh, layouts: List[Parameter
                                                         and names.is_expert_parameter(l.name))
     plan.bytes["routing tables (int32)"] = sum(4 * l.shard_elements for l in mine if l.kind == "state"
                                                and l.name.endswith(names.ROUTING_TABLE))
-    if p.optimizer_shard:  # one layer's weights all-gathered for compute
-        per_layer = {}
-        for l in mine:
-            if l.kind in ("dense", "expert", "slab") and l.opt_shard_size:
-                key = names.layer_of(l.name)
-                per_layer[key] = per_layer.get(key, 0) + _activation_bytes(config) * local(l)
-        plan.bytes["all-gathered weights of one layer"] = max(per_layer.values(), default=0)
+    if config.train.grad_accumulation_steps > 1:  # run_step sums each micro-batch's gradients into a second set
+        plan.bytes["accumulated gradients (fp32)"] = plan.bytes["dense gradients (fp32)"] + \
+            plan.bytes[f"{label} gradients (fp32)"]
+    if p.optimizer_shard:  # the gather of a parameter's updated rows: one whole slice at a time
+        plan.bytes["optimizer-shard gather buffer (fp32)"] = max(
+            (4 * local(l) for l in mine if l.kind == "optimizer" and l.opt_shard_size), default=0)
     rows = micro_batch_rows(config)
     stored = sum(
         (m.seq_length * rows * m.hidden_size * _activation_bytes(config) if p.recompute

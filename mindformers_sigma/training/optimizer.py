@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers_sigma.config import TrainConfig
-from mindformers_sigma.distributed.optimizer_shard import RowShard, row_shards
+from mindformers_sigma.parallel.optimizer_shard import RowShard, row_shards
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.model import names
 from mindformers_sigma.training.lr_schedule import learning_rates
@@ -54,7 +54,7 @@ def _update_touched_experts(beta1, beta2, lr, eps, weight_decay, param, moment1,
 
 class RowShardUpdate(nn.Cell):
     """The optimizer shard's step for one parameter: AdamW on this rank's rows (its moments hold only
-    those), then the updated rows of every rank gathered into the whole parameter (``distributed/optimizer_shard.py``)."""
+    those), then the updated rows of every rank gathered into the whole parameter (``parallel/optimizer_shard.py``)."""
 
     def __init__(self, shard: RowShard, beta1: float, beta2: float, eps: float, weight_decay: float):
         super().__init__()

@@ -16,7 +16,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindformers_sigma.config import TrainConfig
-from mindformers_sigma.distributed.gradients import GlobalNorm
+from mindformers_sigma.parallel.gradients import GlobalNorm
 
 _hyper_map = ops.HyperMap()
 _scale_by = ops.MultitypeFuncGraph("scale_by")
@@ -98,7 +98,7 @@ class DynamicLossScale(nn.Cell):
 
 class ForwardBackward(nn.Cell):
     """Loss statistics and scaled gradients for one micro-batch, summed over the ranks that hold the same
-    slice of each parameter (``grad_reducer``: ``distributed/gradients.py``; None in one process)."""
+    slice of each parameter (``grad_reducer``: ``parallel/gradients.py``; None in one process)."""
 
     def __init__(self, loss_cell: nn.Cell, weights, grad_reducer: Optional[nn.Cell] = None):
         super().__init__(auto_prefix=False)
@@ -120,7 +120,7 @@ class ApplyGradients(nn.Cell):
     updated elsewhere (the ECSS slab, ``ecss/``): they count in the clip and the overflow check,
     and their clipped gradients are returned after the finite flag, the factor applied and the norm.
     ``host_squares`` adds gradients summed on the host (see :func:`unscale_and_clip`).
-    ``norm``: over several ranks, the global norm's weights and world sum (``distributed/gradients.py``).
+    ``norm``: over several ranks, the global norm's weights and world sum (``parallel/gradients.py``).
     """
 
     def __init__(self, optimizer: nn.Optimizer, loss_scale: DynamicLossScale, grad_clip_norm: float,

@@ -25,7 +25,7 @@ from mindformers_sigma.checkpoint.restore import Placement, restore
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.context import ParallelInfo, configure_context
 from mindformers_sigma.distributed.collectives import Sharding
-from mindformers_sigma.distributed.gradients import GradientReducer, global_norm
+from mindformers_sigma.parallel.gradients import GradientReducer, global_norm
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
 from mindformers_sigma.ecss.slab import slab_size, smallest_safe_slab, whole_step_slab
