@@ -42,8 +42,14 @@ def test_bench_quick_writes_every_part_into_one_record(tmp_path):
     assert {(row["case"], row["tokens"]) for row in memory["layers"]} == \
         {(kind, tokens) for kind in ("dense", "rre", "top1", "top2") for tokens in (64, 128)}
     assert memory["train"]["peak_rss_mb"] > max(row["growth_mb"] for row in memory["layers"]) > 0
-    scaling = parts["dp_scaling"]
-    assert scaling["workers"] == 2 and scaling["ratio"] == scaling["parallel_tokens_per_s"] / scaling["single_tokens_per_s"]
+    scaling = parts["parallel"]
+    assert [row["workers"] for row in scaling["layouts"]] == [1, 2, 4]
+    assert all(row["ratio"] == row["tokens_per_s"] / scaling["layouts"][0]["tokens_per_s"] for row in scaling["layouts"])
+    # every collective of the 4 sharded workers was counted, and all but the experts' padded rows as planned
+    volume = scaling["collectives"]
+    assert all(row["measured_bytes"] > 0 for kind, row in volume.items() if kind != "expert_data")
+    assert all(row["measured_bytes"] == row["planned_bytes"] for kind, row in volume.items() if kind != "model")
+    assert abs(volume["model"]["measured_bytes"] / volume["model"]["planned_bytes"] - 1) < 0.2
     _check_ecss(parts["ecss"])
     assert parts["data"]["prepare_data_tokens_per_second"] > 0
     assert set(parts["generation"]["decoding"]) == {"1", "8"}
@@ -120,7 +126,7 @@ def test_a_run_that_leaves_out_a_part_a_document_needs_is_refused_before_it_runs
     done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "data", "--quick", "--out",
                            str(tmp_path / "out"), "--docs", str(doc)], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
-    assert done.returncode == 2 and "block 'headline' needs part(s) dp_scaling, ecss, generation" in done.stderr
+    assert done.returncode == 2 and "block 'headline' needs part(s) ecss, generation, parallel" in done.stderr
     assert not (tmp_path / "out" / "logs").exists() and doc.read_text() == "<!-- bench:headline -->\n<!-- /bench -->\n"
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import mindspore as ms
 import numpy as np
@@ -25,7 +26,7 @@ from mindformers_sigma.training.trainer import build_train_step, expert_planner
 from mindformers_sigma.training.training_data import open_training_data
 
 from conftest import REPO, assert_close_to_scale, lifecycle_config
-from launcher_helpers import VENV_BIN, base_env, launcher
+from launcher_helpers import SCRIPT, VENV_BIN, base_env, launcher
 
 STEPS = 8
 SPLIT = ("--set", "parallel.model_parallel=2", "--set", "parallel.expert_parallel=2")
@@ -127,13 +128,17 @@ def test_first_gradients_equal_one_process_and_collectives_equal_numpy(runs, tmp
     assert topologies[1].expert_group()[1] == (1, 3) and topologies[1].model_group()[1] == (0, 1)
 
     # Gradients before the first update: the pieces, put where they sit, are one process's gradients.
+    # one process accumulating the two data shards' halves: the same rows and dropout seeds as the ranks
+    single["train"]["grad_accumulation_steps"] = 2
     config = config_from_dict(single)
     data = open_training_data(config)
     step_cell = build_train_step(config, data.token_frequency)
-    reader = GlobalBatchReader(data.source, config.train.batch_size, 1, 0, 1, config.model.eod_token_id,
+    reader = GlobalBatchReader(data.source, config.train.batch_size, 1, 0, 2, config.model.eod_token_id,
                                expert_planner(config, step_cell), config.context.seed, True)
-    tokens, domains, *rest = reader.read(0, 0).micro_batches[0]
-    _, grads = step_cell.forward_backward(tokens, domains, ms.Tensor(1.0, ms.float32), *rest)
+    grads = None
+    for tokens, domains, *rest in reader.read(0, 0).micro_batches:
+        _, micro = step_cell.forward_backward(tokens, domains, ms.Tensor(1.0, ms.float32), *rest)
+        grads = micro if grads is None else [a + b for a, b in zip(grads, micro)]
     names = [p.name for p in step_cell.apply_gradients.optimizer.parameters]
     expected = {name: grad.asnumpy() for name, grad in zip(names, grads)}
     merged = {}
@@ -188,16 +193,23 @@ def test_resume_from_four_workers_onto_one_process_and_onto_two_workers(runs):
 @pytest.mark.slow
 def test_a_rank_dying_mid_save_leaves_the_previous_step_for_resume_auto(runs):
     config_path, root = runs
-    out = root / "resumed_2"  # two workers (mp2) resumed at step 4 and committed step 8; go on to 12
+    out = root / "resumed_2"  # two workers (mp2) resumed at step 4 and committed step 8; go on to 16
     assert ckpt.list_checkpoints(str(out / "checkpoints")) == [8]
-    # Rank 1 cannot write its part of step 12 (a folder holds its file's place): it dies mid-save, and the
-    # launcher stops rank 0, which was writing its own part or waiting for rank 1's.
-    os.makedirs(out / "checkpoints" / "step_00000012" / "rank_1" / "part.ckpt")
+    # Once step 9 is logged (the run's start-up cleaning is over), a folder takes the place of rank 1's part
+    # of step 12: rank 1 dies writing it, and the launcher stops rank 0, which was writing its own part or
+    # waiting for rank 1's.
     logs = root / "logs_kill"
-    result = launcher("--cpu", "--workers", 2, "--master-port", 8267, "--log-dir", logs, config_path,
-                      "--", "--out", out, "--resume", "auto", "--steps", 12, "--set", "parallel.model_parallel=2",
-                      timeout=600)
-    assert result.returncode != 0 and "rank 1 exited with code" in result.stderr, result.stderr
+    command = ["bash", str(SCRIPT), *map(str, ("--cpu", "--workers", 2, "--master-port", 8267, "--log-dir", logs,
+                                               config_path, "--", "--out", out, "--resume", "auto", "--steps", 16,
+                                               "--set", "parallel.model_parallel=2"))]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=base_env(), cwd=REPO)
+    metrics = out / "metrics.jsonl"
+    while process.poll() is None and len(metrics.read_text().splitlines()) < 5:
+        time.sleep(0.01)
+    os.makedirs(out / "checkpoints" / "step_00000012" / "rank_1" / "part.ckpt")
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode != 0 and "rank 1 exited with code" in stderr, stderr
     assert ckpt.list_checkpoints(str(out / "checkpoints")) == [8]  # step 12 never committed
     info = ckpt.find_resume_checkpoint(str(out / "checkpoints"), print)
     assert info.step == 8
