@@ -75,7 +75,10 @@ def test_rank_table_dry_run_binds_each_rank_to_its_device_and_folder(tmp_path, c
     lines = out.splitlines()
     assert lines[0].startswith(f"# distributed_train.sh: --rank-table {table}, server 10.0.0.2 (ranks 8-15 of 16 on "
                                f"devices 0-7); python {sys.executable}")
-    assert lines[1] == f"mkdir -p {tmp_path / 'logs'}" and lines[-1] == "wait"
+    # each local rank's place in the mesh (16 ranks, all data parallel)
+    assert lines[1:9] == [f"# rank {rank}: data {rank} of 16, model 0 of 1, experts 0..7 of 8 (expert shard 0 of 1)"
+                          for rank in range(8, 16)]
+    assert lines[9] == f"mkdir -p {tmp_path / 'logs'}" and lines[-1] == "wait"
     commands = _commands(out)
     assert len(commands) == 8
     for device, words in enumerate(commands):
@@ -240,9 +243,10 @@ def test_two_node_msrun_dry_run_is_the_expected_command(tmp_path, capsys, monkey
                               "10.0.0.1", "--master-port", 9000, "--cluster-time-out", 7200, "--bind-core",
                               "--log-dir", tmp_path / "logs", "--dry-run", config, "--", "--out", tmp_path / "run")
     assert code == 0, err
-    summary, mkdir, command = out.splitlines()
+    summary, *coordinates, mkdir, command = out.splitlines()
     assert summary.startswith("# distributed_train.sh: --msrun, node 1 of 2 (ranks 8-15 of 16 on devices 0-7), "
                               "master 10.0.0.1:9000; python ")
+    assert [line.split(":")[0] for line in coordinates] == [f"# rank {rank}" for rank in range(8, 16)]
     logs = tmp_path / "logs"
     assert shlex.split(command) == [
         "env", f"PATH={Path(sys.executable).parent}:$PATH", "HCCL_CONNECT_TIMEOUT=1200", "HCCL_EXEC_TIMEOUT=1200",
@@ -254,7 +258,7 @@ def test_two_node_msrun_dry_run_is_the_expected_command(tmp_path, capsys, monkey
     code, node0, err = _dry_run(capsys, monkeypatch, "--msrun", "--nnodes", 2, "--node-rank", 0, "--master-addr",
                                 "10.0.0.1", "--master-port", 9000, "--cluster-time-out", 7200, "--bind-core",
                                 "--log-dir", tmp_path / "logs", "--dry-run", config, "--", "--out", tmp_path / "run")
-    assert code == 0 and node0.splitlines()[2] == command.replace("--node_rank=1", "--node_rank=0")
+    assert code == 0 and node0.splitlines()[-1] == command.replace("--node_rank=1", "--node_rank=0")
 
 
 def test_msrun_with_a_rank_table_takes_the_nodes_from_it(tmp_path, capsys, monkeypatch):

@@ -39,7 +39,7 @@ def run_params(args: argparse.Namespace) -> int:
     print(f"one domain's sub-model {submodel}  ({format_count(count.domain_submodel)})")
     print(f"routing table entries  {count.routing_table_entries:>20,}  (int32, not trainable)")
     if slab is not None:
-        print(f"ECSS slab, experts     {slab['smallest_safe']:>20,}  (smallest safe; {slab['whole_step']:,} hold a whole "
+        print(f"ECSS slab, per rank    {slab['smallest_safe']:>20,}  (smallest safe; {slab['whole_step']:,} hold a whole "
               f"step without reloads)")
     return 0
 
