@@ -126,7 +126,7 @@ def test_a_run_that_leaves_out_a_part_a_document_needs_is_refused_before_it_runs
     done = subprocess.run([sys.executable, "-m", "mindformers_sigma", "bench", "data", "--quick", "--out",
                            str(tmp_path / "out"), "--docs", str(doc)], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
-    assert done.returncode == 2 and "block 'headline' needs part(s) ecss, generation, parallel" in done.stderr
+    assert done.returncode == 2 and "block 'headline' needs part(s) ecss, generation, memory, moe_layer, parallel, routers, training" in done.stderr
     assert not (tmp_path / "out" / "logs").exists() and doc.read_text() == "<!-- bench:headline -->\n<!-- /bench -->\n"
 
 
