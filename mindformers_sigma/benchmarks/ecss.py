@@ -109,7 +109,7 @@ def _optimizer_only(overrides: List[str], repeats: int = 3) -> dict:
 
     config = apply_overrides(load_config(T1), overrides)
     configure_context(config)
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     grads = tuple(Tensor(np.zeros(p.shape, np.float32)) for p in step.apply_gradients.optimizer.parameters)
     step.apply_gradients(grads)[0].asnumpy()
     started = time.perf_counter()

@@ -140,7 +140,7 @@ def measure(quick: bool) -> dict:
     config = apply_overrides(load_config(T1), QUICK if quick else [])
     configure_context(config)
     m, repeats = config.model, 1 if quick else 5
-    step = build_train_step(config, None, 1)
+    step = build_train_step(config, None)
     tokens, domains = SyntheticSource(m.vocab_size, m.seq_length, config.moe.num_domains, m.eod_token_id, 0).read(
         0, config.train.batch_size)
     planner = expert_planner(config, step)
