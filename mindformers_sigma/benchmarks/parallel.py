@@ -38,8 +38,10 @@ def _tokens_per_second(out_dir: str) -> float:
 
 
 def _run(command: list, what: str) -> None:
+    # msrun starts its workers with the `python` on PATH: this one
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO)))
+                          env=dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), PATH=path))
     if done.returncode != 0:
         raise UserError(f"bench parallel: {what} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
 
