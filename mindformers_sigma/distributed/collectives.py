@@ -83,6 +83,16 @@ def _name(group: GroupRanks) -> Optional[str]:
     return group[0] if len(group[1]) > 1 else None
 
 
+def _sum(forward: GroupRanks = None, backward: GroupRanks = None) -> nn.Cell:
+    """A GroupSum over these groups, or a plain identity where both are one rank (no custom backward, which
+    would keep its inputs alive and stop the graph compiler's fusion)."""
+    forward_name = _name(forward) if forward else None
+    backward_name = _name(backward) if backward else None
+    if forward_name is None and backward_name is None:
+        return nn.Identity()
+    return GroupSum(forward_name, backward_name)
+
+
 @dataclass(frozen=True)
 class Sharding:
     """What a model cell needs to split itself: this rank's place and the collectives over its groups.
@@ -112,26 +122,25 @@ class Sharding:
     def splits_vocabulary(self) -> bool:
         return self.vocab_parallel and self.model_parallel > 1
 
-    def copy_to_model(self) -> GroupSum:
+    def copy_to_model(self) -> nn.Cell:
         """Into a split layer: identity forward, partial input gradients summed over mp."""
-        return GroupSum(None, _name(self.topology.model_group()))
+        return _sum(backward=self.topology.model_group())
 
-    def reduce_from_model(self) -> GroupSum:
+    def reduce_from_model(self) -> nn.Cell:
         """Out of a split layer: partial outputs summed over mp, identity backward."""
-        return GroupSum(_name(self.topology.model_group()), None)
+        return _sum(forward=self.topology.model_group())
 
     def gather_model(self) -> GroupGather:
         return GroupGather(_name(self.topology.model_group()), self.model_parallel, self.model_index)
 
-    def expert_dispatch(self) -> GroupSum:
+    def expert_dispatch(self) -> nn.Cell:
         """Tokens to the experts' owners (a summed gather over ep); the backward also sums the mp partial
         input gradients of the split experts."""
-        return GroupSum(_name(self.topology.expert_group()), _name(self.topology.expert_model_group()))
+        return _sum(self.topology.expert_group(), self.topology.expert_model_group())
 
-    def expert_combine(self) -> GroupSum:
+    def expert_combine(self) -> nn.Cell:
         """Expert outputs back to their tokens' ranks (a sum over ep, replicated over mp)."""
-        group = _name(self.topology.expert_group())
-        return GroupSum(group, group)
+        return _sum(self.topology.expert_group(), self.topology.expert_group())
 
 
 def create_groups(topology: Topology) -> None:

@@ -67,11 +67,10 @@ class MoELayer(nn.Cell):
         batch, seq, width = hidden.shape
         flat = hidden.reshape((batch * seq, width))
         if expert_plan is not None:
-            tokens = self._to_owners(flat).reshape((-1, width))  # the block's tokens, in ep order
+            tokens = self._block_tokens(flat)  # the block's tokens, in ep order
             token_rows = expert_plan[:, 1:]
             slot_output = self.experts(gather_planned(tokens, token_rows), expert_plan[:, 0])
-            output = self._from_owners(scatter_planned(slot_output, token_rows, tokens.shape[0]).reshape(
-                (self.expert_parallel, batch * seq, width)))
+            output = self._own_tokens(scatter_planned(slot_output, token_rows, tokens.shape[0]), batch * seq)
             return output.reshape((batch, seq, width)), ops.zeros((), ms.float32), ops.zeros((), ms.int32)
         token_domains = ops.broadcast_to(domain_ids.reshape((batch, 1)), (batch, seq)).reshape((-1,))
         expert_index, gates, aux_loss = self.router(flat, token_ids.reshape((-1,)), token_domains)
@@ -79,17 +78,17 @@ class MoELayer(nn.Cell):
         output = self.dispatcher.combine(self._exchanged_experts(buffers), slots, gates)
         return output.reshape((batch, seq, width)), aux_loss, dropped
 
-    def _to_owners(self, rows):
-        """rows [N, ...] -> [ep, N, ...]: every rank of the block gets the block's rows (a summed gather)."""
+    def _block_tokens(self, rows):
+        """rows [N, H] -> [ep * N, H]: every rank of the block gets the block's rows (a summed gather)."""
         if self.expert_parallel == 1:
-            return self.dispatch_exchange(rows).expand_dims(0)
-        return self.dispatch_exchange(place(rows, self.rank_mask))
+            return self.dispatch_exchange(rows)
+        return self.dispatch_exchange(place(rows, self.rank_mask)).reshape((-1, rows.shape[-1]))
 
-    def _from_owners(self, outputs):
-        """outputs [ep, N, ...], this rank's experts' part of every block member's rows -> this rank's [N, ...]."""
+    def _own_tokens(self, outputs, count: int):
+        """outputs [ep * N, H], this rank's experts' part of the block's rows -> this rank's N rows, summed."""
         if self.expert_parallel == 1:
-            return outputs[0]
-        return self.combine_exchange(outputs)[self.expert_index]
+            return outputs
+        return self.combine_exchange(outputs)[self.expert_index * count:(self.expert_index + 1) * count]
 
     def _exchanged_experts(self, buffers):
         """buffers [E, C, H] of this rank's tokens -> the experts' outputs [E, C, H], each expert computed
@@ -98,11 +97,12 @@ class MoELayer(nn.Cell):
             return self.experts(self.dispatch_exchange(buffers))
         _, capacity, width = buffers.shape
         first = self.expert_index * self.local_experts
-        mine = self._to_owners(buffers)[:, first:first + self.local_experts]  # [ep, E / ep, C, H]
+        every = self.dispatch_exchange(place(buffers, self.rank_mask))  # [ep, E, C, H]
+        mine = every[:, first:first + self.local_experts]
         computed = self.experts(mine.transpose(1, 0, 2, 3).reshape((self.local_experts, -1, width)))
         computed = computed.reshape((self.local_experts, self.expert_parallel, capacity, width)).transpose(1, 0, 2, 3)
         placed = ops.tile(computed, (1, self.expert_parallel, 1, 1)) * self.own_experts.astype(computed.dtype)
-        return self._from_owners(placed)
+        return self.combine_exchange(placed)[self.expert_index]
 
     def per_token(self, hidden, token_ids, domain_ids):
         """Like ``construct`` without dispatch buffers: each (token, choice) is computed with its expert's
