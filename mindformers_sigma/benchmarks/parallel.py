@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,13 @@ def _run(command: list, what: str) -> None:
         raise UserError(f"bench parallel: {what} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
+def _free_port() -> int:
+    """A port nothing listens on now, for msrun's scheduler (the default one may be another launch's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _sets(overrides: list) -> list:
     return [item for override in overrides for item in ("--set", override)]
 
@@ -56,8 +64,9 @@ def _train(work: str, name: str, workers: int, overrides: list) -> float:
         _run([sys.executable, "-m", "mindformers_sigma", "train", "--config", str(TINY), "--out", out,
               *_sets(overrides)], name)
     else:
-        _run(["bash", str(REPO / "run" / "distributed_train.sh"), "--cpu", "--workers", str(workers), "--log-dir",
-              os.path.join(work, f"logs_{workers}"), str(TINY), "--", "--out", out, *_sets(overrides)], name)
+        _run(["bash", str(REPO / "run" / "distributed_train.sh"), "--cpu", "--workers", str(workers), "--master-port",
+              str(_free_port()), "--log-dir", os.path.join(work, f"logs_{workers}"), str(TINY), "--", "--out", out,
+              *_sets(overrides)], name)
     return _tokens_per_second(out)
 
 
@@ -67,7 +76,7 @@ def _measured_collectives(work: str, overrides: list) -> dict:
     os.makedirs(counts)
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     sharded = overrides + ["parallel.mode=hybrid_parallel", "parallel.device_num=4", "parallel.data_parallel=2"]
-    _run([msrun, "--worker_num=4", "--local_worker_num=4", "--master_port=8291", f"--log_dir={work}/logs_count",
+    _run([msrun, "--worker_num=4", "--local_worker_num=4", f"--master_port={_free_port()}", f"--log_dir={work}/logs_count",
           "--join=True", str(Path(__file__).with_name("collective_count.py")), str(TINY), counts, *_sets(sharded)],
          "counting the collectives of 4 workers")
     ranks = []
