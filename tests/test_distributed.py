@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -171,6 +172,19 @@ def test_a_sharded_step_is_read_by_generate_and_by_mindsporeS_transform(runs, tm
     assert set(ours) <= set(theirs)
     for name, value in ours.items():
         np.testing.assert_array_equal(theirs[name].asnumpy(), value, err_msg=name)
+    # A rank's part is not a checkpoint; a layout edited away from the recorded config's is not merged.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(step, tampered / step.name)
+    sidecar = json.loads((step.parent / f"{step.name}.json").read_text())
+    sidecar["sharded_layout"].update(data_parallel=4, model_parallel=1)
+    (tampered / f"{step.name}.json").write_text(json.dumps(sidecar))
+    for checkpoint, words in ((step / "rank_0" / "part.ckpt", "one rank's part of the sharded step"),
+                              (tampered / step.name, "is not the layout of the recorded config's parallel section")):
+        result = subprocess.run([sys.executable, "-m", "mindformers_sigma", "extract", "--ckpt", str(checkpoint),
+                                 "--domain", "code", "--out", str(tmp_path / "sub")], capture_output=True, text=True,
+                                cwd=REPO)
+        assert result.returncode == 2 and words in result.stderr and len(result.stderr.splitlines()) == 1
+        assert not (tmp_path / "sub").exists()
 
 
 @pytest.mark.slow
@@ -240,7 +254,7 @@ def test_ecss_on_four_workers_trains_as_one_process_and_moves_the_same_expert_by
     (8, ["parallel.model_parallel=2", "parallel.expert_parallel=4", "moe.num_experts=6", "moe.num_domains=3"],
      "parallel.expert_parallel = 4: must divide moe.num_experts (6)"),
     (2, ["parallel.expert_parallel=4"], "parallel.expert_parallel = 4: must divide parallel.data_parallel (2)"),
-    (4, ["parallel.pipeline_stage=2"], "parallel.pipeline_stage"),
+    (4, ["parallel.pipeline_stage=2"], "parallel.pipeline_stage > 1 is planned, but the pipelined train step is not built"),
 ])
 def test_a_wrong_layout_is_one_line_before_any_rank_starts(tmp_path, workers, sets, words):
     config = tmp_path / "tiny.yaml"

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -72,6 +73,11 @@ def _sidecar_of(path: str, flag: str) -> str:
         return path
     if os.path.isdir(path):  # a sharded step's folder (checkpoint/sharded.py)
         return os.path.normpath(path) + ".json"
+    step = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if re.fullmatch(r"rank_\d+", os.path.basename(os.path.dirname(os.path.abspath(path)))) and \
+            os.path.isfile(step + ".json"):
+        raise DataError(f"{flag} {path}: one rank's part of the sharded step {step}; pass the step folder (or "
+                        f"{os.path.basename(step)}.json)")
     stem, suffix = os.path.splitext(path)
     if suffix not in ckpt.SUFFIX.values():
         raise DataError(f"{flag} {path}: not a checkpoint; give a step_N.ckpt, step_N.safetensors or step_N.json "

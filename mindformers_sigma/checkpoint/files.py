@@ -271,6 +271,16 @@ def load_parameters(info: CheckpointInfo, skip: Collection[str] = ()) -> Dict[st
         raise _unreadable(info, err) from None
 
 
+def read_part(info: CheckpointInfo, rank: int) -> Dict[str, np.ndarray]:
+    """Rank ``rank``'s part of a sharded step, as written (its slices)."""
+    path = os.path.join(info.weights_path, sharded.part_name(rank, SUFFIX[info.meta["format"]]))
+    try:
+        stored = ms.load_checkpoint(path, format=info.meta["format"])
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise _unreadable(info, err) from None
+    return {name: value.asnumpy() for name, value in stored.items()}
+
+
 def read_tensors(info: CheckpointInfo, choose: Optional[Callable[[str], bool]] = None) -> Dict[str, np.ndarray]:
     """The checkpoint's tensors (those ``choose`` accepts) as whole numpy arrays, a sharded step's merged."""
     try:

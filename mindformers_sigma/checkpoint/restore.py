@@ -10,6 +10,7 @@ import mindspore as ms
 import numpy as np
 
 from mindformers_sigma.checkpoint import files as ckpt
+from mindformers_sigma.checkpoint import sharded
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
@@ -31,6 +32,23 @@ class Placement:
         return ms.Parameter(ms.Tensor(np.ascontiguousarray(value.asnumpy()[part])), name=name)
 
 
+def _own_part(info: ckpt.CheckpointInfo, placement: Placement, shapes: Dict[str, tuple],
+              host: Dict[str, np.ndarray]) -> Optional[Dict[str, np.ndarray]]:
+    """This rank's part of a sharded step written by the same layout, when its tensors have this rank's shapes
+    (else None: the step is merged and cut, as for any other layout)."""
+    if not ckpt.is_sharded(info):
+        return None
+    written = sharded.layout_of(info.meta)
+    topology = placement.topology
+    if (written.data_parallel, written.model_parallel, written.expert_parallel) != \
+            (topology.data_parallel, topology.model_parallel, topology.expert_parallel):
+        return None
+    part = ckpt.read_part(info, topology.rank)
+    held = dict(shapes, **{name: array.shape for name, array in host.items()})
+    return part if all(tuple(array.shape) == tuple(held.get(name, array.shape)) for name, array in part.items()) \
+        else None
+
+
 def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: tuple,
             host_arrays: Optional[Dict[str, np.ndarray]] = None, placement: Placement = Placement()) -> None:
     """Load every checkpointed parameter of ``step_cell`` (weights, routing tables, moments, scale).
@@ -46,9 +64,16 @@ def restore(step_cell: ms.nn.Cell, info: ckpt.CheckpointInfo, not_checkpointed: 
         host = {name: array for name, array in host.items() if names.is_model_parameter(name)}
         wanted = {name for name in wanted if names.is_model_parameter(name)}
     shapes = {name: tuple(param.shape) for name, param in step_cell.parameters_dict().items()}
-    stored = {name: placement.local(name, value, shapes.get(name))
-              for name, value in ckpt.load_parameters(info, skip=set(not_checkpointed) | set(host)).items()}
-    if host and placement.topology.world_size > 1:  # this rank's experts' slices of the whole store
+    skip = set(not_checkpointed) | set(host)
+    own = _own_part(info, placement, shapes, host)
+    if own is not None:  # the same layout: this rank's part is its slices, read alone
+        stored = {name: ms.Parameter(ms.Tensor(array), name=name) for name, array in own.items() if name not in skip}
+    else:
+        stored = {name: placement.local(name, value, shapes.get(name))
+                  for name, value in ckpt.load_parameters(info, skip=skip).items()}
+    if host and own is not None:
+        ckpt.copy_into(info, host, f"--resume {info.weights_path}", {name: own[name] for name in host if name in own})
+    elif host and placement.topology.world_size > 1:  # this rank's experts' slices of the whole store
         whole = ckpt.read_tensors(info, lambda name: name in host)
         ckpt.copy_into(info, host, f"--resume {info.weights_path}",
                        {name: placement.local(name, ms.Parameter(ms.Tensor(array), name=name), host[name].shape)

@@ -67,8 +67,27 @@ def layout_of(meta: Mapping) -> Topology:
     return Topology(layout["data_parallel"], layout["model_parallel"], layout["expert_parallel"])
 
 
+_COUNTS = ("data_parallel", "model_parallel", "expert_parallel")
+_FLAGS = ("vocab_parallel", "optimizer_shard")
+
+
+def check_layout(meta: Mapping) -> None:
+    """ValueError unless the sidecar's layout is well formed and is the one its recorded config trained with
+    (the config is covered by the sidecar's description digest; the layout decides how parts merge)."""
+    layout = meta.get(LAYOUT)
+    if not isinstance(layout, dict) or any(type(layout.get(key)) is not int or layout[key] < 1 for key in _COUNTS) \
+            or any(type(layout.get(key)) is not bool for key in _FLAGS):
+        raise ValueError(f"field {LAYOUT} = {layout!r} is not a layout (data/model/expert_parallel counts, "
+                         f"vocab_parallel and optimizer_shard flags)")
+    recorded = meta.get("config", {}).get("parallel") if isinstance(meta.get("config"), dict) else None
+    if isinstance(recorded, dict) and any(recorded.get(key) != layout[key] for key in _COUNTS + _FLAGS):
+        raise ValueError(f"field {LAYOUT} = {layout} is not the layout of the recorded config's parallel section")
+
+
 def verify_parts(folder: str, meta: Mapping, suffix: str) -> None:
-    """ValueError with a one-line reason when a part is missing or differs from its recorded sha256."""
+    """ValueError with a one-line reason when the layout is malformed, or a part is missing or differs from its
+    recorded sha256."""
+    check_layout(meta)
     expected = meta.get(PARTS)
     topology = layout_of(meta)
     if not isinstance(expected, list) or len(expected) != topology.world_size:

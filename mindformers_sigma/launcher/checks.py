@@ -155,20 +155,20 @@ def check_train_args(config_path: str, train_args: Sequence[str],
     return TrainCommand(config, tuple(_as_arguments(parser, namespace)))
 
 
-def requested_model_parallel(config_path: str, train_args: Sequence[str]) -> int:
-    """parallel.model_parallel as the config and the TRAIN_ARGS ``--set`` say, before the launch mode's
-    settings make the whole config valid (the CPU launch derives data_parallel from it)."""
+def requested_parallel(config_path: str, train_args: Sequence[str], name: str) -> int:
+    """``parallel.<name>`` as the config and the TRAIN_ARGS ``--set`` say, before the launch mode's settings
+    make the whole config valid (the CPU launch derives data_parallel from model_parallel)."""
     namespace = _train_parser().parse_args(["--config", config_path, *train_args])
-    value = load_config(config_path).parallel.model_parallel
+    value = getattr(load_config(config_path).parallel, name)
     for override in namespace.set:
         key, _, text = override.partition("=")
-        if key.strip() == "parallel.model_parallel":
+        if key.strip() == f"parallel.{name}":
             try:
                 value = parse_yaml(text)
             except (UserError, ValueError, yaml.YAMLError):
                 value = None
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"TRAIN_ARGS --set {override}: parallel.model_parallel must be an integer >= 1")
+                raise UserError(f"TRAIN_ARGS --set {override}: parallel.{name} must be an integer >= 1")
     return value
 
 

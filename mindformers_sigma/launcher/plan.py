@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import UserError, one_line
 from mindformers_sigma.launcher.checks import (RankTableLayout, Server, TrainCommand, check_layout,
-                                               check_train_args, read_rank_table, requested_model_parallel)
+                                               check_train_args, read_rank_table, requested_parallel)
 from mindformers_sigma.launcher.options import DEFAULT_DEVICES, PROG, LaunchOptions, check_master_addr
 from mindformers_sigma.launcher.worker import RANK_FOLDERS_ENV
 
@@ -150,7 +150,10 @@ def _agree(flag: str, given: Optional[int], derived: int, source: str) -> None:
 
 def _cpu_plan(options: LaunchOptions, environ: Mapping[str, str]) -> LaunchPlan:
     workers = options.workers
-    model_parallel = requested_model_parallel(options.config, options.train_args)
+    if requested_parallel(options.config, options.train_args, "pipeline_stage") > 1:
+        raise UserError("parallel.pipeline_stage > 1 is planned, but the pipelined train step is not built; set "
+                        "parallel.pipeline_stage: 1 (the 512-card layout uses no pipeline)")
+    model_parallel = requested_parallel(options.config, options.train_args, "model_parallel")
     if workers % model_parallel:
         raise UserError(f"--workers {workers} is not data_parallel x model_parallel: parallel.model_parallel is "
                         f"{model_parallel}; start a multiple of {model_parallel} workers")

@@ -142,7 +142,7 @@ def run_inherit(args: argparse.Namespace) -> int:
 
     target = _checkpoint_target(args.out)
     sigma = load_config(args.config)
-    dense = describe_checkpoint(args.dense, args.dense_config)
+    dense = describe_checkpoint(args.dense, args.dense_config, flag="--dense")
     check_same_backbone(dense.config, sigma, args.dense)
     shapes = {layout.name: layout.shape for layout in parameter_layouts(inference_config(sigma))
               if layout.name.startswith("backbone.")}

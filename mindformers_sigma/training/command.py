@@ -30,14 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> SigmaConfig:
-    """The config a `train` command line describes: the file (or the one a --resume checkpoint records),
-    then --data, then the --set overrides."""
+    """The config a `train` command line describes: the file (or the one a --resume checkpoint records, laid
+    out for one process: a launcher sets its own layout), then --data, then the --set overrides."""
     if args.config is not None:
         config = load_config(args.config)
     elif args.resume not in (None, "auto"):
         from mindformers_sigma.checkpoint.description import describe_checkpoint
 
-        config = describe_checkpoint(args.resume).config
+        config = describe_checkpoint(args.resume, flag="--resume").config
+        config = dataclasses.replace(config, parallel=dataclasses.replace(
+            config.parallel, mode="stand_alone", device_num=1, data_parallel=1, model_parallel=1, expert_parallel=1,
+            pipeline_stage=1, micro_batch_num=1))
     else:
         raise UserError("--config: required, unless --resume names a checkpoint, whose recorded config is used")
     if args.data is not None:
