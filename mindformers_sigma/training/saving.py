@@ -3,6 +3,7 @@ of a sharded step, committed by rank 0 once all are written (``checkpoint/sharde
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from mindspore import nn
@@ -40,4 +41,6 @@ def save_step(directory: str, step: int, parameters: dict, meta: dict, config: S
     layout = {"data_parallel": p.data_parallel, "model_parallel": p.model_parallel,
               "expert_parallel": p.expert_parallel, "vocab_parallel": p.vocab_parallel,
               "optimizer_shard": p.optimizer_shard}
-    return ckpt.commit_sharded(directory, step, meta, fmt, layout, strategy_document(config, config.source), keep)
+    # the parts hold whole experts (ECSS's store, not the device slab): the strategy of the plain layout
+    plain = dataclasses.replace(config, ecss=dataclasses.replace(config.ecss, enabled=False))
+    return ckpt.commit_sharded(directory, step, meta, fmt, layout, strategy_document(plain, config.source), keep)
