@@ -1,7 +1,8 @@
 """Run under msrun by tests/test_distributed.py: one rank's collectives and first-step gradients.
 
 Each rank writes ``OUT/rank_R.npz``; the test checks everything against numpy and against one
-process, so no assertion lives here.  Usage: distributed_worker.py CONFIG OUT
+process, so no assertion lives here.  Usage: distributed_worker.py OUT CONFIG [CONFIG ...] (the same
+layout; each config's gradients are stored under ``grad<i>:NAME``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,7 @@ def collectives(topology) -> dict:
     return found
 
 
-def first_gradients(config) -> dict:
-    parallel = configure_context(config)
-    topology = parallel.topology
+def first_gradients(config, topology, prefix: str) -> dict:
     data = open_training_data(config)
     step_cell = build_train_step(config, data.token_frequency, topology)
     train = config.train
@@ -66,16 +65,17 @@ def first_gradients(config) -> dict:
     tokens, domains, *rest = reader.read(0, 0).micro_batches[0]
     _, grads = step_cell.forward_backward(tokens, domains, Tensor(1.0, ms.float32), *rest)
     names = [p.name for p in step_cell.apply_gradients.optimizer.parameters]
-    found = {f"grad:{name}": grad.asnumpy() for name, grad in zip(names, grads)}
-    found.update(collectives(topology))
-    found["rank"] = np.array(topology.rank)
-    return found
+    return {f"{prefix}:{name}": grad.asnumpy() for name, grad in zip(names, grads)}
 
 
 def main() -> None:
-    config_path, out = sys.argv[1], sys.argv[2]
-    found = first_gradients(load_config(config_path))
-    np.savez(f"{out}/rank_{int(found['rank'])}.npz", **found)
+    out, paths = sys.argv[1], sys.argv[2:]
+    configs = [load_config(path) for path in paths]
+    topology = configure_context(configs[0]).topology
+    found = collectives(topology)
+    for index, config in enumerate(configs):
+        found.update(first_gradients(config, topology, f"grad{index}"))
+    np.savez(f"{out}/rank_{topology.rank}.npz", **found)
 
 
 if __name__ == "__main__":

@@ -90,22 +90,43 @@ def test_four_workers_dp2_mp2_ep2_with_the_optimizer_shard_train_as_one_process(
     assert part["adam_m.backbone.layers.0.attention.query.weight"].shape == (16, 16)  # [32, 32/mp] rows / dp
 
 
+def _one_process_first_gradients(raw: dict) -> dict:
+    """One process accumulating the two data shards' halves: the same rows and dropout seeds as the ranks."""
+    raw = copy.deepcopy(raw)
+    raw["train"]["grad_accumulation_steps"] = 2
+    config = config_from_dict(raw)
+    data = open_training_data(config)
+    step_cell = build_train_step(config, data.token_frequency)
+    reader = GlobalBatchReader(data.source, config.train.batch_size, 1, 0, 2, config.model.eod_token_id,
+                               expert_planner(config, step_cell), config.context.seed, config.model.dropout_rate > 0)
+    grads = None
+    for tokens, domains, *rest in reader.read(0, 0).micro_batches:
+        _, micro = step_cell.forward_backward(tokens, domains, ms.Tensor(1.0, ms.float32), *rest)
+        grads = micro if grads is None else [a + b for a, b in zip(grads, micro)]
+    names = [p.name for p in step_cell.apply_gradients.optimizer.parameters]
+    return {name: grad.asnumpy() for name, grad in zip(names, grads)}
+
+
 @pytest.mark.slow
 def test_first_gradients_equal_one_process_and_collectives_equal_numpy(runs, tmp_path):
     config_path, _ = runs
-    raw = yaml.safe_load(config_path.read_text())
-    raw["model"]["dropout_rate"] = 0.1  # the heads' attention dropout split over mp draws one process's mask
-    single = copy.deepcopy(raw)
-    raw["parallel"].update(mode="hybrid_parallel", device_num=4, data_parallel=2, model_parallel=2,
-                           expert_parallel=2)
-    sharded_path = tmp_path / "four.yaml"
-    sharded_path.write_text(yaml.safe_dump(raw))
+    rre = yaml.safe_load(config_path.read_text())
+    rre["model"]["dropout_rate"] = 0.1  # the heads' attention dropout split over mp draws one process's mask
+    switch = copy.deepcopy(rre)  # a learned gate: the capacity-bounded buffers are exchanged instead
+    switch["moe"].update(router="switch", capacity_factor=None)
+    singles, paths = [], []
+    for index, raw in enumerate((rre, switch)):
+        singles.append(copy.deepcopy(raw))
+        raw["parallel"].update(mode="hybrid_parallel", device_num=4, data_parallel=2, model_parallel=2,
+                               expert_parallel=2)
+        paths.append(tmp_path / f"four_{index}.yaml")
+        paths[-1].write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     out.mkdir()
     env = dict(base_env(), PYTHONPATH=str(REPO))
     result = subprocess.run([str(VENV_BIN / "msrun"), "--worker_num=4", "--local_worker_num=4",
                              "--master_port=8263", f"--log_dir={tmp_path / 'logs'}", "--join=True",
-                             str(REPO / "tests" / "distributed_worker.py"), str(sharded_path), str(out)],
+                             str(REPO / "tests" / "distributed_worker.py"), str(out), *map(str, paths)],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, (tmp_path / "logs" / "worker_0.log").read_text()[-3000:]
     ranks = [dict(np.load(out / f"rank_{rank}.npz")) for rank in range(4)]
@@ -115,7 +136,7 @@ def test_first_gradients_equal_one_process_and_collectives_equal_numpy(runs, tmp
     inputs = [np.arange(6, dtype=np.float32).reshape(2, 3) * (rank + 1) for rank in range(4)]
     group_of = {"data": Topology.data_group, "model": Topology.model_group, "expert": Topology.expert_group,
                 "expert_model": Topology.expert_model_group, "expert_data": Topology.expert_data_group}
-    for rank, (found, topology) in enumerate(zip(ranks, topologies)):
+    for found, topology in zip(ranks, topologies):
         for forward, forward_group in group_of.items():
             for backward, backward_group in group_of.items():
                 summed = sum(inputs[r] for r in forward_group(topology)[1])
@@ -129,28 +150,18 @@ def test_first_gradients_equal_one_process_and_collectives_equal_numpy(runs, tmp
     assert topologies[1].expert_group()[1] == (1, 3) and topologies[1].model_group()[1] == (0, 1)
 
     # Gradients before the first update: the pieces, put where they sit, are one process's gradients.
-    # one process accumulating the two data shards' halves: the same rows and dropout seeds as the ranks
-    single["train"]["grad_accumulation_steps"] = 2
-    config = config_from_dict(single)
-    data = open_training_data(config)
-    step_cell = build_train_step(config, data.token_frequency)
-    reader = GlobalBatchReader(data.source, config.train.batch_size, 1, 0, 2, config.model.eod_token_id,
-                               expert_planner(config, step_cell), config.context.seed, True)
-    grads = None
-    for tokens, domains, *rest in reader.read(0, 0).micro_batches:
-        _, micro = step_cell.forward_backward(tokens, domains, ms.Tensor(1.0, ms.float32), *rest)
-        grads = micro if grads is None else [a + b for a, b in zip(grads, micro)]
-    names = [p.name for p in step_cell.apply_gradients.optimizer.parameters]
-    expected = {name: grad.asnumpy() for name, grad in zip(names, grads)}
-    merged = {}
-    for name, whole in expected.items():
-        merged[name] = np.full(whole.shape, np.nan, np.float32)
-        for found, topology in zip(ranks, topologies):
-            piece = found[f"grad:{name}"]
-            assert full_shape(name, piece.shape, topology, True) == whole.shape, name
-            merged[name][piece_of(name, whole.shape, piece.shape, topology, True)] = piece
-    assert set(merged) == {key[5:] for key in ranks[0] if key.startswith("grad:")}
-    assert_close_to_scale([merged[n] for n in names], [expected[n] for n in names], REL, "gradients")
+    for index, single in enumerate(singles):
+        expected = _one_process_first_gradients(single)
+        merged = {}
+        for name, whole in expected.items():
+            merged[name] = np.full(whole.shape, np.nan, np.float32)
+            for found, topology in zip(ranks, topologies):
+                piece = found[f"grad{index}:{name}"]
+                assert full_shape(name, piece.shape, topology, True) == whole.shape, name
+                merged[name][piece_of(name, whole.shape, piece.shape, topology, True)] = piece
+        prefix = f"grad{index}:"
+        assert set(merged) == {key[len(prefix):] for key in ranks[0] if key.startswith(prefix)}
+        assert_close_to_scale([merged[n] for n in expected], list(expected.values()), REL, f"gradients {index}")
 
 
 @pytest.mark.slow
