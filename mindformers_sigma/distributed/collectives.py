@@ -79,15 +79,16 @@ class GroupGather(nn.Cell):
         return x.expand_dims(0)
 
 
-def _name(group: GroupRanks) -> Optional[str]:
+def group_name(group: GroupRanks) -> Optional[str]:
+    """The group's name, or None for a group of one rank (nothing to sum over)."""
     return group[0] if len(group[1]) > 1 else None
 
 
 def _sum(forward: GroupRanks = None, backward: GroupRanks = None) -> nn.Cell:
     """A GroupSum over these groups, or a plain identity where both are one rank (no custom backward, which
     would keep its inputs alive and stop the graph compiler's fusion)."""
-    forward_name = _name(forward) if forward else None
-    backward_name = _name(backward) if backward else None
+    forward_name = group_name(forward) if forward else None
+    backward_name = group_name(backward) if backward else None
     if forward_name is None and backward_name is None:
         return nn.Identity()
     return GroupSum(forward_name, backward_name)
@@ -131,7 +132,7 @@ class Sharding:
         return _sum(forward=self.topology.model_group())
 
     def gather_model(self) -> GroupGather:
-        return GroupGather(_name(self.topology.model_group()), self.model_parallel, self.model_index)
+        return GroupGather(group_name(self.topology.model_group()), self.model_parallel, self.model_index)
 
     def expert_dispatch(self) -> nn.Cell:
         """Tokens to the experts' owners (a summed gather over ep); the backward also sums the mp partial

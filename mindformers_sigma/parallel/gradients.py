@@ -15,13 +15,14 @@ from typing import Optional, Sequence
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from mindformers_sigma.distributed.collectives import group_name
 from mindformers_sigma.distributed.topology import Topology, slice_of
 from mindformers_sigma.model import names
 
 
 def _sum_over(group) -> Optional[ops.AllReduce]:
-    name, ranks = group
-    return ops.AllReduce(group=name) if len(ranks) > 1 else None
+    name = group_name(group)
+    return ops.AllReduce(group=name) if name else None
 
 
 class GradientReducer(nn.Cell):

@@ -24,7 +24,7 @@ from mindformers_sigma.checkpoint.description import description_fields
 from mindformers_sigma.checkpoint.restore import Placement, restore
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.context import ParallelInfo, configure_context
-from mindformers_sigma.distributed.collectives import Sharding
+from mindformers_sigma.distributed.collectives import Sharding, group_name
 from mindformers_sigma.parallel.gradients import GradientReducer, global_norm
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.ecss.offload import ExpertOffload, scratch_store
@@ -84,9 +84,8 @@ def build_train_step(config: SigmaConfig, frequency: Optional[np.ndarray],
                                     Sharding(topology, config.parallel.vocab_parallel))
     initialize(network, config, topology, skip_experts=ecss)
     apply_layout(config, network)  # recompute (parallel/strategies.py)
-    data_group = topology.data_group()
     loss_cell = TrainingLoss(network, aux_loss_coef(config), topology.data_parallel,
-                             config.train.grad_accumulation_steps, data_group[0] if len(data_group[1]) > 1 else None)
+                             config.train.grad_accumulation_steps, group_name(topology.data_group()))
     optimizer = build_optimizer(network, config.train, without_experts=ecss,
                                 topology=topology if config.parallel.optimizer_shard else None)
     slab = [p for p in network.trainable_params() if names.is_expert_parameter(p.name)] if ecss else []
