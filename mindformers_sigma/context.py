@@ -75,6 +75,13 @@ def device_id(device_target: str, environ=os.environ) -> Optional[int]:
     return int(text)
 
 
+def _unusable_device(err: RuntimeError, config: SigmaConfig) -> ConfigError:
+    first = (str(err).strip().splitlines() or [""])[0].split(". Please")[0]
+    return ConfigError("context.device_target", config.context.device_target,
+                       f"MindSpore cannot use it here ({first}); run where that device and its MindSpore are "
+                       f"installed, or set context.device_target: CPU", config.source)
+
+
 def configure_context(config: SigmaConfig) -> ParallelInfo:
     """Set device target, execution mode, parallel mode and seeds; returns this worker's rank."""
     ctx, parallel = config.context, config.parallel
@@ -86,10 +93,9 @@ def configure_context(config: SigmaConfig) -> ParallelInfo:
         else:
             ms.set_device(ctx.device_target, device)
     except RuntimeError as err:  # e.g. an Ascend config on a machine whose MindSpore has only the CPU backend
-        first = (str(err).strip().splitlines() or [""])[0].split(". Please")[0]
-        raise ConfigError("context.device_target", ctx.device_target,
-                          f"MindSpore cannot use it here ({first}); run where that device and its MindSpore are "
-                          f"installed, or set context.device_target: CPU", config.source) from None
+        # the same device already running kernels (an earlier command in this process) is not an error
+        if ms.get_context("device_target") != ctx.device_target or device is not None:
+            raise _unusable_device(err, config) from None
     ms.set_seed(ctx.seed)  # the same on every rank: replicas start from identical weights
     if parallel.mode == "stand_alone":
         return ParallelInfo()

@@ -8,5 +8,6 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e "${repo}[test]"
+# PANGU_SIGMA_EXTRAS: the package's extras to install (run/test.sh adds pangu-alpha)
+"$venv/bin/python" -m pip install --quiet -e "${repo}[${PANGU_SIGMA_EXTRAS:-test}]"
 echo "environment ready: $venv"

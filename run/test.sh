@@ -2,6 +2,6 @@
 # Fresh-machine tests: set up .venv, then run the whole suite (slow end-to-end tests included).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$repo/run/setup_env.sh"
+PANGU_SIGMA_EXTRAS="test,pangu-alpha" bash "$repo/run/setup_env.sh"
 cd "$repo"
 exec "$repo/.venv/bin/python" -m pytest "$@"

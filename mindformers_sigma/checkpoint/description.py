@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from mindformers_sigma.config import ConfigError, SigmaConfig, config_from_dict, config_to_dict, load_config
-from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
+from mindformers_sigma.tokenizer.kinds import DEFAULT_KIND, AnyTokenizer, load_tokenizer
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.checkpoint import files as ckpt
 
@@ -31,14 +31,14 @@ def _digest(fields: dict) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
-def description_fields(config: SigmaConfig, domain_names: List[str], tokenizer_model: Optional[bytes]) -> dict:
-    """The sidecar fields that describe a run: its config, domain names, the tokenizer model (None for
-    synthetic data) and a sha256 over the three, so a damaged description is caught, not used."""
-    tokenizer = None
-    if tokenizer_model is not None:
-        tokenizer = {"sha256": hashlib.sha256(tokenizer_model).hexdigest(),
-                     "model_base64": base64.b64encode(tokenizer_model).decode()}
-    fields = {CONFIG: config_to_dict(config), DOMAINS: list(domain_names), TOKENIZER: tokenizer}
+def description_fields(config: SigmaConfig, domain_names: List[str], tokenizer: Optional[AnyTokenizer]) -> dict:
+    """The sidecar fields that describe a run: its config, domain names, the tokenizer (its kind and model
+    file; None for synthetic data) and a sha256 over the three, so a damaged description is caught, not used."""
+    record = None
+    if tokenizer is not None:
+        record = {"kind": tokenizer.kind, "sha256": hashlib.sha256(tokenizer.model_bytes).hexdigest(),
+                  "model_base64": base64.b64encode(tokenizer.model_bytes).decode()}
+    fields = {CONFIG: config_to_dict(config), DOMAINS: list(domain_names), TOKENIZER: record}
     return dict(fields, **{DESCRIPTION_SHA256: _digest(fields)})
 
 
@@ -49,12 +49,26 @@ class Description:
     info: ckpt.CheckpointInfo
     config: SigmaConfig
     domains: List[str]
-    tokenizer: Optional[Tokenizer]  # None: trained on synthetic token ids
+    tokenizer: Optional[AnyTokenizer]  # None: trained on synthetic token ids
 
     @property
     def tokenizer_model(self) -> Optional[bytes]:
         """The tokenizer's model file, as written next to data and models (None: synthetic ids)."""
         return self.tokenizer.model_bytes if self.tokenizer is not None else None
+
+    @property
+    def one_domain(self) -> bool:
+        """Whatever the domain id, the model computes the same: it is dense, or has one domain."""
+        return self.config.model.sparse_layers == 0 or self.config.moe.num_domains == 1
+
+    def chosen_domain(self, name: Optional[str], flag: str = "--domain") -> int:
+        """The id of domain ``name``; without a name, 0 for a model with :attr:`one_domain`, else one line."""
+        if name is not None:
+            return self.domain_id(name, flag)
+        if self.one_domain:
+            return 0
+        raise DataError(f"{flag}: {self.info.weights_path} has {len(self.domains)} domains with their own experts "
+                        f"({', '.join(self.domains)}); name the one to use")
 
     def domain_id(self, name: str, flag: str = "--domain") -> int:
         """The id of domain ``name``; an unknown name is one line listing the known ones."""
@@ -85,21 +99,22 @@ def _sidecar_of(path: str, flag: str) -> str:
     return stem + ".json"
 
 
-def _tokenizer_from(record: dict, where: str) -> Tokenizer:
+def _tokenizer_from(record: dict, where: str) -> AnyTokenizer:
     try:
         model = base64.b64decode(record["model_base64"], validate=True)
         expected = record["sha256"]
-    except (KeyError, TypeError, binascii.Error):
+        kind = record.get("kind", DEFAULT_KIND)
+    except (KeyError, TypeError, AttributeError, binascii.Error):
         raise DataError(f"{where}: its tokenizer field is damaged; pass --data with the prepare-data folder "
                         f"the run trained on") from None
     if hashlib.sha256(model).hexdigest() != expected:
         raise DataError(f"{where}: its tokenizer does not match its sha256 (damaged); pass --data with the "
                         f"prepare-data folder the run trained on")
-    return Tokenizer(model, f"{where} (tokenizer)")
+    return load_tokenizer(model, f"{where} (tokenizer)", kind)
 
 
 def describe_checkpoint(path: str, config_path: Optional[str] = None,
-                        trained_on: Optional[Callable[[], Tuple[List[str], Tokenizer]]] = None,
+                        trained_on: Optional[Callable[[], Tuple[List[str], AnyTokenizer]]] = None,
                         flag: str = "--ckpt") -> Description:
     """The checkpoint at ``path`` (weights file or sidecar, verified against its sha256) and what it was trained
     with; ``config_path`` / ``trained_on`` (reads the domain names and tokenizer of a ``--data`` folder:

@@ -19,6 +19,7 @@ from mindformers_sigma.model import names
 from mindformers_sigma.model.pangu_sigma import PanGuSigmaForCausalLM
 from mindformers_sigma.checkpoint import files as ckpt
 from mindformers_sigma.checkpoint.description import Description, description_fields
+from mindformers_sigma.tokenizer.kinds import AnyTokenizer
 
 
 def require_sparse_parameters(weights: Mapping[str, object], config: SigmaConfig, source: str) -> None:
@@ -79,8 +80,8 @@ def load_model(description: Description) -> PanGuSigmaForCausalLM:
 
 
 def write_model(path: str, weights: Dict[str, np.ndarray], config: SigmaConfig, domains: List[str],
-                tokenizer_model: Optional[bytes], made_by: str) -> None:
+                tokenizer: Optional[AnyTokenizer], made_by: str) -> None:
     """A weights-only, self-describing checkpoint at ``path`` (``NAME.ckpt`` or ``NAME.safetensors`` and
     ``NAME.json``), written atomically; ``made_by`` records the command that made it."""
-    ckpt.save_weights_only(path, weights, dict(description_fields(config, domains, tokenizer_model),
+    ckpt.save_weights_only(path, weights, dict(description_fields(config, domains, tokenizer),
                                                made_by=made_by))

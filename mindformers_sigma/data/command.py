@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import Tuple
 
 from mindformers_sigma.arg_types import integer_in, number_in, positive_int
 from mindformers_sigma.errors import UserError, one_line
@@ -23,7 +24,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-length", type=int, required=True, help="model sequence length L (samples hold L+1)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--vocab-size", type=positive_int, help="train a SentencePiece model of this size")
-    source.add_argument("--tokenizer", help="use this SentencePiece model instead, or the one a checkpoint "
+    source.add_argument("--tokenizer", help="use this SentencePiece model instead (this project's, or PanGu-α's "
+                                            "vocab.model, told apart by its pieces), or the one a checkpoint "
                                             "(.ckpt/.safetensors/.json) carries")
     parser.add_argument("--holdout", type=number_in("[0, 1)", "a fraction"), default=0.0, metavar="FRACTION",
                         help="set this share of each domain's documents aside, whole, as the held-out split "
@@ -31,8 +33,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-seed", type=integer_in(0, 2 ** 31 - 1), default=0, help="which documents are held out")
 
 
-def _checkpoint_tokenizer(checkpoint: str, target: str) -> str:
-    """``--tokenizer CKPT``: the tokenizer a checkpoint's description carries, written to ``target``."""
+def _checkpoint_tokenizer(checkpoint: str, target: str) -> Tuple[str, str]:
+    """``--tokenizer CKPT``: the tokenizer a checkpoint's description carries, written to ``target``, and its kind."""
     from mindformers_sigma.checkpoint.description import describe_checkpoint
 
     described = describe_checkpoint(checkpoint, flag="--tokenizer")
@@ -41,18 +43,18 @@ def _checkpoint_tokenizer(checkpoint: str, target: str) -> str:
                         f"tokenizer; give a .model file")
     with open(target, "wb") as handle:
         handle.write(described.tokenizer.model_bytes)
-    return target
+    return target, described.tokenizer.kind
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from mindformers_sigma.data.prepare import parse_domain_args, parse_include_args, prepare_data
 
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = args.tokenizer
+        tokenizer, kind = args.tokenizer, None
         if tokenizer is not None and tokenizer.endswith((".json", ".ckpt", ".safetensors")):
-            tokenizer = _checkpoint_tokenizer(tokenizer, os.path.join(scratch, "tokenizer.model"))
+            tokenizer, kind = _checkpoint_tokenizer(tokenizer, os.path.join(scratch, "tokenizer.model"))
         manifest = prepare_data(parse_domain_args(args.domain), args.out, args.seq_length,
-                                vocab_size=args.vocab_size, tokenizer_path=tokenizer,
+                                vocab_size=args.vocab_size, tokenizer_path=tokenizer, tokenizer_kind=kind,
                                 include=parse_include_args(args.include), holdout=args.holdout,
                                 holdout_seed=args.holdout_seed)
     for domain in manifest["domains"]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Set, Tuple
 
 from mindformers_sigma.checksum import file_sha256
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
+from mindformers_sigma.tokenizer.kinds import DEFAULT_KIND, KINDS, AnyTokenizer, read_tokenizer
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -115,6 +115,8 @@ def validate_manifest(manifest: Any, path: str) -> Dict[str, Any]:
     check.sha256(tokenizer, "sha256", "tokenizer")
     vocab_size = check.count(tokenizer, "vocab_size", "tokenizer", minimum=1)
     check.value(tokenizer, "trained", bool, "tokenizer")
+    if tokenizer.get("kind", DEFAULT_KIND) not in KINDS:
+        check.fail("tokenizer.kind", f"is {_describe(tokenizer['kind'])}, expected one of {', '.join(sorted(KINDS))}")
     eod = check.count(manifest, "eod_token_id", "")
     if eod >= vocab_size:
         check.fail("eod_token_id", f"is {eod}, outside the tokenizer vocabulary of {vocab_size}")
@@ -272,9 +274,19 @@ def files_written_by_prepare(data_dir: str) -> Optional[Set[str]]:
     return owned
 
 
-def domains_and_tokenizer(data_dir: str) -> Tuple[List[str], Tokenizer]:
+def tokenizer_kind(manifest: Dict[str, Any]) -> str:
+    """The kind of a validated manifest's tokenizer (``tokenizer/kinds.py``; older manifests name none)."""
+    return manifest["tokenizer"].get("kind", DEFAULT_KIND)
+
+
+def read_corpus_tokenizer(data_dir: str, manifest: Dict[str, Any]) -> AnyTokenizer:
+    """The tokenizer a prepared folder was tokenized with."""
+    return read_tokenizer(os.path.join(data_dir, manifest["tokenizer"]["file"]), tokenizer_kind(manifest))
+
+
+def domains_and_tokenizer(data_dir: str) -> Tuple[List[str], AnyTokenizer]:
     """A prepared folder's domain names in id order and its tokenizer (what an older checkpoint, which
     does not record them, was trained with)."""
     manifest = load_manifest(data_dir)
     domains = [domain["name"] for domain in sorted(manifest["domains"], key=lambda d: d["id"])]
-    return domains, Tokenizer.from_file(os.path.join(data_dir, manifest["tokenizer"]["file"]))
+    return domains, read_corpus_tokenizer(data_dir, manifest)

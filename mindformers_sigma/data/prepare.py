@@ -30,6 +30,7 @@ from mindformers_sigma.checksum import file_sha256
 from mindformers_sigma.data.manifest import (HELDOUT, INDEX_SUFFIX, MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE,
                                              files_written_by_prepare, is_domain_name)
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.kinds import AnyTokenizer, read_tokenizer
 from mindformers_sigma.tokenizer.sentencepiece_bpe import EOD_ID, Tokenizer, train_tokenizer
 
 DEFAULT_PATTERNS = ("*.txt", "*.jsonl")
@@ -319,11 +320,11 @@ def split_heldout(documents: List[str], fraction: float, seed: int, domain_id: i
             [doc for i, doc in enumerate(documents) if i in chosen])
 
 
-def _pack_and_write(tmp: str, tokenizer: Tokenizer, documents: List[str], domain_id: int, name: str,
+def _pack_and_write(tmp: str, tokenizer: AnyTokenizer, documents: List[str], domain_id: int, name: str,
                     sample_length: int, prefix: str = "") -> Tuple[dict, np.ndarray, int]:
     """Tokenize, pack and write one split of one domain: (manifest counts and shards, samples, stream tokens)."""
     token_docs = [tokenizer.encode(doc) for doc in documents]
-    samples = pack_samples(token_docs, sample_length)
+    samples = pack_samples(token_docs, sample_length, tokenizer.eod_id)
     shards = _write_shards(tmp, domain_id, name, samples, prefix)
     stream_tokens = sum(len(doc) + 1 for doc in token_docs)
     entry = {"documents": len(documents), "tokens": stream_tokens, "samples": int(samples.shape[0]),
@@ -334,9 +335,10 @@ def _pack_and_write(tmp: str, tokenizer: Tokenizer, documents: List[str], domain
 
 def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: int,
                  vocab_size: Optional[int] = None, tokenizer_path: Optional[str] = None,
-                 include: Sequence[str] = (), holdout: float = 0.0, holdout_seed: int = 0) -> dict:
+                 tokenizer_kind: Optional[str] = None, include: Sequence[str] = (), holdout: float = 0.0, holdout_seed: int = 0) -> dict:
     """Run the whole pipeline and return the manifest that was written to ``out_dir``.
 
+    ``tokenizer_kind``: the kind of the ``tokenizer_path`` model (``tokenizer/kinds.py``); None recognises it.
     ``include`` adds file-name patterns to the default ``*.txt``/``*.jsonl`` for folders and globs.
     ``holdout``: the share of each domain's documents set aside, whole, into the held-out split
     (``heldout-*`` shards, each domain's ``heldout`` manifest entry); the tokenizer, the training
@@ -364,12 +366,10 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
         domain.documents, held = split_heldout(domain.documents, holdout, holdout_seed, domain_id)
         heldout_documents.append(held)
     if tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-        with open(tokenizer_path, "rb") as handle:
-            model_bytes = handle.read()
+        tokenizer = read_tokenizer(tokenizer_path, tokenizer_kind)
     else:
-        model_bytes = _train(read, vocab_size)
-        tokenizer = Tokenizer(model_bytes)
+        tokenizer = Tokenizer(_train(read, vocab_size))
+    model_bytes = tokenizer.model_bytes
 
     manifest_domains = []
     with atomic_directory(out_path) as tmp:
@@ -402,9 +402,9 @@ def prepare_data(domains: Sequence[Tuple[str, str]], out_dir: str, seq_length: i
             "format": MANIFEST_FORMAT,
             "seq_length": seq_length,
             "sample_length": seq_length + 1,
-            "eod_token_id": EOD_ID,
-            "tokenizer": {"file": TOKENIZER_FILE, "sha256": hashlib.sha256(model_bytes).hexdigest(),
-                          "vocab_size": tokenizer.vocab_size,
+            "eod_token_id": tokenizer.eod_id,
+            "tokenizer": {"file": TOKENIZER_FILE, "kind": tokenizer.kind,
+                          "sha256": hashlib.sha256(model_bytes).hexdigest(), "vocab_size": tokenizer.vocab_size,
                           "trained": tokenizer_path is None},
             "domains": manifest_domains,
             **({"holdout": {"fraction": holdout, "seed": holdout_seed}} if holdout > 0 else {}),

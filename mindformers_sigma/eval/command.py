@@ -24,7 +24,7 @@ def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
 def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a checkpoint")
     parser.add_argument("--task", required=True, help="a .jsonl task: {context, choices, label} or {context, answer}")
-    parser.add_argument("--domain", required=True, help="the domain whose experts answer")
+    parser.add_argument("--domain", help="the domain whose experts answer (optional for a dense or one-domain model)")
     parser.add_argument("--norm", choices=["none", "tokens", "chars"], default="tokens",
                         help="divide a choice's loss by nothing, its tokens or its characters")
     parser.add_argument("--batch-size", type=integer_in(1, 4096), default=16)
@@ -66,9 +66,11 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if corpus.vocab_size > config.model.vocab_size:
         raise DataError(f"--data {args.data}: its tokenizer has {corpus.vocab_size} tokens, the model "
                         f"{config.model.vocab_size}; prepare it with prepare-data --tokenizer {args.ckpt}")
-    evaluated = [(name, described.domains.index(name), samples) for name, samples in zip(corpus.names, corpus.samples)
-                 if name in described.domains and samples.shape[0]]
-    skipped = [name for name in corpus.names if name not in described.domains]
+    # a dense or one-domain model computes the same for every domain id, so it scores every domain of the corpus
+    known = corpus.names if described.one_domain else described.domains
+    evaluated = [(name, described.domains.index(name) if name in described.domains else 0, samples)
+                 for name, samples in zip(corpus.names, corpus.samples) if name in known and samples.shape[0]]
+    skipped = [name for name in corpus.names if name not in known]
     if not evaluated:
         raise DataError(f"--data {args.data}: none of its domains ({', '.join(corpus.names)}) with {args.split} "
                         f"samples is a domain of the checkpoint ({', '.join(described.domains)})")
@@ -92,19 +94,20 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from mindformers_sigma.eval.zeroshot import evaluate, read_task
 
     described = describe_checkpoint(args.ckpt)
-    domain_id = described.domain_id(args.domain)
+    domain_id = described.chosen_domain(args.domain)
     if described.tokenizer is None:
         raise DataError(f"--ckpt {args.ckpt}: trained on synthetic token ids, so it has no tokenizer for text tasks")
     records = read_task(args.task)
     result = evaluate(_scorer(described), described.tokenizer, records, domain_id, described.config.model.seq_length,
                       args.norm, args.batch_size)
     if args.json:
-        print(json.dumps(dict(result.as_dict(), task=args.task, domain=args.domain, norm=args.norm), indent=1))
+        print(json.dumps(dict(result.as_dict(), task=args.task, domain=described.domains[domain_id], norm=args.norm),
+                         indent=1))
     else:
         low, high = result.interval()
         chance = f"; chance {result.chance:.3f}" if result.chance is not None else ""
         print(f"{args.task}: accuracy {result.accuracy:.3f} (95% CI {low:.3f}-{high:.3f}) on {result.records} "
-              f"records, domain {args.domain}, norm {args.norm}{chance}")
+              f"records, domain {described.domains[domain_id]}, norm {args.norm}{chance}")
     return 0
 
 
@@ -112,7 +115,7 @@ def run_make_task(args: argparse.Namespace) -> int:
     from mindformers_sigma.atomic import write_bytes_atomic
     from mindformers_sigma.data.dataset import PreparedCorpus
     from mindformers_sigma.eval.make_task import make_records
-    from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
+    from mindformers_sigma.data.manifest import read_corpus_tokenizer
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"--out {args.out}: its folder does not exist; create it first")
@@ -127,7 +130,7 @@ def run_make_task(args: argparse.Namespace) -> int:
                         f"contexts would be cut; lower them")
     if args.domain not in corpus.names:
         raise DataError(f"--domain {args.domain!r}: not a domain of {args.data}; known: {', '.join(corpus.names)}")
-    tokenizer = Tokenizer.from_file(os.path.join(args.data, corpus.manifest["tokenizer"]["file"]))
+    tokenizer = read_corpus_tokenizer(args.data, corpus.manifest)
     records = make_records(corpus.samples[corpus.names.index(args.domain)], tokenizer, args.domain, args.choices,
                            args.n, args.context_tokens, args.continuation_tokens, args.seed)
     write_bytes_atomic(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))

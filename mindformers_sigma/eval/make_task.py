@@ -18,10 +18,10 @@ import numpy as np
 
 from mindformers_sigma.data.prepare import unpack_documents
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
+from mindformers_sigma.tokenizer.kinds import AnyTokenizer
 
 
-def make_records(samples: np.ndarray, tokenizer: Tokenizer, domain: str, choices: int, count: int,
+def make_records(samples: np.ndarray, tokenizer: AnyTokenizer, domain: str, choices: int, count: int,
                  context_tokens: int, continuation_tokens: int, seed: int) -> List[dict]:
     """Up to ``count`` records from the held-out ``samples`` of ``domain``.
 

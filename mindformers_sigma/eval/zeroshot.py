@@ -21,7 +21,7 @@ import numpy as np
 
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.eval.scoring import TokenLogProbs, score_rows
-from mindformers_sigma.tokenizer.sentencepiece_bpe import EOD_ID, Tokenizer
+from mindformers_sigma.tokenizer.kinds import AnyTokenizer
 
 NORMS = ("none", "tokens", "chars")
 MAX_TASK_BYTES = 256 * 2 ** 20
@@ -112,7 +112,7 @@ class ZeroShotResult:
                 "ci95": [low, high], "chance": self.chance}
 
 
-def continuation_rows(tokenizer: Tokenizer, context: str, continuation: str, seq_length: int, where: str):
+def continuation_rows(tokenizer: AnyTokenizer, context: str, continuation: str, seq_length: int, where: str):
     """(row tokens, number of continuation tokens): context then continuation, the context cut from the left to fit."""
     context_ids, continuation_ids = tokenizer.encode(context), tokenizer.encode(continuation)
     if not continuation_ids:
@@ -123,11 +123,11 @@ def continuation_rows(tokenizer: Tokenizer, context: str, continuation: str, seq
     room = seq_length + 1 - len(continuation_ids)
     context_ids = context_ids[-room:] if context_ids else []
     if not context_ids:
-        context_ids = [EOD_ID]  # no context: condition on a document boundary
+        context_ids = [tokenizer.eod_id]  # no context: condition on a document boundary
     return context_ids + continuation_ids, len(continuation_ids)
 
 
-def evaluate(scorer: TokenLogProbs, tokenizer: Tokenizer, records: List[Record], domain_id: int, seq_length: int,
+def evaluate(scorer: TokenLogProbs, tokenizer: AnyTokenizer, records: List[Record], domain_id: int, seq_length: int,
              norm: str, batch_size: int) -> ZeroShotResult:
     rows, spans, owners = [], [], []
     for index, record in enumerate(records):

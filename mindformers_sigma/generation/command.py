@@ -14,7 +14,8 @@ from mindformers_sigma.one_line_parser import Command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a checkpoint (its .ckpt/.safetensors file or .json sidecar)")
-    parser.add_argument("--domain", required=True, help="the domain whose experts generate (its name)")
+    parser.add_argument("--domain", help="the domain whose experts generate (its name; optional for a dense or "
+                                         "one-domain model)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
     prompt.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line (empty lines skipped)")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_of(args)
     described = describe_checkpoint(args.ckpt, args.config,
                                     functools.partial(domains_and_tokenizer, args.data) if args.data else None)
-    domain_id = described.domain_id(args.domain)
+    domain_id = described.chosen_domain(args.domain)
     model_config = described.config.model
     texts = read_prompt_file(args.prompt_file) if args.prompt_file is not None else [("--prompt", args.prompt)]
     prompts = encode_prompts(texts, described.tokenizer, model_config.seq_length, model_config.eod_token_id)
@@ -77,4 +78,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (Command("generate", "continue prompts with a checkpoint's model (KV-cached decoding)", add_arguments, run),)
+def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="a checkpoint whose tokenizer to use")
+    parser.add_argument("--text", required=True, help="the text to encode")
+    parser.add_argument("--json", action="store_true", help='print {"ids": [...]} instead of the ids on one line')
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    import json
+
+    from mindformers_sigma.checkpoint.description import describe_checkpoint
+    from mindformers_sigma.errors import DataError
+
+    described = describe_checkpoint(args.ckpt)
+    if described.tokenizer is None:
+        raise DataError(f"--ckpt {args.ckpt}: its model was trained on synthetic token ids and has no tokenizer")
+    ids = described.tokenizer.encode(args.text)
+    print(json.dumps({"ids": ids}) if args.json else " ".join(map(str, ids)))
+    return 0
+
+
+COMMANDS = (Command("generate", "continue prompts with a checkpoint's model (KV-cached decoding)", add_arguments, run),
+            Command("tokenize", "the token ids a checkpoint's tokenizer gives a text", add_tokenize_arguments,
+                    run_tokenize))

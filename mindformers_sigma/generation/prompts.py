@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from mindformers_sigma.errors import DataError
-from mindformers_sigma.tokenizer.sentencepiece_bpe import Tokenizer
+from mindformers_sigma.tokenizer.kinds import AnyTokenizer
 
 MAX_PROMPT_FILE_BYTES = 64 * 2 ** 20
 
@@ -32,7 +32,7 @@ def read_prompt_file(path: str) -> List[Tuple[str, str]]:
     return prompts
 
 
-def encode_prompts(prompts: List[Tuple[str, str]], tokenizer: Optional[Tokenizer], seq_length: int,
+def encode_prompts(prompts: List[Tuple[str, str]], tokenizer: Optional[AnyTokenizer], seq_length: int,
                    eod_token_id: int) -> List[List[int]]:
     """Token ids per prompt; an empty prompt, one holding the end-of-document token, or one too long to
     leave room for a new token is one line naming it."""
@@ -45,8 +45,8 @@ def encode_prompts(prompts: List[Tuple[str, str]], tokenizer: Optional[Tokenizer
         if not ids:
             raise DataError(f"{where}: the prompt is empty; give some text to continue")
         if eod_token_id in ids:
-            raise DataError(f"{where}: the prompt holds the end-of-document token (text '<eod>'); a prompt is "
-                            f"one document, remove it")
+            raise DataError(f"{where}: the prompt holds the end-of-document token (id {eod_token_id}); a prompt "
+                            f"is one document, remove it")
         if len(ids) >= seq_length:
             raise DataError(f"{where}: the prompt is {len(ids)} tokens, the model's sequence length is "
                             f"{seq_length}; shorten it to at most {seq_length - 1} tokens")

@@ -12,32 +12,9 @@ import numpy as np
 
 from mindformers_sigma.arg_types import integer_in, number_in
 from mindformers_sigma.atomic import remove_stale_temporaries
+from mindformers_sigma.checkpoint.target import checkpoint_target
 from mindformers_sigma.errors import DataError, UserError, one_line
 from mindformers_sigma.one_line_parser import Command
-
-
-def _checkpoint_target(path: str) -> str:
-    """--out for a checkpoint: NAME.ckpt or NAME.safetensors in an existing folder, not yet taken."""
-    from mindformers_sigma.checkpoint.files import file_step
-
-    if not path.endswith((".ckpt", ".safetensors")):
-        raise UserError(f"--out {path}: name the checkpoint file to write, ending in .ckpt or .safetensors")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {path}: its folder {folder} does not exist; create it first")
-    sidecar = os.path.splitext(path)[0] + ".json"
-    if os.path.exists(sidecar):
-        raise UserError(f"--out {path}: {sidecar} exists; choose a new name (nothing is overwritten)")
-    if os.path.isdir(path):
-        raise UserError(f"--out {path}: is a folder; name the checkpoint file to write")
-    if file_step(os.path.basename(path)) is not None:
-        raise UserError(f"--out {path}: step_N names belong to a training run's checkpoints (--resume auto would take "
-                        f"this weights-only file for step N); choose another name")
-    if os.path.lexists(path):  # without a sidecar: another tool's checkpoint, or what a killed write left
-        raise UserError(f"--out {path}: exists (without a sidecar {os.path.basename(sidecar)}); choose a new name, "
-                        f"or remove it if it is a killed write's leftover (nothing is overwritten)")
-    remove_stale_temporaries(folder, re.escape(os.path.basename(path)) + "|" + re.escape(os.path.basename(sidecar)))
-    return path
 
 
 def add_inherit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +117,7 @@ def run_inherit(args: argparse.Namespace) -> int:
     from mindformers_sigma.lifecycle.inherit import check_same_backbone, inherit_weights
     from mindformers_sigma.parallel.layouts import parameter_layouts
 
-    target = _checkpoint_target(args.out)
+    target = checkpoint_target(args.out)
     sigma = load_config(args.config)
     dense = describe_checkpoint(args.dense, args.dense_config, flag="--dense")
     check_same_backbone(dense.config, sigma, args.dense)
@@ -153,7 +130,7 @@ def run_inherit(args: argparse.Namespace) -> int:
         print("inherit: no --token-frequency: the routing tables are drawn uniformly (moe.table_balance frequency "
               "needs the data's token counts)", file=sys.stderr)
     weights = inherit_weights(model_weights(dense), args.dense, sigma, shapes, frequency, args.noise_std, args.seed)
-    write_model(target, weights, sigma, domains, dense.tokenizer_model,
+    write_model(target, weights, sigma, domains, dense.tokenizer,
                 f"inherit --dense {dense.info.weights_path} --config {args.config} --noise-std {args.noise_std} "
                 f"--seed {args.seed}" + (f" --token-frequency {args.token_frequency}" if args.token_frequency else ""))
     print(f"wrote {target}: {_count(sigma):,} parameters; every expert of the {sigma.model.sparse_layers} sparse "
@@ -177,7 +154,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
     with atomic_directory(args.out) as folder:
         write_model(os.path.join(folder, "model.ckpt"), weights, config, [args.domain],
-                    described.tokenizer_model, f"extract --ckpt {described.info.weights_path} --domain "
+                    described.tokenizer, f"extract --ckpt {described.info.weights_path} --domain "
                                                      f"{args.domain}")
         with open(os.path.join(folder, "config.yaml"), "w", encoding="utf-8") as handle:
             yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
@@ -195,7 +172,7 @@ def run_add_domain(args: argparse.Namespace) -> int:
     from mindformers_sigma.checkpoint.model import model_weights, write_model
     from mindformers_sigma.lifecycle.add_domain import DENSE_INIT, add_domain, grown_config
 
-    target = _checkpoint_target(args.out)
+    target = checkpoint_target(args.out)
     described = describe_checkpoint(args.ckpt)
     config = described.config
     _require_experts(described, args.ckpt)
@@ -211,7 +188,7 @@ def run_add_domain(args: argparse.Namespace) -> int:
     seed = config.moe.routing_seed if args.seed is None else args.seed
     weights = add_domain(config, model_weights(described), init_from, frequency, seed)
     grown = grown_config(config)
-    write_model(target, weights, grown, described.domains + [args.name], described.tokenizer_model,
+    write_model(target, weights, grown, described.domains + [args.name], described.tokenizer,
                 f"add-domain --ckpt {described.info.weights_path} --name {args.name} --init-from {args.init_from}")
     print(one_line(f"wrote {target}: domain {args.name!r} is id {config.moe.num_domains}, {grown.moe.num_experts} "
                    f"experts per sparse layer; routing rows drawn with seed {seed}"

@@ -18,7 +18,7 @@ from mindformers_sigma.model import names
 from mindformers_sigma.model.pangu_sigma import build_routing_tables
 
 BACKBONE_KEYS = ("vocab_size", "hidden_size", "num_heads", "ffn_hidden_size", "num_layers", "seq_length",
-                 "eod_token_id", "layernorm_epsilon")
+                 "eod_token_id", "layernorm_epsilon", "activation")
 
 
 def check_same_backbone(dense: SigmaConfig, sigma: SigmaConfig, dense_source: str) -> None:

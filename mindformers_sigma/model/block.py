@@ -45,7 +45,8 @@ class DecoderLayer(nn.Cell):
         if sparse:
             self.ffn = MoELayer(model, config.moe, routing_table, expert_slots, sharding)
         else:
-            self.ffn = FeedForward(model.hidden_size, model.ffn_hidden_size, model.init_std, dtype, sharding)
+            self.ffn = FeedForward(model.hidden_size, model.ffn_hidden_size, model.init_std, dtype, sharding,
+                                   model.activation)
         self.attention_dropout = SeededDropout(model.dropout_rate, first_site + 1)
         self.ffn_dropout = SeededDropout(model.dropout_rate, first_site + 2)
 

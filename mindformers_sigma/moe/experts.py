@@ -1,4 +1,4 @@
-"""A bank of fast-GeLU FFN experts computed together with BatchMatMul over the expert axis."""
+"""A bank of GeLU FFN experts (``model.activation``) computed together with BatchMatMul over the expert axis."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from mindformers_sigma.activations import fast_gelu
+from mindformers_sigma.activations import ACTIVATIONS
 
 
 class BatchedExperts(nn.Cell):
@@ -19,10 +19,11 @@ class BatchedExperts(nn.Cell):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
-                 compute_dtype=ms.float32, reduce: Optional[nn.Cell] = None):
+                 compute_dtype=ms.float32, reduce: Optional[nn.Cell] = None, activation: str = "fast_gelu"):
         """Under model parallelism ``ffn_hidden_size`` is this rank's F / mp, and ``reduce`` sums the
         partial outputs over mp before the (whole) ``b2`` is added."""
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         self.compute_dtype = compute_dtype
         self.reduce = reduce
         self.w1 = Parameter(initializer(Normal(init_std), (num_experts, hidden_size, ffn_hidden_size), ms.float32), name="w1")
@@ -46,7 +47,7 @@ class BatchedExperts(nn.Cell):
             w2 = ops.gather(w2, slot_expert, 0)
             b2 = ops.gather(b2, slot_expert, 0)
         hidden = self.up(buffers.astype(dtype), w1.astype(dtype)) + b1.astype(dtype)
-        hidden = fast_gelu(hidden)
+        hidden = self.activation(hidden)
         output = self.down(hidden, w2.astype(dtype))
         if self.reduce is not None:
             output = self.reduce(output)

@@ -44,7 +44,7 @@ class MoELayer(nn.Cell):
         self.local_experts = moe.num_experts // sharding.expert_parallel
         self.experts = BatchedExperts(
             expert_slots or self.local_experts, model.hidden_size, model.ffn_hidden_size // sharding.model_parallel,
-            model.init_std, dtype_of(model.compute_dtype), reduce=sharding.reduce_from_model()
+            model.init_std, dtype_of(model.compute_dtype), reduce=sharding.reduce_from_model(), activation=model.activation
         )
         self.dispatch_exchange = sharding.expert_dispatch()
         self.combine_exchange = sharding.expert_combine()

@@ -14,6 +14,7 @@ import sentencepiece as spm
 
 from mindformers_sigma.errors import UserError
 
+KIND = "sentencepiece_bpe"
 EOD_PIECE = "<eod>"
 EOD_ID = 6
 # ids 0-3 are SentencePiece's own; 4-5 are reserved so that <eod> lands on PanGu-α's id 6.
@@ -54,17 +55,26 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
+def sentencepiece_processor(model_bytes: bytes, source: str, advice: str) -> spm.SentencePieceProcessor:
+    """The SentencePiece model in ``model_bytes``; garbage is one line naming ``source`` and ``advice``."""
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(model_bytes)
+    except Exception:  # sentencepiece raises RuntimeError/OSError variants for garbage input
+        raise TokenizerError(f"{source}: not a SentencePiece model; {advice}") from None
+    return processor
+
+
 class Tokenizer:
     """Encode/decode with a SentencePiece model whose ``<eod>`` id is 6."""
 
+    kind = KIND
+    eod_id = EOD_ID
+
     def __init__(self, model_bytes: bytes, source: str = "<tokenizer>"):
         self.source = source
-        processor = spm.SentencePieceProcessor()
-        try:
-            processor.LoadFromSerializedProto(model_bytes)
-        except Exception:  # sentencepiece raises RuntimeError/OSError variants for garbage input
-            raise TokenizerError(f"{source}: not a SentencePiece model; pass a .model file written by "
-                                 f"prepare-data or spm_train") from None
+        processor = sentencepiece_processor(model_bytes, source, "pass a .model file written by prepare-data or "
+                                                                 "spm_train")
         if processor.piece_to_id(EOD_PIECE) != EOD_ID:
             raise TokenizerError(f"{source}: {EOD_PIECE} has id {processor.piece_to_id(EOD_PIECE)}, "
                                  f"expected {EOD_ID}; train it with prepare-data --vocab-size")

@@ -194,7 +194,7 @@ def train(config: SigmaConfig, steps: Optional[int] = None, out_dir: Optional[st
         check_store_fits_on_disk(config, out_dir, parallel.group_size if config.context.device_target == "CPU" else 1)
     data = open_training_data(config, info.meta.get("domains") if info is not None else None)
     if info is not None:
-        check_same_tokenizer(info, data.tokenizer_model)
+        check_same_tokenizer(info, data.tokenizer.model_bytes if data.tokenizer is not None else None)
     folder = RunFolder(out_dir, parallel.is_main) if out_dir else None
     try:
         return _train_in(config, data, parallel, info, folder, overwrite, allow_config_change, say)
@@ -225,7 +225,7 @@ def _train_in(config: SigmaConfig, data: TrainingData, parallel: ParallelInfo, i
                                offload.stage if offload else None, topology.expert_parallel)
     peak = train_cfg.peak_flops or measure_matmul_peak()
     # what each checkpoint's sidecar says about the run (training/description.py)
-    description = description_fields(config, data.domain_names, data.tokenizer_model) if folder and parallel.is_main \
+    description = description_fields(config, data.domain_names, data.tokenizer) if folder and parallel.is_main \
         else {}
     flops_token = flops_per_token(config)
     tokens_per_step = train_cfg.batch_size * model.seq_length

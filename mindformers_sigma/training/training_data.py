@@ -12,8 +12,10 @@ import numpy as np
 
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.data.dataset import MixedCorpusSource, PreparedCorpus, SampleSchedule
+from mindformers_sigma.data.manifest import read_corpus_tokenizer
 from mindformers_sigma.data.synthetic import SyntheticSource
 from mindformers_sigma.errors import DataError
+from mindformers_sigma.tokenizer.kinds import AnyTokenizer
 
 SYNTHETIC_FINGERPRINT = "synthetic"
 
@@ -29,8 +31,8 @@ class TrainingData:
     # prepared samples (a moved or re-prepared identical folder is the same data), or "synthetic"
     # (then the config defines the data).
     fingerprint: str
-    # The prepared data's SentencePiece model (sha256-checked with the shards), None for synthetic data.
-    tokenizer_model: Optional[bytes] = None
+    # The prepared data's tokenizer (its file sha256-checked with the shards), None for synthetic data.
+    tokenizer: Optional[AnyTokenizer] = None
 
 
 def content_fingerprint(manifest: dict) -> str:
@@ -110,8 +112,5 @@ def open_training_data(config: SigmaConfig, model_domains: Optional[List[str]] =
             frequency = np.broadcast_to(counts.sum(0), frequency.shape).copy()  # domains without data: the total
             frequency[ids] = counts
     tokenizer_path = os.path.join(data.path, corpus.manifest["tokenizer"]["file"])
-    tokenizer = None
-    if os.path.isfile(tokenizer_path):
-        with open(tokenizer_path, "rb") as handle:
-            tokenizer = handle.read()
+    tokenizer = read_corpus_tokenizer(data.path, corpus.manifest) if os.path.isfile(tokenizer_path) else None
     return TrainingData(source, names, frequency, content_fingerprint(corpus.manifest), tokenizer)
