@@ -80,13 +80,34 @@ def _gelu(x):  # nn.GELU / P.GeLU: the tanh approximation
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def official_logits(tensors: dict, naming: str, ids: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """float64 logits [B, S, V] of the official computation (inference: no dropout, causal mask)."""
+def official_eod_reset(ids: np.ndarray, eod: int):
+    """(position ids, attention mask [B, S, S]) as the official dataset's ``get_input_data_batch_slice_map``
+    makes them with ``eod_reset``: positions restart after each EOD, and a token sees its own document's
+    earlier tokens only."""
+    batch, seq = ids.shape
+    positions = np.tile(np.arange(seq), (batch, 1))
+    mask = np.tile(np.tril(np.ones((seq, seq))), (batch, 1, 1))
+    for row in range(batch):
+        previous = 0
+        for index in np.flatnonzero(ids[row] == eod):
+            mask[row, index + 1:, :index + 1] = 0
+            positions[row, index + 1:] -= index + 1 - previous
+            previous = index + 1
+    return positions, mask
+
+
+def official_logits(tensors: dict, naming: str, ids: np.ndarray, dtype=np.float64, eod=None) -> np.ndarray:
+    """float64 logits [B, S, V] of the official computation (inference: no dropout); a causal mask, or with
+    ``eod`` the official EOD reset of positions and attention."""
     t = {name: value.astype(dtype) for name, value in tensors.items()}
     word, position, top_query = (t[name] for name in TABLES[naming])
     batch, seq = ids.shape
     head_dim = HIDDEN // HEADS
-    adder = ((1.0 - np.tril(np.ones((seq, seq)))) * -10000.0).astype(dtype)
+    if eod is None:
+        positions, mask = np.tile(np.arange(seq), (batch, 1)), np.tril(np.ones((seq, seq)))[None]
+    else:
+        positions, mask = official_eod_reset(ids, eod)
+    adder = ((1.0 - mask[:, None]) * -10000.0).astype(dtype)
 
     def heads(x):
         return x.reshape(batch, seq, HEADS, head_dim).transpose(0, 2, 1, 3)
@@ -108,12 +129,11 @@ def official_logits(tensors: dict, naming: str, ids: np.ndarray, dtype=np.float6
         hidden = _gelu(normed @ t[f"{prefix}.output.mapping.weight"] + t[f"{prefix}.output.mapping.bias"])
         return x + hidden @ t[f"{prefix}.output.projection.weight"] + t[f"{prefix}.output.projection.bias"]
 
-    positions = np.arange(seq)
     x = word[ids] + position[positions]
     for index in range(LAYERS - 1):
         x = block(f"backbone.blocks.{index}", x)
     x = _layer_norm(x, t["backbone.layernorm.gamma"], t["backbone.layernorm.beta"])
-    x = block("backbone.top_query_layer", x, query_source=np.broadcast_to(top_query[positions], x.shape))
+    x = block("backbone.top_query_layer", x, query_source=top_query[positions])
     return x @ word.T
 
 
@@ -420,3 +440,38 @@ def test_the_gelu_composition_equals_mindspores_gelu_kernel():
     x = ms.Tensor(np.linspace(-8, 8, 4001, dtype=np.float32))
     ours, kernel = gelu(x).asnumpy(), ops.GeLU()(x).asnumpy()
     np.testing.assert_allclose(ours, kernel, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(kernel).max())
+
+
+def test_eval_without_domain_scores_every_corpus_domain_as_the_official_computation(releases, tmp_path, capsys):
+    """A dense model has one domain, ``general``; it scores a corpus of other domains, with no --domain."""
+    from mindformers_sigma.data.dataset import PreparedCorpus
+
+    _, tensors, imported = releases["mindformers"]
+    sources = {"zh": [TEXTS[0], TEXTS[3]], "code": [TEXTS[2], TEXTS[1]]}
+    for name, documents in sources.items():
+        (tmp_path / name).mkdir()
+        for index, document in enumerate(documents):
+            (tmp_path / name / f"{index}.txt").write_text(document, encoding="utf-8")
+    prepared = tmp_path / "prepared"
+    assert _cli(capsys, "prepare-data", *[f"--domain={n}={tmp_path / n}" for n in sources], "--out", prepared,
+                "--seq-length", SEQ, "--tokenizer", imported)[0] == 0
+    code, out, err = _cli(capsys, "eval", "perplexity", "--ckpt", imported, "--data", prepared, "--split", "train",
+                          "--json")
+    assert code == 0, err
+    reported = json.loads(out)["domains"]
+    corpus = PreparedCorpus(str(prepared))
+    for name, samples in zip(corpus.names, corpus.samples):
+        assert (samples[:, :-1] == 9).any(axis=1).any()  # EOD inside a sample: the reset is exercised
+        logits = official_logits(tensors, "mindformers", samples[:, :-1], eod=9)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        picked = np.take_along_axis(log_probs, samples[:, 1:, None], -1)[..., 0]
+        counted = samples[:, :-1] != 9
+        assert reported[name]["tokens"] == counted.sum()
+        np.testing.assert_allclose(reported[name]["mean_nll"], -picked[counted].mean(), rtol=1e-5)
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "中国的首都是", "choices": ["北京", "长城"], "label": 0},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    code, out, err = _cli(capsys, "eval", "zeroshot", "--ckpt", imported, "--task", task, "--json")
+    assert code == 0, err
+    assert json.loads(out)["domain"] == "general"
