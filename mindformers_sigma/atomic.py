@@ -98,6 +98,20 @@ def atomic_file(path: str) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def scratch_directory(directory: str, name: str) -> Iterator[str]:
+    """A scratch folder in ``directory``, named as a temporary of ``name`` and removed after; one a killed
+    process left is removed by the next ``remove_stale_temporaries(directory, re.escape(name))``."""
+    try:
+        path = tempfile.mkdtemp(dir=directory, prefix=_prefix(name, "tmp"))
+    except OSError as err:
+        raise _about(err, directory, None) from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _about(err: OSError, path: str, tmp: Optional[str]) -> OSError:
     """The error as the user sees it: about ``path``, not the temporary name (a full disk names no file)."""
     if err.errno and (tmp is None or err.filename in (None, tmp)):

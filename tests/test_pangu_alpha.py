@@ -13,6 +13,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import socket
+import subprocess
 from types import SimpleNamespace
 
 import mindspore as ms
@@ -261,12 +264,36 @@ def test_a_two_shard_release_with_its_strategy_file_merges_to_the_same_logits(tm
         name: _strategy_item(axis, tensors[name].ndim) for name, axis in splits.items()}}))
     code, _, err = _import(capsys, folder, tmp_path / "one_file.ckpt")
     assert code == 2 and "--strategy" in err and err.count("\n") == 1  # parts without their strategy
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{}")
+    code, _, err = _import(capsys, folder, tmp_path / "one_file.ckpt", "--strategy", garbage)
+    assert code == 2 and "--strategy" in err and err.count("\n") == 1
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that no longer runs left its scratch folder behind (killed mid-merge)
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # as atomic.py names temporaries
+    stale = tmp_path / f".pangu-alpha-merge.tmp-{host}-{gone.pid}-abc"
+    (stale / "merged").mkdir(parents=True)
     out = tmp_path / "merged.ckpt"
     code, _, err = _import(capsys, folder, out, "--strategy", strategy)
     assert code == 0, err
     ids = _ids(5)
     _close(_our_logits(str(out), ids), official_logits(tensors, "pcl", ids))
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".pangu-alpha-merge")]  # scratch removed
+    assert not [p for p in os.listdir(tmp_path) if "pangu-alpha-merge" in p]  # this run's scratch and the stale one
+
+
+def test_a_release_folder_with_one_checkpoint_takes_pcls_tables_from_npy_files(tmp_path, capsys):
+    tensors = make_release("pcl", 13)
+    folder = tmp_path / "release"
+    folder.mkdir()
+    for table, file_name in zip(TABLES["pcl"], ("word_embedding.npy", "position_embedding.npy",
+                                                 "top_query_embedding.npy")):
+        np.save(folder / file_name, tensors[table])
+    save_release({n: v for n, v in tensors.items() if n not in TABLES["pcl"]}, folder / "pangu_alpha.ckpt")
+    out = tmp_path / "imported.safetensors"
+    code, _, err = _import(capsys, folder, out)
+    assert code == 0, err
+    ids = _ids(6)
+    _close(_our_logits(str(out), ids), official_logits(tensors, "pcl", ids))
 
 
 @pytest.mark.parametrize("naming", ["pcl", "mindformers"])
@@ -360,6 +387,14 @@ def test_bad_releases_and_arguments_are_one_line_each_and_write_nothing(tmp_path
     pipeline = _release_variant(tmp_path, "pipeline.ckpt", lambda t: [
         t.__setitem__(name.replace("backbone.top_query_layer", f"backbone.blocks.{LAYERS - 1}"), t.pop(name))
         for name in [n for n in t if n.startswith("backbone.top_query_layer")]])
+    not_finite = _release_variant(tmp_path, "nan.ckpt", lambda t: t["backbone.blocks.0.output.mapping.weight"]
+                                  .__setitem__((3, 5), np.nan))
+    integer_path = tmp_path / "int.ckpt"
+    integers = make_release("pcl", 3)
+    integers["backbone.layernorm.gamma"] = np.ones(HIDDEN, np.int32)
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in integers.items()], str(integer_path))
+    flat_table = _release_variant(tmp_path, "flat.ckpt", lambda t: t.__setitem__("embedding_table",
+                                                                                  t["embedding_table"].reshape(-1)))
     cases = [
         ((good, "--num-heads", 5), "--num-heads 5"),
         ((good, "--preset", "13b"), "--preset 13b"),
@@ -369,6 +404,10 @@ def test_bad_releases_and_arguments_are_one_line_each_and_write_nothing(tmp_path
         ((contradicted, "--num-heads", HEADS), "backbone.blocks.1.attention.dense2.weight has shape"),
         ((pipeline, "--num-heads", HEADS), "pipeline"),
         ((tmp_path / "absent.ckpt", "--num-heads", HEADS), "no such file"),
+        ((not_finite, "--num-heads", HEADS), "backbone.blocks.0.output.mapping.weight holds NaN"),
+        ((integer_path, "--num-heads", HEADS), "tensor backbone.layernorm.gamma is Int32"),
+        ((flat_table, "--preset", "2.6b"), "embedding_table has shape (1280000,)"),
+        ((good, "--num-heads", HEADS, "--tokenizer", good), "--tokenizer"),
     ]
     for (ckpt, *heads), words in cases:
         out = tmp_path / "out.ckpt"
@@ -376,7 +415,10 @@ def test_bad_releases_and_arguments_are_one_line_each_and_write_nothing(tmp_path
         assert code == 2 and words in err and err.count("\n") == 1, (words, err)
         assert "Traceback" not in err
         assert sorted(os.listdir(tmp_path)) == sorted(["good.ckpt", "truncated.ckpt", "unknown.ckpt", "missing.ckpt",
-                                                        "contradicted.ckpt", "pipeline.ckpt"]), words
+                                                        "contradicted.ckpt", "pipeline.ckpt", "nan.ckpt", "int.ckpt",
+                                                        "flat.ckpt"]), words
+    code, _, err = _cli(capsys, "tokenize", "--ckpt", good, "--text", "a\udcffb")  # undecodable bytes from a shell
+    assert code == 2 and "--text: not UTF-8" in err and err.count("\n") == 1
 
 
 def _official_tokenizer():

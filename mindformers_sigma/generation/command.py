@@ -89,11 +89,13 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
     from mindformers_sigma.checkpoint.description import describe_checkpoint
     from mindformers_sigma.errors import DataError
+    from mindformers_sigma.generation.prompts import require_utf8
 
+    text = require_utf8(args.text, "--text")
     described = describe_checkpoint(args.ckpt)
     if described.tokenizer is None:
         raise DataError(f"--ckpt {args.ckpt}: its model was trained on synthetic token ids and has no tokenizer")
-    ids = described.tokenizer.encode(args.text)
+    ids = described.tokenizer.encode(text)
     print(json.dumps({"ids": ids}) if args.json else " ".join(map(str, ids)))
     return 0
 

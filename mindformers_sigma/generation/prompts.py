@@ -10,6 +10,15 @@ from mindformers_sigma.tokenizer.kinds import AnyTokenizer
 MAX_PROMPT_FILE_BYTES = 64 * 2 ** 20
 
 
+def require_utf8(text: str, where: str) -> str:
+    """Command-line text that is valid UTF-8 (the shell passes undecodable bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: not UTF-8 text (character {err.start}); pass UTF-8, or use a file") from None
+    return text
+
+
 def read_prompt_file(path: str) -> List[Tuple[str, str]]:
     """``(where, text)`` per non-empty line of ``path`` (one prompt per line, UTF-8; whitespace is text,
     as in code)."""
@@ -41,7 +50,7 @@ def encode_prompts(prompts: List[Tuple[str, str]], tokenizer: Optional[AnyTokeni
                         "prepare-data output to generate text")
     encoded = []
     for where, text in prompts:
-        ids = tokenizer.encode(text) if text else []
+        ids = tokenizer.encode(require_utf8(text, where)) if text else []
         if not ids:
             raise DataError(f"{where}: the prompt is empty; give some text to continue")
         if eod_token_id in ids:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mindformers_sigma.errors import DataError, UserError, one_line
 from mindformers_sigma.one_line_parser import Command, add_commands
@@ -48,15 +49,14 @@ def run_import(args: argparse.Namespace) -> int:
     if args.num_heads is not None and args.num_heads < 1:
         raise UserError(f"--num-heads {args.num_heads}: must be >= 1")
     target = checkpoint_target(args.out)
-    tokenizer = read_tokenizer(args.tokenizer or pcl_pangu_vocabulary(), KIND)
+    tokenizer = read_tokenizer(args.tokenizer or pcl_pangu_vocabulary(), KIND, "--tokenizer" if args.tokenizer else "")
     weights, tables = read_release(args.ckpt, args.strategy, os.path.dirname(os.path.abspath(target)))
     naming = conversion.detect_naming(weights, args.ckpt)
     place_tables(weights, tables, naming)
     num_layers = conversion.count_layers(weights, args.ckpt)
     heads = args.num_heads
     if args.preset is not None:
-        hidden = conversion.require_tensor(weights, naming.word, args.ckpt).shape[1]
-        heads = conversion.check_preset(args.preset, num_layers, hidden, args.ckpt)
+        heads = conversion.check_preset(args.preset, num_layers, weights, naming, args.ckpt)
     config = conversion.imported_config(weights, naming, num_layers, heads, args.activation, tokenizer.eod_id,
                                         args.ckpt)
     if tokenizer.vocab_size != config.model.vocab_size:
@@ -95,6 +95,9 @@ def run_export(args: argparse.Namespace) -> int:
     if model.sparse_layers:
         raise DataError(f"--ckpt {args.ckpt}: has {model.sparse_layers} sparse layers; PanGu-α is dense, so only a "
                         f"dense model (model.sparse_layers 0, e.g. one import pangu-alpha wrote) can be exported")
+    if described.tokenizer is None or described.tokenizer.kind != "pangu_alpha":
+        print(one_line(f"export: warning: {args.ckpt} does not use PanGu-α's tokenizer, so the official code, which "
+                       f"tokenizes with it, would feed the exported model other ids"), file=sys.stderr)
     official = from_project(model_weights(described), NAMINGS[args.naming], model.num_layers)
     with atomic_file(args.out) as tmp:
         ms.save_checkpoint([{"name": name, "data": ms.Tensor(value)} for name, value in official.items()], tmp)

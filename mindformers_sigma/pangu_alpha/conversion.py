@@ -37,10 +37,18 @@ def detect_naming(weights: Dict[str, np.ndarray], source: str) -> Naming:
                     f"{NAMINGS['pcl'].word} or {NAMINGS['mindformers'].word}); is it a PanGu-α checkpoint?")
 
 
-def require_tensor(weights: Dict[str, np.ndarray], name: str, source: str, why: str = "") -> np.ndarray:
+def _require_tensor(weights: Dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
     if name not in weights:
-        raise DataError(f"{source}: missing tensor {name}{why}; is the release complete?")
+        raise DataError(f"{source}: missing tensor {name}; is the release complete?")
     return weights[name]
+
+
+def _matrix(weights: Dict[str, np.ndarray], name: str, source: str, what: str) -> Tuple[int, int]:
+    """The shape of a 2-D tensor the config's sizes are read from; anything else is one line."""
+    shape = tuple(_require_tensor(weights, name, source).shape)
+    if len(shape) != 2 or 0 in shape:
+        raise DataError(f"{source}: {name} has shape {shape}, expected {what}; is the release damaged?")
+    return shape
 
 
 def count_layers(weights: Dict[str, np.ndarray], source: str) -> int:
@@ -57,10 +65,10 @@ def count_layers(weights: Dict[str, np.ndarray], source: str) -> int:
 def imported_config(weights: Dict[str, np.ndarray], naming: Naming, num_layers: int, num_heads: int,
                     activation: str, eod_token_id: int, source: str) -> SigmaConfig:
     """The dense PanGu-α config whose shapes the tensors have."""
-    vocab_size, hidden_size = require_tensor(weights, naming.word, source).shape
-    seq_length = require_tensor(weights, naming.position, source).shape[0]
-    mapping = f"{official_layer_prefix(0, num_layers)}.output.mapping.weight"
-    ffn_hidden_size = require_tensor(weights, mapping, source).shape[1]
+    vocab_size, hidden_size = _matrix(weights, naming.word, source, "[vocabulary, hidden]")
+    seq_length = _matrix(weights, naming.position, source, "[sequence, hidden]")[0]
+    ffn_hidden_size = _matrix(weights, f"{official_layer_prefix(0, num_layers)}.output.mapping.weight", source,
+                              "[hidden, FFN]")[1]
     if hidden_size % num_heads:
         raise DataError(f"--num-heads {num_heads}: the hidden size {hidden_size} (from {naming.word}) is not a "
                         f"multiple of it; give the release's head count (2.6B: 32, 13B: 40)")
@@ -89,13 +97,16 @@ def to_project(weights: Dict[str, np.ndarray], naming: Naming, config: SigmaConf
     shapes = _our_shapes(config)
     ours = {}
     for official, (name, transposed) in mapping.items():
-        value = require_tensor(weights, official, source)
+        value = _require_tensor(weights, official, source)
         want = shapes[name][::-1] if transposed else shapes[name]
         if tuple(value.shape) != tuple(want):
             raise DataError(f"{source}: {official} has shape {tuple(value.shape)}, expected {tuple(want)} for hidden "
                             f"{config.model.hidden_size}, FFN {config.model.ffn_hidden_size}, vocabulary "
                             f"{config.model.vocab_size}, sequence {config.model.seq_length}; the tensors contradict "
-                            f"each other (a damaged or mixed release?)")
+                            f"each other (a damaged or mixed release, or a strategy file that does not describe it?)")
+        if not np.isfinite(value).all():
+            raise DataError(f"{source}: {official} holds NaN or infinite values; the release is damaged (download it "
+                            f"again)")
         ours[name] = np.ascontiguousarray(value.T) if transposed else value
     return ours
 
@@ -106,9 +117,10 @@ def from_project(weights: Dict[str, np.ndarray], naming: Naming, num_layers: int
             for official, (name, transposed) in name_map(naming, num_layers).items()}
 
 
-def check_preset(preset: str, num_layers: int, hidden_size: int, source: str) -> int:
+def check_preset(preset: str, num_layers: int, weights: Dict[str, np.ndarray], naming: Naming, source: str) -> int:
     """The preset's head count, once its layers and hidden size are the checkpoint's."""
     layers, hidden, heads = PRESETS[preset]
+    hidden_size = _matrix(weights, naming.word, source, "[vocabulary, hidden]")[1]
     if (layers, hidden) != (num_layers, hidden_size):
         fits = [name for name, (other_layers, other_hidden, _) in PRESETS.items()
                 if (other_layers, other_hidden) == (num_layers, hidden_size)]

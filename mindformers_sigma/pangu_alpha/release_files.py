@@ -17,11 +17,12 @@ import contextlib
 import glob
 import os
 import re
-import tempfile
-from typing import Dict, List, Optional
+import signal
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
+from mindformers_sigma.atomic import remove_stale_temporaries, scratch_directory
 from mindformers_sigma.errors import DataError, one_line
 from mindformers_sigma.pangu_alpha.namings import Naming, is_weight
 
@@ -29,21 +30,46 @@ from mindformers_sigma.pangu_alpha.namings import Naming, is_weight
 NPY_TABLES = {"word_embedding.npy": "word", "position_embedding.npy": "position",
               "top_query_embedding.npy": "top_query"}
 _NUMBERED = re.compile(r"(\d+)\.ckpt$")
+MERGE_SCRATCH = "pangu-alpha-merge"  # the scratch folder's name (a killed import's is removed by the next)
+FLOATS = ("float16", "float32", "float64", "bfloat16")
+
+
+@contextlib.contextmanager
+def _noting_interrupts() -> Iterator[list]:
+    """Ctrl-C noted as it arrives: MindSpore's checkpoint reader turns it into a ValueError, which must stay
+    an interrupt, not pass for a damaged file."""
+    noted: list = []
+
+    def note(signum, frame):
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _load(path: str, flag: str) -> Dict[str, np.ndarray]:
     """The weights of one checkpoint file as float32 numpy arrays (each converted as soon as it is read out)."""
     import mindspore as ms
 
-    try:
-        stored = ms.load_checkpoint(path, choice_func=is_weight)
-    except (ValueError, RuntimeError, TypeError, OSError) as err:
-        raise DataError(one_line(f"{flag} {path}: cannot be read as a MindSpore checkpoint "
-                                 f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
-                                 f"is it truncated? download it again")) from None
+    with _noting_interrupts() as interrupted:
+        try:
+            stored = ms.load_checkpoint(path, choice_func=is_weight)
+        except (ValueError, RuntimeError, TypeError, OSError) as err:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise DataError(one_line(f"{flag} {path}: cannot be read as a MindSpore checkpoint "
+                                     f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
+                                     f"is it truncated? download it again")) from None
     tensors = {}
     for name in list(stored):
         parameter = stored.pop(name)  # drop MindSpore's copy as each float32 one is made
+        if str(parameter.dtype).lower() not in FLOATS:
+            raise DataError(f"{flag} {path}: tensor {name} is {parameter.dtype}; PanGu-α's weights are floating point "
+                            f"(is it another model's checkpoint?)")
         value = parameter.asnumpy() if parameter.dtype in (ms.float32, ms.float16, ms.float64) \
             else parameter.astype(ms.float32).asnumpy()
         tensors[name] = value.astype(np.float32, copy=False)
@@ -61,8 +87,13 @@ def _rank_files(folder: str) -> List[str]:
                             f"release holds its one part")
         if match:
             ranked[int(match.group(1))] = files[0]
+    flat = glob.glob(os.path.join(folder, "*.ckpt"))
+    if ranked and flat:
+        raise DataError(f"--ckpt {folder}: holds both rank_N folders and loose .ckpt files "
+                        f"({os.path.basename(flat[0])}); keep only one release's parts in the folder")
+    if len(flat) == 1:
+        return flat
     if not ranked:
-        flat = glob.glob(os.path.join(folder, "*.ckpt"))
         if len(flat) > 1:
             for path in flat:
                 match = _NUMBERED.search(os.path.basename(path))
@@ -81,15 +112,17 @@ def _merged(parts: List[str], strategy: str, scratch_parent: str) -> Dict[str, n
     """The whole tensors of a sharded release, merged by MindSpore from its parts and strategy file."""
     import mindspore as ms
 
-    with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".pangu-alpha-merge-") as scratch:
+    with scratch_directory(scratch_parent, MERGE_SCRATCH) as scratch:
         for rank, part in enumerate(parts):
             os.makedirs(os.path.join(scratch, "parts", f"rank_{rank}"))
             os.symlink(os.path.abspath(part), os.path.join(scratch, "parts", f"rank_{rank}", "part.ckpt"))
         try:
-            with contextlib.redirect_stdout(None):
+            with contextlib.redirect_stdout(None), _noting_interrupts() as interrupted:
                 ms.transform_checkpoints(os.path.join(scratch, "parts"), os.path.join(scratch, "merged"), "merged",
                                          strategy, None)
-        except (ValueError, RuntimeError, TypeError, KeyError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - MindSpore raises many kinds for a strategy file it cannot use
+            if interrupted:
+                raise KeyboardInterrupt from None
             raise DataError(one_line(f"--strategy {strategy}: MindSpore could not merge the {len(parts)} parts with "
                                      f"it ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__}); "
                                      f"give the strategy file the release was saved with")) from None
@@ -120,6 +153,7 @@ def read_release(path: str, strategy: Optional[str], scratch_parent: str) -> tup
         raise DataError(f"--ckpt {path}: no such file or folder; give a PanGu-α .ckpt file or a release folder")
     if strategy is not None and not os.path.isfile(strategy):
         raise DataError(f"--strategy {strategy}: no such file; give the strategy file the release was saved with")
+    remove_stale_temporaries(scratch_parent, re.escape(MERGE_SCRATCH))
     if os.path.isfile(path):
         if strategy is not None:
             raise DataError(f"--strategy {strategy}: --ckpt {path} is one whole file; a strategy file is for a "

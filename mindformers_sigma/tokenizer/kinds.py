@@ -32,13 +32,15 @@ def load_tokenizer(model_bytes: bytes, source: str, kind: Optional[str] = None) 
     return KINDS[kind](model_bytes, source)
 
 
-def read_tokenizer(path: str, kind: Optional[str] = None) -> AnyTokenizer:
+def read_tokenizer(path: str, kind: Optional[str] = None, flag: str = "") -> AnyTokenizer:
+    """The tokenizer in file ``path``; ``flag``: the option that named it, for error lines."""
+    source = f"{flag} {path}" if flag else path
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as err:
-        raise UserError(f"{path}: cannot read tokenizer ({err.strerror})") from None
-    return load_tokenizer(data, path, kind)
+        raise UserError(f"{source}: cannot read tokenizer ({err.strerror})") from None
+    return load_tokenizer(data, source, kind)
 
 
 def _looks_like_pangu_alpha(model_bytes: bytes) -> bool:

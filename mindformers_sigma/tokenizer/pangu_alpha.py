@@ -5,7 +5,8 @@ What the official ``JIEBATokenizer`` of the PanGu-α releases computes (``pcl-pa
 spaces and newlines inside each segment become U+2582 and U+2583, the segments are joined by
 spaces, and SentencePiece encodes the result.  Decoding reverses it: SentencePiece decodes, every
 space (a segment joint) is dropped, U+2582 becomes a space and U+2583 a newline.  Characters outside
-the 40,000-piece vocabulary (tabs, most emoji) become ``<unk>``, as they do in the original.
+the 40,000-piece vocabulary (most emoji) become ``<unk>``, tabs become joints that decoding drops, and
+control characters vanish, as they do in the original.
 
 End of document: this project uses ``<eot>`` (id 9).  It is the token the released weights end a
 document with: the official preprocessing appends the tokenizer's ``eot_id`` after each document, the
