@@ -70,7 +70,7 @@ def check_out_dir(out_dir: str) -> None:
     """Fail before minutes of benchmarking, not after: the folder must be creatable and writable."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-probe")
+        probe = os.path.join(out_dir, f".write-probe-{os.getpid()}")  # parts run at once, each with its own probe
         with open(probe, "wb"):
             pass
         os.unlink(probe)

@@ -49,7 +49,8 @@ def run_import(args: argparse.Namespace) -> int:
     if args.num_heads is not None and args.num_heads < 1:
         raise UserError(f"--num-heads {args.num_heads}: must be >= 1")
     target = checkpoint_target(args.out)
-    tokenizer = read_tokenizer(args.tokenizer or pcl_pangu_vocabulary(), KIND, "--tokenizer" if args.tokenizer else "")
+    vocabulary = args.tokenizer or pcl_pangu_vocabulary()
+    tokenizer = read_tokenizer(vocabulary, KIND, "--tokenizer" if args.tokenizer else "")
     weights, tables = read_release(args.ckpt, args.strategy, os.path.dirname(os.path.abspath(target)))
     naming = conversion.detect_naming(weights, args.ckpt)
     place_tables(weights, tables, naming)
@@ -60,7 +61,7 @@ def run_import(args: argparse.Namespace) -> int:
     config = conversion.imported_config(weights, naming, num_layers, heads, args.activation, tokenizer.eod_id,
                                         args.ckpt)
     if tokenizer.vocab_size != config.model.vocab_size:
-        raise DataError(f"--tokenizer {args.tokenizer or pcl_pangu_vocabulary()}: has {tokenizer.vocab_size} pieces, "
+        raise DataError(f"--tokenizer {vocabulary}: has {tokenizer.vocab_size} pieces, "
                         f"the word table of {args.ckpt} has {config.model.vocab_size} rows; give the vocabulary the "
                         f"release was trained with")
     ours = conversion.to_project(weights, naming, config, args.ckpt)
@@ -81,21 +82,20 @@ def run_export(args: argparse.Namespace) -> int:
     from mindformers_sigma.atomic import atomic_file
     from mindformers_sigma.checkpoint.description import describe_checkpoint
     from mindformers_sigma.checkpoint.model import model_weights
+    from mindformers_sigma.checkpoint.target import checkpoint_target
     from mindformers_sigma.pangu_alpha.conversion import from_project
     from mindformers_sigma.pangu_alpha.namings import NAMINGS
+    from mindformers_sigma.tokenizer.pangu_alpha import KIND
 
     if not args.out.endswith(".ckpt"):
         raise UserError(f"--out {args.out}: name the .ckpt file to write")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out}: its folder does not exist; create it first")
-    if os.path.lexists(args.out):
-        raise UserError(f"--out {args.out}: exists; choose a new name (nothing is overwritten)")
+    checkpoint_target(args.out)
     described = describe_checkpoint(args.ckpt)
     model = described.config.model
     if model.sparse_layers:
         raise DataError(f"--ckpt {args.ckpt}: has {model.sparse_layers} sparse layers; PanGu-α is dense, so only a "
                         f"dense model (model.sparse_layers 0, e.g. one import pangu-alpha wrote) can be exported")
-    if described.tokenizer is None or described.tokenizer.kind != "pangu_alpha":
+    if described.tokenizer is None or described.tokenizer.kind != KIND:
         print(one_line(f"export: warning: {args.ckpt} does not use PanGu-α's tokenizer, so the official code, which "
                        f"tokenizes with it, would feed the exported model other ids"), file=sys.stderr)
     official = from_project(model_weights(described), NAMINGS[args.naming], model.num_layers)

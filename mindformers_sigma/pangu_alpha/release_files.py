@@ -77,30 +77,29 @@ def _load(path: str, flag: str) -> Dict[str, np.ndarray]:
 
 
 def _rank_files(folder: str) -> List[str]:
-    """The per-rank files of a sharded release, in rank order; [] when the folder holds none."""
+    """The release's checkpoint files: its one file, or its per-rank parts in rank order ([] when none)."""
     ranked = {}
     for sub in glob.glob(os.path.join(folder, "rank_*")):
         match = re.fullmatch(r"rank_(\d+)", os.path.basename(sub))
-        files = sorted(glob.glob(os.path.join(sub, "*.ckpt"))) if match and os.path.isdir(sub) else []
-        if match and len(files) != 1:
+        if not (match and os.path.isdir(sub)):
+            continue
+        files = glob.glob(os.path.join(sub, "*.ckpt"))
+        if len(files) != 1:
             raise DataError(f"--ckpt {folder}: {sub} holds {len(files)} .ckpt files; each rank_N folder of a sharded "
                             f"release holds its one part")
-        if match:
-            ranked[int(match.group(1))] = files[0]
+        ranked[int(match.group(1))] = files[0]
     flat = glob.glob(os.path.join(folder, "*.ckpt"))
     if ranked and flat:
         raise DataError(f"--ckpt {folder}: holds both rank_N folders and loose .ckpt files "
                         f"({os.path.basename(flat[0])}); keep only one release's parts in the folder")
     if len(flat) == 1:
         return flat
-    if not ranked:
-        if len(flat) > 1:
-            for path in flat:
-                match = _NUMBERED.search(os.path.basename(path))
-                if match is None or int(match.group(1)) in ranked:
-                    raise DataError(f"--ckpt {folder}: {os.path.basename(path)} is not one rank's numbered part "
-                                    f"(NAME_N.ckpt, one per rank); keep only a release's part files in the folder")
-                ranked[int(match.group(1))] = path
+    for path in flat:  # flat parts: NAME_N.ckpt, one per rank
+        match = _NUMBERED.search(os.path.basename(path))
+        if match is None or int(match.group(1)) in ranked:
+            raise DataError(f"--ckpt {folder}: {os.path.basename(path)} is not one rank's numbered part "
+                            f"(NAME_N.ckpt, one per rank); keep only a release's part files in the folder")
+        ranked[int(match.group(1))] = path
     if ranked and sorted(ranked) != list(range(len(ranked))):
         missing = min(set(range(max(ranked) + 1)) - set(ranked))
         raise DataError(f"--ckpt {folder}: rank {missing}'s part is missing ({len(ranked)} parts, up to rank "
