@@ -153,6 +153,9 @@ def test_an_unknown_part_is_one_line():
 
 def _check_ecss(record):
     """What the ECSS part's figures must satisfy whatever the machine's speed."""
+    host = record["host_adamw"]
+    assert host["fused"] and host["bytes_per_parameter"] == 28 and host["numpy_bytes_per_parameter"] == 132
+    assert host["gbytes_per_s"] > 0 and host["memory_gbytes_per_s"] > 0 and host["parameters"] > 0
     scaling = record["scaling"]
     assert [row["experts"] for row in scaling] == [16, 64]
     # The slab is the same size in every case and the routing tables are on the host: device

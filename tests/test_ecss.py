@@ -159,6 +159,40 @@ def test_host_adamw_equals_the_device_kernel_on_touched_rows_only():
         assert np.array_equal(layer.moment1[t][untouched], start[f"adam_m.{name}"][untouched])
 
 
+@pytest.mark.parametrize("host_store", ["ram", "mmap"])
+def test_the_fused_host_adamw_gives_the_numpy_rules_bits(host_store, tmp_path):
+    """The C kernel (one pass, every core) against the numpy rule: the same float32 operations in the same
+    order, so the same bits, on unordered touched rows, with and without weight decay; untouched rows stay."""
+    from mindformers_sigma.ecss.fused_kernel import fused_adamw
+    from mindformers_sigma.ecss.host_adamw import numpy_adamw_rows
+
+    assert fused_adamw() is not None  # CI's machines have a C compiler: the fused path is what runs there
+    rng = np.random.default_rng(11)
+    shapes = {"w1": (24, 40), "b1": (1, 40), "w2": (40, 24), "b2": (1, 24)}
+    stores = [HostExpertStore.allocate(["layer"], shapes, 9, str(tmp_path / name) if host_store == "mmap" else None)
+              for name in ("fused", "numpy")]
+    for t in EXPERT_TENSORS:
+        values = [rng.standard_normal(stores[0].layers[0].weights[t].shape) for _ in range(3)]
+        for store in stores:
+            layer = store.layers[0]
+            layer.weights[t][...] = values[0]
+            layer.moment1[t][...] = values[1] * 0.1
+            layer.moment2[t][...] = np.abs(values[2]) * 0.01
+    before = {name: array.copy() for name, array in stores[0].entries().items()}
+    touched = np.array([7, 2, 5, 0])
+    settings = AdamWSettings(0.9, 0.95, 1e-8, {"w1": 0.1, "w2": 0.1, "b1": 0.0, "b2": 0.0})
+    for step in range(3):
+        grads = {t: rng.standard_normal((touched.size, *s)).astype(np.float32) for t, s in shapes.items()}
+        adamw_rows(stores[0].layers[0], touched, grads, 0.01, settings)
+        numpy_adamw_rows(stores[1].layers[0], touched, grads, 0.01, settings)
+    fused, reference = stores[0].entries(), stores[1].entries()
+    for name, array in fused.items():
+        assert np.array_equal(array, reference[name]), name
+        untouched = np.setdiff1d(np.arange(9), touched)
+        assert np.array_equal(array[untouched], before[name][untouched]), name
+        assert not np.array_equal(array[touched], before[name][touched]), name
+
+
 def _uneven_plans(config, rows_per_domain, seed=0):
     rng = np.random.default_rng(seed)
     domains = np.repeat(np.arange(len(rows_per_domain)), rows_per_domain).astype(np.int32)

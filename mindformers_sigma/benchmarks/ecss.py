@@ -7,7 +7,10 @@
   against the learned top-1 gate (capacity factor 1.25) with every expert resident and updated by
   the device optimizer; plus that optimizer's time alone, which explains most of the gap;
 * reload: that ECSS case with 4 micro-batches per step, the whole-step slab (one load) against
-  the smallest safe slab (reloaded between micro-batches): device memory against loading traffic.
+  the smallest safe slab (reloaded between micro-batches): device memory against loading traffic;
+* host_adamw: the host update of 12 of 32 experts of shape [512, 2048] (the best of 10 runs), the
+  fused kernel against the numpy rule, and the fused kernel's GB/s against the machine's streaming
+  read-write bandwidth (a copy of 256 MiB, counted as read plus write) measured in the same run.
 
 Every case runs in a fresh process (``python -m mindformers_sigma.benchmarks.ecss --case ...``)
 so each one's memory is its own.  ``--quick`` shrinks the model and the steps (a CI smoke test).
@@ -119,8 +122,57 @@ def _optimizer_only(overrides: List[str], repeats: int = 3) -> dict:
     return {"optimizer_seconds": (time.perf_counter() - started) / repeats}
 
 
+def _best_seconds(action, repeats: int) -> float:
+    """The fastest of ``repeats`` timed runs after one warm-up (the machine's speed, not its noise)."""
+    action()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def host_adamw_bandwidth(quick: bool) -> dict:
+    """The host AdamW's bytes per parameter and GB/s (fused kernel and numpy), and the memory's GB/s."""
+    import numpy as np
+
+    from mindformers_sigma.ecss.fused_kernel import fused_adamw
+    from mindformers_sigma.ecss.host_adamw import (FUSED_BYTES_PER_PARAMETER, NUMPY_BYTES_PER_PARAMETER,
+                                                   AdamWSettings, adamw_rows, numpy_adamw_rows)
+    from mindformers_sigma.ecss.host_store import HostExpertStore
+
+    hidden, ffn = (128, 512) if quick else (512, 2048)
+    shapes = {"w1": (hidden, ffn), "b1": (1, ffn), "w2": (ffn, hidden), "b2": (1, hidden)}
+    store = HostExpertStore.allocate(["layer"], shapes, 32)
+    layer = store.layers[0]
+    rng = np.random.default_rng(0)
+    for tensor in shapes:
+        layer.moment2[tensor][...] = rng.random(layer.moment2[tensor].shape, np.float32)
+    touched = np.arange(0, 32, 32 // 12)[:12]
+    grads = {t: rng.standard_normal((touched.size, *shape)).astype(np.float32) for t, shape in shapes.items()}
+    settings = AdamWSettings(0.9, 0.95, 1e-8, {"w1": 0.1, "w2": 0.1, "b1": 0.0, "b2": 0.0})
+    parameters = touched.size * sum(int(np.prod(shape)) for shape in shapes.values())
+    repeats = 3 if quick else 10
+    fused = fused_adamw() is not None
+    fused_seconds = _best_seconds(lambda: adamw_rows(layer, touched, grads, 1e-6, settings), repeats)
+    numpy_seconds = _best_seconds(lambda: numpy_adamw_rows(layer, touched, grads, 1e-6, settings), repeats)
+    source = np.ones((16 if quick else 64) * 2 ** 20, np.float32)
+    target = np.empty_like(source)
+    copy_seconds = _best_seconds(lambda: np.copyto(target, source), repeats)
+    bytes_per_parameter = FUSED_BYTES_PER_PARAMETER if fused else NUMPY_BYTES_PER_PARAMETER
+    return {"fused": fused, "parameters": parameters, "bytes_per_parameter": bytes_per_parameter,
+            "seconds": fused_seconds, "gbytes_per_s": bytes_per_parameter * parameters / fused_seconds / 1e9,
+            # numpy's passes partly hit the cache (its scratch row stays there), so its array traffic over its time
+            # is no memory bandwidth: only its time is reported
+            "numpy_bytes_per_parameter": NUMPY_BYTES_PER_PARAMETER, "numpy_seconds": numpy_seconds,
+            "memory_gbytes_per_s": 2 * source.nbytes / copy_seconds / 1e9}
+
+
 def run(quick: bool, out_dir: str) -> dict:
     check_out_dir(out_dir)
+    print("bench ecss: the host AdamW against the memory's bandwidth", file=sys.stderr, flush=True)
+    host_adamw = host_adamw_bandwidth(quick)
     steps = 3 if quick else 8
     scaling = []
     for experts, overrides in scaling_cases(quick):
@@ -141,6 +193,7 @@ def run(quick: bool, out_dir: str) -> dict:
                              "moe": moe},
               "reload": reloads,
               "prefetch_saves_seconds_per_step": serial["step_seconds"] - ecss["step_seconds"],
+              "host_adamw": host_adamw,
               "speedup_vs_moe": ecss["tokens_per_s"] / moe["tokens_per_s"]}
     write_record(os.path.join(out_dir, "ecss.json"), record, echo=False)
     print(table(record))
@@ -174,6 +227,16 @@ def table(record: dict) -> str:
         ([name.replace("_", " "), str(row["slab_experts"]), f"{row['slab_loads_per_step']:.2f}",
           f"{row['tokens_per_s']:,.0f}", f"{row['device_resident_bytes'] / 2 ** 20:,.0f}",
           f"{row['h2d_bytes_per_step'] / 2 ** 20:,.1f}"] for name, row in record["reload"].items()))
+    host = record.get("host_adamw")  # records before the fused kernel have none
+    if host is not None:
+        share = host["gbytes_per_s"] / host["memory_gbytes_per_s"]
+        lines += [""] + markdown_table(
+            ["host AdamW", "bytes per parameter", "seconds", "GB/s", "of the memory's GB/s"],
+            [[("fused kernel" if host["fused"] else "numpy (no compiler)"), str(host["bytes_per_parameter"]),
+              f"{host['seconds']:.4f}", f"{host['gbytes_per_s']:.1f}", f"{share:.0%}"],
+             ["numpy rule (partly in cache)", str(host["numpy_bytes_per_parameter"]), f"{host['numpy_seconds']:.4f}",
+              "-", "-"],
+             ["streaming copy (memory)", "-", "-", f"{host['memory_gbytes_per_s']:.1f}", "100%"]])
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 from mindformers_sigma.config import SigmaConfig
+from mindformers_sigma.ecss.host_adamw import FUSED_BYTES_PER_PARAMETER
 from mindformers_sigma.ecss.slab import whole_step_slab
 from mindformers_sigma.parallel.collective_volume import collective_buffers
 from mindformers_sigma.errors import DataError
@@ -142,7 +143,9 @@ def _communication(config: SigmaConfig, mesh: DeviceMesh, stages: List[StagePlan
     return volume, bandwidth_class
 
 
-HOST_ADAMW_BYTES = 28  # read weight, two moments, gradient; write weight, two moments (fp32)
+# what the host update moves per parameter: the fused kernel's one pass (ecss/fused_adamw.c), whose GB/s against
+# the machine's memory `bench ecss` measures (host_adamw); the numpy fallback moves NUMPY_BYTES_PER_PARAMETER
+HOST_ADAMW_BYTES = FUSED_BYTES_PER_PARAMETER
 
 
 def _host_expert_elements(per_server: int, mesh: DeviceMesh, layouts: List[ParameterLayout],
