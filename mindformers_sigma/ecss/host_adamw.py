@@ -8,8 +8,8 @@ Lazy semantics: an expert no step touched keeps its weights and moments unchange
 would decay its moments and weights every step.  With no bias correction the update depends on
 no step count, so none is kept per expert.
 
-The update runs in the fused C kernel (``fused_kernel.py``: one pass, 28 bytes per parameter, every
-core) when it could be built, else in numpy; both give the same bits (tests/test_ecss.py).
+The update runs in the fused C kernel (``fused_kernel.py``: one pass, 28 bytes per parameter, a thread
+per core) when it could be built, else in numpy; both give the same bits (tests/test_ecss.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Dict
 
 import numpy as np
 
-from mindformers_sigma.ecss.fused_kernel import fused_adamw
+from mindformers_sigma.ecss.fused_kernel import fused_adamw, host_threads
 from mindformers_sigma.ecss.host_store import LayerExperts
 from mindformers_sigma.model.names import EXPERT_TENSORS
 
@@ -47,12 +47,13 @@ def adamw_rows(layer: LayerExperts, experts: np.ndarray, grads: Dict[str, np.nda
         numpy_adamw_rows(layer, experts, grads, lr, settings)
         return
     rows = np.ascontiguousarray(experts, dtype=np.int64)
+    threads = host_threads()
     for tensor in EXPERT_TENSORS:
         weights = layer.weights[tensor]
         row_size = int(np.prod(weights.shape[1:]))
         kernel.adamw_rows(weights, layer.moment1[tensor], layer.moment2[tensor],
                           np.ascontiguousarray(grads[tensor], dtype=np.float32), rows, rows.size, row_size,
-                          settings.beta1, settings.beta2, settings.eps, lr, settings.weight_decay[tensor])
+                          settings.beta1, settings.beta2, settings.eps, lr, settings.weight_decay[tensor], threads)
 
 
 def numpy_adamw_rows(layer: LayerExperts, experts: np.ndarray, grads: Dict[str, np.ndarray], lr: float,
