@@ -50,9 +50,14 @@ def adamw_rows(layer: LayerExperts, experts: np.ndarray, grads: Dict[str, np.nda
     threads = host_threads()
     for tensor in EXPERT_TENSORS:
         weights = layer.weights[tensor]
+        grad = np.ascontiguousarray(grads[tensor], dtype=np.float32)
+        # the kernel indexes raw memory: what numpy would refuse must be refused here
+        if rows.size and (rows.min() < 0 or rows.max() >= weights.shape[0]) or \
+                grad.shape != (rows.size, *weights.shape[1:]):
+            raise IndexError(f"host AdamW of {tensor}: rows {rows.tolist()} and gradient {grad.shape} do not fit the "
+                             f"store's {weights.shape}")
         row_size = int(np.prod(weights.shape[1:]))
-        kernel.adamw_rows(weights, layer.moment1[tensor], layer.moment2[tensor],
-                          np.ascontiguousarray(grads[tensor], dtype=np.float32), rows, rows.size, row_size,
+        kernel.adamw_rows(weights, layer.moment1[tensor], layer.moment2[tensor], grad, rows, rows.size, row_size,
                           settings.beta1, settings.beta2, settings.eps, lr, settings.weight_decay[tensor], threads)
 
 
