@@ -164,6 +164,8 @@ def _check_ecss(record):
     assert scaling[1]["host_resident_bytes"] == 4 * scaling[0]["host_resident_bytes"]
     comparison = record["comparison"]
     assert comparison["moe"]["device_resident_bytes"] > comparison["ecss"]["device_resident_bytes"]
+    ecss = comparison["ecss"]
+    assert 0 < ecss["exposed_seconds_per_step"] < ecss["step_seconds"]
     assert record["speedup_vs_moe"] == comparison["ecss"]["tokens_per_s"] / comparison["moe"]["tokens_per_s"]
     reload = record["reload"]  # 64 experts, 8 samples in 4 micro-batches: 4 x 16 in one load, or 2 x 16
     assert (reload["whole_step_slab"]["slab_experts"], reload["smallest_safe_slab"]["slab_experts"]) == (64, 32)

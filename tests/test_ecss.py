@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import mindspore as ms
 import numpy as np
@@ -162,7 +163,10 @@ def test_host_adamw_equals_the_device_kernel_on_touched_rows_only():
 @pytest.mark.parametrize("host_store", ["ram", "mmap"])
 def test_the_fused_host_adamw_gives_the_numpy_rules_bits(host_store, tmp_path):
     """The C kernel (one pass, every core) against the numpy rule: the same float32 operations in the same
-    order, so the same bits, on unordered touched rows, with and without weight decay; untouched rows stay."""
+    order, so the same bits, on unordered touched rows, with and without weight decay; untouched rows stay.
+    Then gradients picked out of a larger array by ``grad_rows`` and multiplied by ``grad_scale`` in the
+    kernel's pass (how ECSS hands over the slab's loss-scaled gradients without copying them) give the bits
+    of the numpy rule fed those rows, copied out and multiplied by numpy in float32."""
     from mindformers_sigma.ecss.fused_kernel import fused_adamw
     from mindformers_sigma.ecss.host_adamw import numpy_adamw_rows
 
@@ -185,6 +189,11 @@ def test_the_fused_host_adamw_gives_the_numpy_rules_bits(host_store, tmp_path):
         grads = {t: rng.standard_normal((touched.size, *s)).astype(np.float32) for t, s in shapes.items()}
         adamw_rows(stores[0].layers[0], touched, grads, 0.01, settings)
         numpy_adamw_rows(stores[1].layers[0], touched, grads, 0.01, settings)
+    slab_grads = {t: rng.standard_normal((6, *s)).astype(np.float32) * 1024 for t, s in shapes.items()}
+    grad_rows, scale = np.array([4, 0, 5, 2]), np.float32(0.37 / 1024)
+    adamw_rows(stores[0].layers[0], touched, slab_grads, 0.01, settings, grad_rows, float(scale))
+    numpy_adamw_rows(stores[1].layers[0], touched, {t: g[grad_rows] * scale for t, g in slab_grads.items()}, 0.01,
+                     settings)
     with pytest.raises(IndexError):  # the kernel writes raw memory: an expert outside the store is refused first
         adamw_rows(stores[0].layers[0], np.array([9]), {t: g[:1] for t, g in grads.items()}, 0.01, settings)
     fused, reference = stores[0].entries(), stores[1].entries()
@@ -361,21 +370,41 @@ def test_a_checkpoint_that_fails_on_a_full_disk_leaves_neither_its_temporary_nor
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
 
 
-def test_prefetching_the_next_step_changes_nothing_even_for_experts_both_steps_share(real_corpus, tmp_path):
+def test_prefetching_and_the_background_update_change_nothing_even_for_experts_both_steps_share(
+        real_corpus, tmp_path, monkeypatch):
     # With prefetch the next step's experts are copied out while this step runs; those this step
     # then updates must be copied again before the load, or the next step would use stale weights.
+    # The update of experts the next step does not use runs behind it: slowed down here, so the step
+    # after next is staged while it still writes, and must wait for it and copy those rows again.
+    import threading
+
+    from mindformers_sigma.ecss import offload
+
     _, prepared = real_corpus
     config = apply_overrides(_real_config(prepared, steps=6), ["ecss.enabled=true"])
     runs = {}
-    for prefetch in (True, False):
-        out = tmp_path / f"prefetch_{prefetch}"
+    for name, prefetch, slow in (("prefetch", True, False), ("slow_background", True, True),
+                                 ("serial", False, False)):
+        if slow:
+            update = offload._adamw_all
+
+            def slow_in_background(*args):
+                if threading.current_thread().name.startswith("ecss-update"):
+                    time.sleep(0.5)
+                return update(*args)
+
+            monkeypatch.setattr(offload, "_adamw_all", slow_in_background)
+        out = tmp_path / name
         train(apply_overrides(config, [f"ecss.prefetch={str(prefetch).lower()}"]), out_dir=str(out))
-        runs[prefetch] = (_metrics(out), _final_params(out))
-    with_prefetch, without = runs[True], runs[False]
-    assert [r["loss"] for r in with_prefetch[0]] == [r["loss"] for r in without[0]]
-    assert all(np.array_equal(with_prefetch[1][n], without[1][n]) for n in without[1])
-    assert sum(sum(r["ecss_refreshed_experts"]) for r in with_prefetch[0]) > 0  # the shared-expert path ran
-    assert sum(sum(r["ecss_refreshed_experts"]) for r in without[0]) == 0
+        runs[name] = (_metrics(out), _final_params(out))
+    serial = runs["serial"]
+    for name in ("prefetch", "slow_background"):
+        metrics, params = runs[name]
+        assert [r["loss"] for r in metrics] == [r["loss"] for r in serial[0]], name
+        assert all(np.array_equal(params[n], serial[1][n]) for n in serial[1]), name
+        assert sum(sum(r["ecss_refreshed_experts"]) for r in metrics) > 0  # the shared-expert path ran
+        assert sum(sum(r["ecss_deferred_experts"]) for r in metrics) > 0  # and the background update
+    assert sum(sum(r["ecss_refreshed_experts"]) + sum(r["ecss_deferred_experts"]) for r in serial[0]) == 0
 
 
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])

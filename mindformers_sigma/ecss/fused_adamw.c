@@ -35,17 +35,18 @@ static void run_in_threads(void *(*task)(void *), char *items, size_t size, int6
 typedef struct {
     float *param, *moment1, *moment2;
     const float *grad;
-    const int64_t *rows;
+    const int64_t *rows, *grad_rows; /* the i-th updated row is store row rows[i], gradient row grad_rows[i] */
     int64_t row_size, begin, end; /* elements [begin, end) of the touched rows, row-major */
-    float beta1, beta2, eps, rate, decay;
+    float beta1, beta2, eps, rate, decay, grad_scale; /* the gradient is g * grad_scale (the step's unscale and clip) */
 } Update;
 
 static void update(float *restrict p, float *restrict m, float *restrict v, const float *restrict g, int64_t count,
                    const Update *u) {
     const float one_minus_beta1 = 1.0f - u->beta1, one_minus_beta2 = 1.0f - u->beta2;
     const float beta1 = u->beta1, beta2 = u->beta2, eps = u->eps, rate = u->rate, decay = u->decay;
+    const float grad_scale = u->grad_scale;
     for (int64_t i = 0; i < count; ++i) {
-        const float gi = g[i];
+        const float gi = g[i] * grad_scale;
         const float mi = m[i] * beta1 + gi * one_minus_beta1;
         const float vi = v[i] * beta2 + (gi * gi) * one_minus_beta2;
         float step = mi / (sqrtf(vi) + eps);
@@ -62,21 +63,21 @@ static void *update_range(void *argument) {
         const int64_t index = at / u->row_size, offset = at % u->row_size;
         const int64_t count = u->row_size - offset < u->end - at ? u->row_size - offset : u->end - at;
         const int64_t base = u->rows[index] * u->row_size + offset;
-        update(u->param + base, u->moment1 + base, u->moment2 + base, u->grad + index * u->row_size + offset,
-               count, u);
+        update(u->param + base, u->moment1 + base, u->moment2 + base,
+               u->grad + u->grad_rows[index] * u->row_size + offset, count, u);
         at += count;
     }
     return 0;
 }
 
 void adamw_rows(float *param, float *moment1, float *moment2, const float *grad, const int64_t *rows,
-                int64_t row_count, int64_t row_size, float beta1, float beta2, float eps, float rate, float decay,
-                int64_t threads) {
+                const int64_t *grad_rows, int64_t row_count, int64_t row_size, float beta1, float beta2, float eps, float rate, float decay,
+                float grad_scale, int64_t threads) {
     const int64_t total = row_count * row_size, count = thread_count(threads, total);
     Update work[MOST_THREADS];
     for (int64_t t = 0; t < count; ++t) {
-        work[t] = (Update){param, moment1, moment2, grad, rows, row_size, total * t / count, total * (t + 1) / count,
-                           beta1, beta2, eps, rate, decay};
+        work[t] = (Update){param, moment1, moment2, grad, rows, grad_rows, row_size, total * t / count, total * (t + 1) / count,
+                           beta1, beta2, eps, rate, decay, grad_scale};
     }
     run_in_threads(update_range, (char *)work, sizeof(Update), count);
 }

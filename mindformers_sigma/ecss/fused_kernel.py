@@ -85,9 +85,9 @@ def fused_adamw() -> Optional[ctypes.CDLL]:
               "4x slower", file=sys.stderr)
     else:
         library.adamw_rows.restype = None
-        library.adamw_rows.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _ROWS, ctypes.c_int64, ctypes.c_int64,
+        library.adamw_rows.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _ROWS, _ROWS, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,
-                                       ctypes.c_int64]
+                                       ctypes.c_float, ctypes.c_int64]
         library.stream_update.restype = None
         library.stream_update.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int64, ctypes.c_int64]
     _loaded["library"] = library

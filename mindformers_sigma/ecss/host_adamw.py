@@ -15,7 +15,7 @@ per core) when it could be built, else in numpy; both give the same bits (tests/
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -39,30 +39,38 @@ NUMPY_BYTES_PER_PARAMETER = 4 * 33
 
 
 def adamw_rows(layer: LayerExperts, experts: np.ndarray, grads: Dict[str, np.ndarray], lr: float,
-               settings: AdamWSettings) -> None:
-    """Update ``experts`` (rows of every tensor) of one layer in place with their gradients
-    (``grads[t][i]`` is expert ``experts[i]``'s): in the fused kernel, or in numpy without one."""
+               settings: AdamWSettings, grad_rows: Optional[np.ndarray] = None, grad_scale: float = 1.0) -> None:
+    """Update ``experts`` (rows of every tensor) of one layer in place with their gradients:
+    ``grads[t][grad_rows[i]] * grad_scale`` is expert ``experts[i]``'s (``grad_rows`` defaults to
+    ``0 .. n-1``, and lets a caller update part of a step's experts without copying their gradients
+    out; ``grad_scale``, the step's unscale and clip, is applied in the same pass, as the device's one
+    float32 multiplication).  In the fused kernel, or in numpy without one."""
+    rows = np.ascontiguousarray(experts, dtype=np.int64)
+    gradient_rows = np.arange(rows.size, dtype=np.int64) if grad_rows is None else \
+        np.ascontiguousarray(grad_rows, dtype=np.int64)
     kernel = fused_adamw()
     if kernel is None:
-        numpy_adamw_rows(layer, experts, grads, lr, settings)
+        numpy_adamw_rows(layer, rows, grads, lr, settings, gradient_rows, grad_scale)
         return
-    rows = np.ascontiguousarray(experts, dtype=np.int64)
     threads = host_threads()
     for tensor in EXPERT_TENSORS:
         weights = layer.weights[tensor]
         grad = np.ascontiguousarray(grads[tensor], dtype=np.float32)
         # the kernel indexes raw memory: what numpy would refuse must be refused here
-        if rows.size and (rows.min() < 0 or rows.max() >= weights.shape[0]) or \
-                grad.shape != (rows.size, *weights.shape[1:]):
-            raise IndexError(f"host AdamW of {tensor}: rows {rows.tolist()} and gradient {grad.shape} do not fit the "
-                             f"store's {weights.shape}")
+        if gradient_rows.shape != rows.shape or rows.size and (
+                min(rows.min(), gradient_rows.min()) < 0 or rows.max() >= weights.shape[0]
+                or gradient_rows.max() >= grad.shape[0]) or grad.shape[1:] != weights.shape[1:]:
+            raise IndexError(f"host AdamW of {tensor}: rows {rows.tolist()} from gradient rows "
+                             f"{gradient_rows.tolist()} of {grad.shape} do not fit the store's {weights.shape}")
         row_size = int(np.prod(weights.shape[1:]))
-        kernel.adamw_rows(weights, layer.moment1[tensor], layer.moment2[tensor], grad, rows, rows.size, row_size,
-                          settings.beta1, settings.beta2, settings.eps, lr, settings.weight_decay[tensor], threads)
+        kernel.adamw_rows(weights, layer.moment1[tensor], layer.moment2[tensor], grad, rows, gradient_rows,
+                          rows.size, row_size, settings.beta1, settings.beta2, settings.eps, lr,
+                          settings.weight_decay[tensor], grad_scale, threads)
 
 
 def numpy_adamw_rows(layer: LayerExperts, experts: np.ndarray, grads: Dict[str, np.ndarray], lr: float,
-                     settings: AdamWSettings) -> None:
+                     settings: AdamWSettings, grad_rows: Optional[np.ndarray] = None,
+                     grad_scale: float = 1.0) -> None:
     """:func:`adamw_rows` in numpy: the reference of the fused kernel, and its stand-in without a compiler.
 
     Expert by expert, in place on views of the store with one scratch array: 5x faster than the
@@ -74,10 +82,10 @@ def numpy_adamw_rows(layer: LayerExperts, experts: np.ndarray, grads: Dict[str, 
     for tensor in EXPERT_TENSORS:
         decay = f32(settings.weight_decay[tensor])
         scratch = np.empty(layer.weights[tensor].shape[1:], f32)
-        for row, expert in enumerate(experts):
+        for row, expert in zip(range(len(experts)) if grad_rows is None else grad_rows, experts):
             param, moment1, moment2 = (layer.weights[tensor][expert], layer.moment1[tensor][expert],
                                        layer.moment2[tensor][expert])
-            grad = grads[tensor][row].astype(f32, copy=False)
+            grad = grads[tensor][row].astype(f32, copy=False) * f32(grad_scale)
             moment1 *= beta1
             np.multiply(grad, f32(1) - beta1, out=scratch)
             moment1 += scratch

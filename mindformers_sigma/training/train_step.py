@@ -38,11 +38,14 @@ def _grad_sum_of_squares(grad):
     return squared.sum()
 
 
-def unscale_and_clip(grads, inverse_scale, clip_norm: float, extra_squares=None, norm_weights=None, world_sum=None):
+def unscale_and_clip(grads, inverse_scale, clip_norm: float, extra_squares=None, norm_weights=None, world_sum=None,
+                     applied: Optional[int] = None):
     """Unscaled gradients, clipped to global norm ``clip_norm`` (0: no clipping), whether all are
-    finite, the factor applied (unscale times clip) and the unscaled global norm before clipping.  ``extra_squares``: the sum of squares of
-    (scaled) gradients held elsewhere (ECSS's host-summed expert gradients), which count in the
-    norm and the check and are scaled by the returned factor by their holder.
+    finite, the factor applied (unscale times clip) and the unscaled global norm before clipping.
+    ``applied``: only the first that many gradients are returned scaled; the others count in the norm
+    and the check, and their holder scales them by the factor (ECSS's host, in its update's own pass).
+    ``extra_squares``: the sum of squares of (scaled) gradients held elsewhere (ECSS's host-summed
+    expert gradients), which count in the norm and the check the same way.
 
     Over several ranks (``world_sum``) each gradient's sum of squares is weighted by one over the number
     of ranks holding the same slice (``norm_weights``) and the weighted sums are summed over the world:
@@ -66,6 +69,8 @@ def unscale_and_clip(grads, inverse_scale, clip_norm: float, extra_squares=None,
     factor = inverse_scale
     if clip_norm > 0:
         factor = inverse_scale * clip_norm / ops.maximum(norm, clip_norm)
+    if applied is not None:
+        grads = grads[:applied]
     return _hyper_map(ops.partial(_scale_by, factor), grads), finite, factor, norm
 
 
@@ -118,7 +123,8 @@ class ApplyGradients(nn.Cell):
 
     ``host_updated``: parameters whose gradients follow the optimizer's in ``grads`` and are
     updated elsewhere (the ECSS slab, ``ecss/``): they count in the clip and the overflow check,
-    and their clipped gradients are returned after the finite flag, the factor applied and the norm.
+    and their gradients are returned as they came (still scaled: the host multiplies them by the
+    factor inside its update) after the finite flag, the factor and the norm.
     ``host_squares`` adds gradients summed on the host (see :func:`unscale_and_clip`).
     ``norm``: over several ranks, the global norm's weights and world sum (``parallel/gradients.py``).
     """
@@ -138,10 +144,11 @@ class ApplyGradients(nn.Cell):
     def construct(self, grads, host_squares=None):
         if host_squares is not None:
             host_squares = host_squares * self.host_weight
-        grads, finite, factor, norm = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm,
-                                                       host_squares, self.norm_weights, self.world_sum)
+        clipped, finite, factor, norm = unscale_and_clip(grads, 1.0 / self.loss_scale.scale, self.grad_clip_norm,
+                                                         host_squares, self.norm_weights, self.world_sum,
+                                                         self.device_count)
         if finite:
-            self.optimizer(grads[:self.device_count])
+            self.optimizer(clipped)
         return (self.loss_scale.update(finite), factor, norm) + grads[self.device_count:]
 
 
@@ -209,7 +216,7 @@ class StepResult:
     loss_scale: float
     clip_factor: float = 1.0  # unscale times clip, as applied to every gradient of the step
     grad_norm: float = 0.0  # the global norm of the unscaled gradients, before clipping
-    host_grads: Tuple[Tensor, ...] = ()  # the clipped gradients of ApplyGradients.host_updated, on the device
+    host_grads: Tuple[Tensor, ...] = ()  # ApplyGradients.host_updated's gradients, on the device: x clip_factor
 
 
 def run_step(step_cell: TrainOneStepCell, micro_batches: Sequence[Tuple], token_total: int, aux_loss_coef: float,
