@@ -14,7 +14,7 @@ from mindformers_sigma.benchmarks.suite import PARTS
 RECORD = REPO / "bench" / "results" / "suite" / "bench.json"
 DOCUMENTS = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
 # where benchmark figures belong: outside its blocks, none of these may quote one
-PERFORMANCE_DOCS = ("README.md", "benchmarks.md", "ecss.md", "lifecycle.md")
+PERFORMANCE_DOCS = ("README.md", "benchmarks.md", "ecss.md", "lifecycle.md", "PERFORMANCE.md")
 BENCH_FIGURE = re.compile(r"\b\d[\d,]*(?:\.\d+)?\s*(?:tokens/s|GFLOP/s)|\b\d+\.\d+x\b|\bMFU \d")
 
 

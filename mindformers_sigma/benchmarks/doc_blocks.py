@@ -6,8 +6,9 @@ A document holds figures only inside blocks::
     (generated text)
     <!-- /bench -->
 
-``NAME`` is a part of the suite (its table, as in ``bench.md``) or ``headline`` (the README's table
-of headline figures, drawn from several parts).  ``pangu-sigma bench --docs FILE`` rewrites every
+``NAME`` is a part of the suite (its table, as in ``bench.md``), ``headline`` (the README's table
+of headline figures, drawn from several parts) or ``targets`` (``docs/PERFORMANCE.md``: each speed and
+memory target against its figure).  ``pangu-sigma bench --docs FILE`` rewrites every
 block of FILE from the run it makes, and ``--record BENCH_JSON --docs FILE`` from an earlier run;
 ``tests/test_docs.py`` checks every block of the README and ``docs/`` against the committed record
 (``bench/results/suite/bench.json``), so a figure cannot drift from its record.  A document whose
@@ -31,6 +32,7 @@ from mindformers_sigma.errors import UserError
 # a marker is a line of its own (a marker's text quoted inside a sentence is not one)
 MARKER = re.compile(r"^<!-- (?:bench:([A-Za-z0-9_]*)|/bench) -->[ \t]*\r?$", re.MULTILINE)
 HEADLINE = "headline"
+TARGETS = "targets"
 MAX_DOC_BYTES = 4 * 2 ** 20  # a markdown document; anything larger is not one
 
 # (part, figure, value from the part's record) for each row of the README's headline table
@@ -55,6 +57,29 @@ HEADLINE_ROWS: Tuple[Tuple[str, str, Callable[[dict], str]], ...] = (
 )
 
 
+# (part, target, figure from the part's record, whether the figure meets it): issue 26's "done when"
+TARGET_ROWS: Tuple[Tuple[str, str, Callable[[dict], str], Callable[[dict], bool]], ...] = (
+    ("ecss", "host AdamW at most 40 bytes per parameter",
+     lambda p: f"{p['host_adamw']['bytes_per_parameter']} bytes", lambda p: p["host_adamw"]["bytes_per_parameter"] <= 40),
+    ("ecss", "host AdamW at 60% or more of the memory's streaming GB/s (same run)",
+     lambda p: f"{p['host_adamw']['gbytes_per_s'] / p['host_adamw']['memory_gbytes_per_s']:.0%} "
+               f"({p['host_adamw']['gbytes_per_s']:.1f} of {p['host_adamw']['memory_gbytes_per_s']:.1f} GB/s)",
+     lambda p: p["host_adamw"]["gbytes_per_s"] >= 0.6 * p["host_adamw"]["memory_gbytes_per_s"]),
+    ("ecss", "RRE + ECSS at 3x or more of learned top-1 with every expert resident, 640 experts",
+     lambda p: f"{p['speedup_vs_moe']:.2f}x (ECSS time the step waited for: "
+               f"{p['comparison']['ecss']['exposed_seconds_per_step']:.3f} of "
+               f"{p['comparison']['ecss']['step_seconds']:.3f} s)",
+     lambda p: p["speedup_vs_moe"] >= 3.0),
+    ("training", "T1 MFU 0.44 or more against a 2048³ fp32 matmul peak (same run)",
+     lambda p: f"{p['results']['t1']['mfu_2048']:.3f} (peak {p['peak_2048_gflops']:.0f} GFLOP/s)",
+     lambda p: p["results"]["t1"]["mfu_2048"] >= 0.44),
+    ("memory", "T4 peak RSS 4.9 GB or less", lambda p: f"{p['train']['peak_rss_mb'] / 1000:.1f} GB",
+     lambda p: p["train"]["peak_rss_mb"] <= 4900),
+    ("routers", "RRE at 1.0x or more of the learned top-1 gate, whole T1 step",
+     lambda p: f"{p['results']['rre']['speed_vs_top1']:.2f}x", lambda p: p["results"]["rre"]["speed_vs_top1"] >= 1.0),
+)
+
+
 def machine_line(record: dict) -> str:
     info = record["machine"]
     return (f"Machine: {info['cpu_model']}, {info['cpus']} cores; MindSpore {info['mindspore']}; commit "
@@ -64,6 +89,8 @@ def machine_line(record: dict) -> str:
 
 def parts_needed(name: str) -> Set[str]:
     """The suite parts block ``name`` is drawn from."""
+    if name == TARGETS:
+        return {part for part, _, _, _ in TARGET_ROWS}
     return {part for part, _, _ in HEADLINE_ROWS} if name == HEADLINE else {name}
 
 
@@ -75,6 +102,10 @@ def render(name: str, record: dict) -> str:
     if name == HEADLINE:
         body = "\n".join(markdown_table(["figure", "value", "from"], (
             [figure, value(parts[part]), f"`bench {part}`"] for part, figure, value in HEADLINE_ROWS)))
+    elif name == TARGETS:
+        body = "\n".join(markdown_table(["target", "measured", "met", "from"], (
+            [target, value(parts[part]), "yes" if met(parts[part]) else "**no**", f"`bench {part}`"]
+            for part, target, value, met in TARGET_ROWS)))
     else:
         body = part_table(name, parts[name])
     return f"{body}\n\n{machine_line(record)}\n"
@@ -107,8 +138,8 @@ def parse_blocks(text: str, where: str) -> List[Block]:
         if opened is not None:
             raise UserError(f"{where}: line {opened[2]}: <!-- bench:{opened[0]} --> has no <!-- /bench --> before the "
                             f"next block; close it")
-        if name != HEADLINE and name not in PARTS:
-            raise UserError(f"{where}: line {line}: unknown bench block {name!r}; names: {HEADLINE}, "
+        if name not in (HEADLINE, TARGETS) and name not in PARTS:
+            raise UserError(f"{where}: line {line}: unknown bench block {name!r}; names: {HEADLINE}, {TARGETS}, "
                             f"{', '.join(PARTS)}")
         opened = (name, match.end() + 1, line)  # the generated text starts on the next line
     if opened is not None:
