@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="PanGu-Σ (Random Routed Experts, ECSS) reproduced in MindSpore",
     packages=find_packages(include=["mindformers_sigma", "mindformers_sigma.*"]),
-    package_data={"mindformers_sigma.ecss": ["*.c"]},  # the fused host AdamW, compiled on first use
+    package_data={"mindformers_sigma.ecss": ["*.c"], "mindformers_sigma.native": ["*.c"]},  # C kernels built on first use
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",

@@ -208,6 +208,7 @@ class ContextConfig:
     device_target: Literal["CPU", "Ascend", "GPU"] = "CPU"
     mode: Literal["graph", "pynative"] = "graph"
     seed: int = 42
+    native_kernels: bool = True  # on CPU: this project's C kernels where MindSpore's are slow (native/)
 
     def validate(self) -> None:
         _require_seed("context.seed", self.seed)

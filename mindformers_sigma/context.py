@@ -18,6 +18,7 @@ from mindformers_sigma.config import ConfigError, SigmaConfig
 from mindformers_sigma.distributed.collectives import create_groups
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.errors import UserError
+from mindformers_sigma.native import layer_norm as native_layer_norm
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 
@@ -97,6 +98,7 @@ def configure_context(config: SigmaConfig) -> ParallelInfo:
         if ms.get_context("device_target") != ctx.device_target or device is not None:
             raise _unusable_device(err, config) from None
     ms.set_seed(ctx.seed)  # the same on every rank: replicas start from identical weights
+    native_layer_norm.ENABLED["native_kernels"] = ctx.native_kernels
     if parallel.mode == "stand_alone":
         return ParallelInfo()
     if "MS_WORKER_NUM" not in os.environ and "RANK_TABLE_FILE" not in os.environ:

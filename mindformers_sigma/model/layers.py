@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
+
+from mindformers_sigma.native.layer_norm import native_layer_norm
 
 class Linear(nn.Cell):
     """``x @ weight + bias`` with weight stored ``[in, out]`` (PanGu-α layout), computed in ``compute_dtype``.
@@ -35,14 +37,20 @@ class Linear(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm computed in float32 whatever the compute dtype (fp16 statistics are unstable)."""
+    """LayerNorm computed in float32 whatever the compute dtype (fp16 statistics are unstable); on CPU the
+    native kernel pair (``native/layer_norm.py``) where it applies, else MindSpore's."""
 
     def __init__(self, hidden_size: int, epsilon: float):
         super().__init__()
         self.gamma = Parameter(initializer("ones", (hidden_size,), ms.float32), name="gamma")
         self.beta = Parameter(initializer("zeros", (hidden_size,), ms.float32), name="beta")
+        self.native = native_layer_norm()
+        self.epsilon = Tensor([epsilon], ms.float32)
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=epsilon)
 
     def construct(self, x):
-        out, _, _ = self.norm(x.astype(ms.float32), self.gamma, self.beta)
+        if self.native is not None:
+            out, _, _ = self.native(x.astype(ms.float32), self.gamma, self.beta, self.epsilon)
+        else:
+            out, _, _ = self.norm(x.astype(ms.float32), self.gamma, self.beta)
         return out
