@@ -110,3 +110,24 @@ def test_the_kernel_is_left_out_off_cpu_or_when_the_config_turns_it_off(monkeypa
     monkeypatch.setitem(native.ENABLED, "native_kernels", True)
     monkeypatch.setattr(ms, "get_context", lambda key: "Ascend" if key == "device_target" else None)
     assert native.native_layer_norm() is None
+
+
+def test_a_damaged_cached_library_is_built_again_and_no_compiler_means_no_kernel(tmp_path, monkeypatch, capsys):
+    from mindformers_sigma.native.build import built_library
+
+    monkeypatch.setenv("PANGU_SIGMA_CACHE", str(tmp_path))
+    path = built_library(native.SOURCE, native.FLAGS)
+    assert path is not None and path.startswith(str(tmp_path))
+    with open(path, "wb") as handle:  # a file cut short on disk: the loader refuses it
+        handle.write(b"\x7fELF")
+    assert built_library(native.SOURCE, native.FLAGS) == path
+    import ctypes
+
+    ctypes.CDLL(path)  # rebuilt: it loads
+    monkeypatch.setenv("PANGU_SIGMA_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert built_library(native.SOURCE, native.FLAGS) is None
+    monkeypatch.setattr(native, "_built", {})
+    assert native.native_layer_norm() is None
+    assert "MindSpore's LayerNorm runs instead" in capsys.readouterr().err
+    assert LayerNorm(8, 1e-5).native is None  # the model falls back to ops.LayerNorm

@@ -3,12 +3,14 @@
 The library is built with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into a cache folder
 (``$PANGU_SIGMA_CACHE``, else ``~/.cache/mindformers_sigma``; the temporary folder if that is not
 writable), named by the source's and flags' sha256 and written atomically (a temporary file, then a
-rename), so concurrent first uses never load a half-written file.  Without a compiler the caller
-falls back to its reference path.
+rename), so concurrent first uses never load a half-written file.  A cached file that does not load
+(damaged on disk) is built again.  Without a compiler the caller falls back to its reference path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -35,7 +37,10 @@ def built_library(source: str, flags: Sequence[str]) -> Optional[str]:
     for folder in _cache_dirs():
         target = os.path.join(folder, f"{name}-{digest}.so")
         if os.path.isfile(target):
-            return target
+            if _loads(target):
+                return target
+            with contextlib.suppress(OSError):
+                os.unlink(target)
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".so")
@@ -50,9 +55,18 @@ def built_library(source: str, flags: Sequence[str]) -> Optional[str]:
         if done.returncode != 0:
             return None
         os.replace(tmp, target)
-        return target
+        return target if _loads(target) else None
     except (OSError, subprocess.SubprocessError):
         return None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _loads(path: str) -> bool:
+    """Whether the dynamic loader accepts ``path`` (MindSpore would fail inside graph compilation)."""
+    try:
+        ctypes.CDLL(path)
+        return True
+    except OSError:
+        return False
