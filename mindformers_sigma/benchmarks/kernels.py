@@ -23,6 +23,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mindformers_sigma.benchmarks.record import check_out_dir, markdown_table, write_record
+from mindformers_sigma.native.layer_norm import native_layer_norm
 
 TOKENS, HIDDEN, HEADS, FFN, VOCAB, SEQ, EXPERTS, CAPACITY = 2048, 256, 4, 1024, 8000, 256, 16, 256
 EPS = 1e-5
@@ -137,6 +138,12 @@ def cases() -> List[Case]:
     def layer_norm(x, g, b):
         return _LAYER_NORM(x, g, b)[0]
 
+    native = native_layer_norm()
+    epsilon = Tensor([EPS], ms.float32)
+
+    def layer_norm_native(x, g, b):
+        return native(x, g, b, epsilon)[0]
+
     def linear(x, w):
         return ops.matmul(x, w)
 
@@ -204,6 +211,8 @@ def cases() -> List[Case]:
         Case("layernorm [2048,256]", "ops.LayerNorm", layer_norm, (x_hidden, gamma, beta), baseline=True),
         Case("layernorm [2048,256]", "mean/var/rsqrt", _layer_norm_composed, (x_hidden, gamma, beta)),
         Case("layernorm [2048,256]", "mean/var/rsqrt, mean corrected", _layer_norm_corrected, (x_hidden, gamma, beta)),
+        *([Case("layernorm [2048,256]", "native C pair (ops.Custom AOT)", layer_norm_native, (x_hidden, gamma, beta))]
+          if native is not None else []),
         Case("linear [2048,256]x[256,1024]", "matmul, W [in,out]", linear, (x_hidden, w_in_out), baseline=True),
         Case("linear [2048,256]x[256,1024]", "MatMul(transpose_b), W [out,in]", linear_tb, (x_hidden, w_out_in)),
         Case("weight grad x^T g [256,2048]x[2048,1024]", "MatMul(transpose_a)", linear_ta, (x_hidden, grad_out),
