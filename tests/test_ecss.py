@@ -374,6 +374,32 @@ def test_a_checkpoint_that_fails_on_a_full_disk_leaves_neither_its_temporary_nor
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
 
 
+def test_a_background_update_that_fails_is_raised_and_the_scratch_store_still_goes(real_corpus, tmp_path,
+                                                                                     monkeypatch):
+    """The error of the update running behind a step reaches the run (at the next join), and the run's exit
+    still removes the memory-mapped store and stops the thread."""
+    import threading
+
+    from mindformers_sigma.ecss import offload
+
+    _, prepared = real_corpus
+    config = apply_overrides(_real_config(prepared, steps=8), ["ecss.enabled=true", "ecss.host_store=mmap"])
+    update = offload._adamw_all
+    failed = []
+
+    def disk_fills_behind_the_step(*args):
+        if threading.current_thread().name.startswith("ecss-update"):
+            failed.append(True)
+            raise OSError(28, "No space left on device")
+        return update(*args)
+
+    monkeypatch.setattr(offload, "_adamw_all", disk_fills_behind_the_step)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(config, out_dir=str(tmp_path / "run"))
+    assert failed and not (tmp_path / "run" / "ecss_store").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ecss-update")]
+
+
 def test_prefetching_and_the_background_update_change_nothing_even_for_experts_both_steps_share(
         real_corpus, tmp_path, monkeypatch):
     # With prefetch the next step's experts are copied out while this step runs; those this step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -115,18 +117,30 @@ def test_the_kernel_is_left_out_off_cpu_or_when_the_config_turns_it_off(monkeypa
 def test_a_damaged_cached_library_is_built_again_and_no_compiler_means_no_kernel(tmp_path, monkeypatch, capsys):
     from mindformers_sigma.native.build import built_library
 
-    monkeypatch.setenv("PANGU_SIGMA_CACHE", str(tmp_path))
-    path = built_library(native.SOURCE, native.FLAGS)
-    assert path is not None and path.startswith(str(tmp_path))
-    with open(path, "wb") as handle:  # a file cut short on disk: the loader refuses it
-        handle.write(b"\x7fELF")
-    assert built_library(native.SOURCE, native.FLAGS) == path
-    import ctypes
+    import shutil
+    import subprocess
+    import sys
 
-    ctypes.CDLL(path)  # rebuilt: it loads
+    from mindformers_sigma.ecss import fused_kernel
+
+    monkeypatch.setenv("PANGU_SIGMA_CACHE", str(tmp_path))
+    path = built_library(native.SOURCE, native.FLAGS, "LayerNormForward")
+    assert path is not None and path.startswith(str(tmp_path))
+    size = os.path.getsize(path)
+    # cut short on disk (a truncated library crashed the loader itself with SIGBUS), or another library
+    for damage in ("truncate", "another library"):
+        if damage == "truncate":
+            os.truncate(path, size // 2)
+        else:
+            shutil.copyfile(built_library(fused_kernel.SOURCE, fused_kernel.FLAGS, "adamw_rows"), path)
+        assert built_library(native.SOURCE, native.FLAGS, "LayerNormForward") == path, damage
+        assert os.path.getsize(path) == size
+        # rebuilt: it loads and holds the kernel (checked in a child: this process must not map a file it rewrites)
+        check = "import ctypes, sys; ctypes.CDLL(sys.argv[1]).LayerNormForward"
+        assert subprocess.run([sys.executable, "-c", check, path]).returncode == 0, damage
     monkeypatch.setenv("PANGU_SIGMA_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    assert built_library(native.SOURCE, native.FLAGS) is None
+    assert built_library(native.SOURCE, native.FLAGS, "LayerNormForward") is None
     monkeypatch.setattr(native, "_built", {})
     assert native.native_layer_norm() is None
     assert "MindSpore's LayerNorm runs instead" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def fused_adamw() -> Optional[ctypes.CDLL]:
     if "library" in _loaded:
         return _loaded["library"]
     library = None
-    path = built_library(SOURCE, FLAGS)
+    path = built_library(SOURCE, FLAGS, "adamw_rows")
     if path is not None:
         try:
             library = ctypes.CDLL(path)

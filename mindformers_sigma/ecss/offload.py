@@ -419,19 +419,23 @@ class ExpertOffload:
         deferred = self._deferred
         if deferred is None:
             return
-        seconds = deferred.done.result()
-        with self._lock:
-            self._deferred = None
+        try:
+            seconds = deferred.done.result()
+        finally:
+            with self._lock:
+                self._deferred = None
         if deferred.timed:
             self.totals["host_update_seconds"] += seconds
 
     def settle(self) -> None:
         """Finish every host update and stop the background thread: before the store is read whole
         (a checkpoint) and when the run ends, however it ends."""
-        self._join_deferred()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
+        try:
+            self._join_deferred()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
 
     @property
     def host_resident_bytes(self) -> int:
@@ -467,8 +471,10 @@ def scratch_store(offload: Optional[ExpertOffload]) -> Iterator[None]:
         yield
     finally:
         if offload is not None:
-            offload.settle()
-            offload.discard_store_files()
+            try:
+                offload.settle()
+            finally:
+                offload.discard_store_files()
 
 
 def _adamw_all(store: HostExpertStore, updates: List["_LayerUpdate"], lr: float, grad_scale: float,

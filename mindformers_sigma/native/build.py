@@ -3,18 +3,20 @@
 The library is built with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into a cache folder
 (``$PANGU_SIGMA_CACHE``, else ``~/.cache/mindformers_sigma``; the temporary folder if that is not
 writable), named by the source's and flags' sha256 and written atomically (a temporary file, then a
-rename), so concurrent first uses never load a half-written file.  A cached file that does not load
-(damaged on disk) is built again.  Without a compiler the caller falls back to its reference path.
+rename), so concurrent first uses never load a half-written file.  Before a library is used a child
+process loads it and looks up its entry point: a damaged file can crash the loader outright (a
+truncated one raised SIGBUS), and MindSpore would fail inside graph compilation on a wrong one; such a
+file is built again.  Without a compiler the caller falls back to its reference path.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Optional, Sequence
 
@@ -25,9 +27,9 @@ def _cache_dirs() -> list:
     return [home, os.path.join(tempfile.gettempdir(), f"mindformers_sigma-{os.getuid()}")]
 
 
-def built_library(source: str, flags: Sequence[str]) -> Optional[str]:
-    """The path of ``source`` built with ``flags`` (and ``-lm``), built into the cache unless there already;
-    None without a compiler or when the build fails."""
+def built_library(source: str, flags: Sequence[str], symbol: str) -> Optional[str]:
+    """The path of ``source`` built with ``flags`` (and ``-lm``), built into the cache unless there already,
+    that loads and exports ``symbol``; None without a compiler or when the build fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None
@@ -37,7 +39,7 @@ def built_library(source: str, flags: Sequence[str]) -> Optional[str]:
     for folder in _cache_dirs():
         target = os.path.join(folder, f"{name}-{digest}.so")
         if os.path.isfile(target):
-            if _loads(target):
+            if _loads(target, symbol):
                 return target
             with contextlib.suppress(OSError):
                 os.unlink(target)
@@ -55,7 +57,7 @@ def built_library(source: str, flags: Sequence[str]) -> Optional[str]:
         if done.returncode != 0:
             return None
         os.replace(tmp, target)
-        return target if _loads(target) else None
+        return target if _loads(target, symbol) else None
     except (OSError, subprocess.SubprocessError):
         return None
     finally:
@@ -63,10 +65,11 @@ def built_library(source: str, flags: Sequence[str]) -> Optional[str]:
             os.unlink(tmp)
 
 
-def _loads(path: str) -> bool:
-    """Whether the dynamic loader accepts ``path`` (MindSpore would fail inside graph compilation)."""
+def _loads(path: str, symbol: str) -> bool:
+    """Whether a child process loads ``path`` and finds ``symbol`` in it (a crash there is not this process's)."""
+    check = "import ctypes, sys; getattr(ctypes.CDLL(sys.argv[1]), sys.argv[2])"
     try:
-        ctypes.CDLL(path)
-        return True
-    except OSError:
+        return subprocess.run([sys.executable, "-c", check, path, symbol], capture_output=True,
+                              timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
         return False

@@ -28,7 +28,7 @@ def _primitive() -> Optional[Callable]:
 
     from mindformers_sigma.native.build import built_library
 
-    path = built_library(SOURCE, FLAGS)
+    path = built_library(SOURCE, FLAGS, "LayerNormForward")
     forward = None
     if path is None:
         print("native kernels: no C compiler built layer_norm.c; MindSpore's LayerNorm runs instead", file=sys.stderr)

@@ -137,13 +137,6 @@ class PrefetchingReader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._ahead: Optional[Tuple[int, int, "Future[StepBatch]"]] = None
 
-    def _block_rows(self, micro: int) -> np.ndarray:
-        """The rows of micro-batch ``micro`` of every data shard of this rank's expert block, in shard order."""
-        first = self.rank - self.rank % self.expert_parallel
-        return np.concatenate([np.arange(part * self.part_size, (part + 1) * self.part_size)
-                               for part in range(micro * self.data_parallel + first,
-                                                 micro * self.data_parallel + first + self.expert_parallel)])
-
     def read(self, step: int, position: int) -> StepBatch:
         if self._ahead is not None and self._ahead[:2] == (step, position):
             batch = self._ahead[2].result()
