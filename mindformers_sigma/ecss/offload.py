@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -32,7 +32,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindformers_sigma.config import SigmaConfig
 from mindformers_sigma.distributed.topology import Topology
 from mindformers_sigma.ecss.host_adamw import AdamWSettings, adamw_rows
-from mindformers_sigma.ecss.host_store import HostExpertStore
+from mindformers_sigma.ecss.host_store import HostExpertStore, LayerExperts
 from mindformers_sigma.ecss.slab import SlabLoad, plan_slab_loads, slab_size
 from mindformers_sigma.errors import DataError
 from mindformers_sigma.model import names
@@ -223,10 +223,7 @@ class ExpertOffload:
         for load, buffers in zip(loads, self.buffers.next_generation(len(loads))):
             stale = []
             for index, (layer, experts) in enumerate(zip(self.store.layers, load.assignment.active)):
-                for tensor, buffer in zip(names.EXPERT_TENSORS, buffers[index]):
-                    source = layer.weights[tensor]
-                    for slot, expert in enumerate(experts):  # row by row: 3x numpy's fancy-index copy
-                        buffer[slot] = source[expert]
+                _copy_rows(layer, experts, buffers[index], range(experts.size))
                 stale.append(np.ones(experts.size, bool) if unsettled is ALL
                              else np.isin(experts, unsettled[index]))
             staged.append(_StagedLoad(load, buffers, stale))
@@ -265,9 +262,7 @@ class ExpertOffload:
         for item in staged:
             for layer, experts, buffers, layer_stale in zip(self.store.layers, item.load.assignment.active,
                                                             item.buffers, item.stale):
-                for tensor, buffer in zip(names.EXPERT_TENSORS, buffers):
-                    for slot in np.flatnonzero(layer_stale):
-                        buffer[slot] = layer.weights[tensor][experts[slot]]
+                _copy_rows(layer, experts, buffers, np.flatnonzero(layer_stale))
         self._staged = staged
         with self._lock:
             self._touched = touched
@@ -475,6 +470,15 @@ def scratch_store(offload: Optional[ExpertOffload]) -> Iterator[None]:
                 offload.settle()
             finally:
                 offload.discard_store_files()
+
+
+def _copy_rows(layer: LayerExperts, experts: np.ndarray, buffers: Sequence[np.ndarray], slots: Iterable[int]) -> None:
+    """Copy the store rows of ``experts[slot]`` into row ``slot`` of each tensor's staging buffer, row by
+    row (3x numpy's fancy-index copy into fresh arrays)."""
+    for tensor, buffer in zip(names.EXPERT_TENSORS, buffers):
+        source = layer.weights[tensor]
+        for slot in slots:
+            buffer[slot] = source[experts[slot]]
 
 
 def _adamw_all(store: HostExpertStore, updates: List["_LayerUpdate"], lr: float, grad_scale: float,
